@@ -1,0 +1,43 @@
+"""structlog set-up: one event per line, JSON when not on a terminal, secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from sozud.redact import redact_obj
+
+
+def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    redacted = redact_obj(dict(event_dict))
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+    """Configure structlog for sozud. ``json=None`` picks JSON unless stderr is a terminal."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bound: Any) -> Any:
+    """A structlog logger with ``bound`` context (e.g. node, socket)."""
+    return structlog.get_logger("sozud").bind(**bound)

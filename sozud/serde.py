@@ -24,17 +24,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any, TypeVar
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from sozud.errors import StateParseError, StateError
+from sozud.errors import StateError, StateParseError
 from sozud.proto import command_pb2 as pb
 from sozud.versions import SERDE_DEFAULT_FIELDS, Family, SozuVersion
 
 M = TypeVar("M", bound=Message)
+# Field descriptors come from the C (upb) runtime, whose class the stubs do not name: typed loosely here.
+_FD = Any
 
 _T = FieldDescriptor
 _INT_TYPES = {
@@ -93,14 +95,14 @@ def address_sort_key(addr: pb.SocketAddress) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class _Field:
     name: str
-    fd: FieldDescriptor
+    fd: _FD
     known: bool  # known to the version of the plan
     required: bool
     default_ok: bool  # may be missing on read (serde default)
 
 
-@lru_cache(maxsize=None)
-def _plan(desc: Descriptor, version: SozuVersion) -> tuple[tuple[_Field, ...], tuple[str, ...]]:
+@cache
+def _plan(desc: Any, version: SozuVersion) -> tuple[tuple[_Field, ...], tuple[str, ...]]:
     """Non-oneof fields in declaration order, and the names of the message's real oneofs."""
     fields = []
     oneofs: list[str] = []
@@ -127,15 +129,13 @@ def _is_synthetic(oneof: Any) -> bool:
     return bool(getattr(oneof, "is_synthetic", False))
 
 
-def _is_map(fd: FieldDescriptor) -> bool:
+def _is_map(fd: _FD) -> bool:
     return (
-        fd.type == _T.TYPE_MESSAGE
-        and fd.message_type is not None
-        and fd.message_type.GetOptions().map_entry
+        fd.type == _T.TYPE_MESSAGE and fd.message_type is not None and fd.message_type.GetOptions().map_entry
     )
 
 
-def _is_repeated(fd: FieldDescriptor) -> bool:
+def _is_repeated(fd: _FD) -> bool:
     return bool(fd.is_repeated)
 
 
@@ -144,7 +144,10 @@ def _is_repeated(fd: FieldDescriptor) -> bool:
 
 def to_json(msg: Message, version: SozuVersion) -> dict[str, Any]:
     """The serde JSON value (a dict, key order as sozu writes it) of ``msg`` for ``version``."""
-    return _msg_to_json(msg, version, msg.DESCRIPTOR.name)
+    out = _msg_to_json(msg, version, msg.DESCRIPTOR.name)
+    if not isinstance(out, dict):  # a bare SocketAddress in 0.15 shape is a string
+        raise StateError(f"{msg.DESCRIPTOR.name} has no JSON object form for sozu {version}")
+    return out
 
 
 def _msg_to_json(msg: Message, version: SozuVersion, path: str) -> Any:
@@ -176,13 +179,13 @@ def _msg_to_json(msg: Message, version: SozuVersion, path: str) -> Any:
     return out
 
 
-def _is_set(msg: Message, fd: FieldDescriptor) -> bool:
+def _is_set(msg: Message, fd: _FD) -> bool:
     if _is_repeated(fd):
         return len(getattr(msg, fd.name)) > 0
     return msg.HasField(fd.name)
 
 
-def _field_to_json(msg: Message, fd: FieldDescriptor, required: bool, version: SozuVersion, path: str) -> Any:
+def _field_to_json(msg: Message, fd: _FD, required: bool, version: SozuVersion, path: str) -> Any:
     if _is_map(fd):
         entries = getattr(msg, fd.name)
         value_fd = fd.message_type.fields_by_name["value"]
@@ -194,7 +197,7 @@ def _field_to_json(msg: Message, fd: FieldDescriptor, required: bool, version: S
     return _value_to_json(getattr(msg, fd.name), fd, version, path)
 
 
-def _value_to_json(value: Any, fd: FieldDescriptor, version: SozuVersion, path: str) -> Any:
+def _value_to_json(value: Any, fd: _FD, version: SozuVersion, path: str) -> Any:
     if fd.type == _T.TYPE_MESSAGE:
         return _msg_to_json(value, version, path)
     if fd.type == _T.TYPE_BYTES:
@@ -205,8 +208,15 @@ def _value_to_json(value: Any, fd: FieldDescriptor, version: SozuVersion, path: 
 # --- JSON -> protobuf ---------------------------------------------------------------------------------
 
 
-def from_json(cls: type[M], value: Any, version: SozuVersion, *, source: str = "<json>",
-              record: int | None = None, path: str | None = None) -> M:
+def from_json(
+    cls: type[M],
+    value: Any,
+    version: SozuVersion,
+    *,
+    source: str = "<json>",
+    record: int | None = None,
+    path: str | None = None,
+) -> M:
     """Parse a serde JSON value into a new ``cls`` message; errors name source, record and field path."""
     msg = cls()
     _json_into(msg, value, version, _Where(source, record), path or cls.DESCRIPTOR.name)
@@ -226,8 +236,11 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
     desc = msg.DESCRIPTOR
     if desc.full_name == _SOCKET_ADDRESS and isinstance(value, str):
         if version.family is not Family.V0_15:
-            raise where.error(path, f"address {value!r} is a string (sozu 0.15 shape) but sozu {version} "
-                                    "uses {\"ip\":...,\"port\":...}")
+            raise where.error(
+                path,
+                f"address {value!r} is a string (sozu 0.15 shape) but sozu {version} "
+                'uses {"ip":...,"port":...}',
+            )
         try:
             msg.CopyFrom(parse_address(value))
         except ValueError as e:
@@ -236,7 +249,7 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
     if not isinstance(value, dict):
         raise where.error(path, f"expected an object for {desc.name}, got {_kind(value)}")
     if desc.full_name == _SOCKET_ADDRESS and version.family is Family.V0_15:
-        raise where.error(path, f"address is an object but sozu {version} writes addresses as \"ip:port\"")
+        raise where.error(path, f'address is an object but sozu {version} writes addresses as "ip:port"')
     fields, oneofs = _plan(desc, version)
     seen: set[str] = set()
     for key, item in value.items():
@@ -246,7 +259,7 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
             if item is None:
                 continue
             if not isinstance(item, dict) or len(item) != 1:
-                raise where.error(sub, f"expected {{\"VARIANT\": value}} for oneof {key}, got {_kind(item)}")
+                raise where.error(sub, f'expected {{"VARIANT": value}} for oneof {key}, got {_kind(item)}')
             ((variant, inner),) = item.items()
             fd = desc.fields_by_name.get(variant.lower()) if isinstance(variant, str) else None
             if fd is None or fd.containing_oneof is None or fd.containing_oneof.name != key:
@@ -277,7 +290,7 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
             raise where.error(f"{path}.{f.name}", "missing required field")
 
 
-def _set_map(msg: Message, fd: FieldDescriptor, item: Any, version: SozuVersion, where: _Where, path: str) -> None:
+def _set_map(msg: Message, fd: _FD, item: Any, version: SozuVersion, where: _Where, path: str) -> None:
     if not isinstance(item, dict):
         raise where.error(path, f"expected an object (map), got {_kind(item)}")
     container = getattr(msg, fd.name)
@@ -289,7 +302,7 @@ def _set_map(msg: Message, fd: FieldDescriptor, item: Any, version: SozuVersion,
             container[k] = _scalar(value_fd, v, where, f"{path}[{k}]")
 
 
-def _append(msg: Message, fd: FieldDescriptor, elem: Any, version: SozuVersion, where: _Where, path: str) -> None:
+def _append(msg: Message, fd: _FD, elem: Any, version: SozuVersion, where: _Where, path: str) -> None:
     container = getattr(msg, fd.name)
     if fd.type == _T.TYPE_MESSAGE:
         _json_into(container.add(), elem, version, where, path)
@@ -297,7 +310,7 @@ def _append(msg: Message, fd: FieldDescriptor, elem: Any, version: SozuVersion, 
         container.append(_scalar(fd, elem, where, path))
 
 
-def _set_value(msg: Message, fd: FieldDescriptor, item: Any, version: SozuVersion, where: _Where, path: str) -> None:
+def _set_value(msg: Message, fd: _FD, item: Any, version: SozuVersion, where: _Where, path: str) -> None:
     if fd.type == _T.TYPE_MESSAGE:
         sub = getattr(msg, fd.name)
         sub.SetInParent()
@@ -306,7 +319,7 @@ def _set_value(msg: Message, fd: FieldDescriptor, item: Any, version: SozuVersio
         setattr(msg, fd.name, _scalar(fd, item, where, path))
 
 
-def _scalar(fd: FieldDescriptor, item: Any, where: _Where, path: str) -> Any:
+def _scalar(fd: _FD, item: Any, where: _Where, path: str) -> Any:
     t = fd.type
     if t == _T.TYPE_BOOL:
         if not isinstance(item, bool):

@@ -33,7 +33,8 @@ class OMSettings(msgspec.Struct, kw_only=True):
     certificate (instead of ``o-secret``). ``username``/``password`` or ``token``: om3 basic/bearer auth.
     ``poll_interval_s``: how often ``changes()`` reads the key when the transport has no event stream.
     ``request_timeout_s``: bound on every request. ``retry_attempts``: tries of a failing safe request
-    (get, list, put) while the agent is unreachable. ``projected_file``: a file the agent projects the
+    (get, list, put) while the agent is unreachable. ``reconnect_max_s``: cap of the backoff between
+    event-stream reconnections (and poll retries). ``projected_file``: a file the agent projects the
     key into; its changes are extra "may have changed" signals. ``run_dir``: where the local agent's
     sockets live (``lsnr.sock``, ``h2.sock``, ``http.sock``). ``nodename``: the name sent in raw
     envelopes and used in om3 node routes (default: this host's name for raw, ``localhost`` for om3).
@@ -52,6 +53,7 @@ class OMSettings(msgspec.Struct, kw_only=True):
     poll_interval_s: float = 10.0
     request_timeout_s: float = 10.0
     retry_attempts: int = 3
+    reconnect_max_s: float = 30.0
     projected_file: str | None = None
     allow_private_keys_in_cfg: bool = True
     run_dir: str = "/var/lib/opensvc/lsnr"
@@ -86,8 +88,7 @@ def cluster_identity(settings: OMSettings) -> tuple[str, str]:
         if not read:
             missing = "cluster_name" if name is None else "secret_file"
             raise ConfigError(
-                f"{missing} not set and {settings.cluster_conf_file} cannot be read; "
-                "set --cluster-name/--secret-file"
+                f"{missing} not set and {settings.cluster_conf_file} cannot be read; set --cluster-name/--secret-file"
             )
         if name is None:
             # The agent lower-cases the name and defaults it to "default".

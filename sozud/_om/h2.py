@@ -83,9 +83,7 @@ class H2Transport(V2Transport):
     async def call(self, action: str, method: str, options: dict[str, Any], *, obj: str, key: str | None) -> Any:
         with unreachable_on_transport_errors(self.name, obj, key):
             if method == "GET":
-                if self._reads is None:
-                    self._reads = self._client(read_timeout_s=self.timeout_s)
-                response = await self._reads.get(f"/{action}", params=options)
+                response = await self._read(action, options)
             else:
                 body = _json_encoder.encode(options)
                 if len(body) > H2_WINDOW_BYTES:  # never send what the agent would leave unanswered
@@ -101,6 +99,23 @@ class H2Transport(V2Transport):
                         method, f"/{action}", content=body, headers={"content-type": "application/json"}
                     )
         return self._reply(response, obj=obj, key=key)
+
+    async def _read(self, action: str, options: dict[str, Any]) -> httpx.Response:
+        """A GET on the shared connection; once more on a new one if the shared one had died (agent
+        restarted since the last read)."""
+        reused = self._reads is not None
+        if self._reads is None:
+            self._reads = self._client(read_timeout_s=self.timeout_s)
+        try:
+            return await self._reads.get(f"/{action}", params=options)
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError:
+            await self.aclose()
+            if not reused:
+                raise
+        self._reads = self._client(read_timeout_s=self.timeout_s)
+        return await self._reads.get(f"/{action}", params=options)
 
     def _reply(self, response: httpx.Response, *, obj: str, key: str | None) -> Any:
         try:

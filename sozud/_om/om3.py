@@ -99,10 +99,22 @@ class Om3Transport(Transport):
     async def _request(
         self, method: str, url: str, *, obj: str, key: str | None, params: Any = None, content: bytes | None = None
     ) -> httpx.Response:
-        if self._client is None:
-            self._client = self._new_client(read_timeout_s=self.timeout_s)
         headers = {"content-type": "application/octet-stream"} if content is not None else None
         with unreachable_on_transport_errors(self.name, obj, key):
+            reused = self._client is not None
+            if self._client is None:
+                self._client = self._new_client(read_timeout_s=self.timeout_s)
+            try:
+                return await self._client.request(method, url, params=params, content=content, headers=headers)
+            except httpx.TimeoutException:
+                raise
+            except httpx.TransportError:
+                # The shared connection may have died with an agent restart: once more on a new one
+                # (every om3 request we send is idempotent, and POST answers 409 if it did land).
+                await self.aclose()
+                if not reused:
+                    raise
+            self._client = self._new_client(read_timeout_s=self.timeout_s)
             return await self._client.request(method, url, params=params, content=content, headers=headers)
 
     def _raise_for(self, response: httpx.Response, *, obj: str, key: str | None) -> None:
@@ -123,7 +135,7 @@ class Om3Transport(Transport):
                 obj=obj,
                 key=key,
             )
-        if status >= 500 and status in (502, 503, 504):
+        if status in (502, 503, 504):
             raise OpenSVCUnreachableError(
                 f"agent unavailable (HTTP {status}): {detail}", transport=self.name, obj=obj, key=key
             )
@@ -165,7 +177,9 @@ class Om3Transport(Transport):
         for item in items:  # one item per node holding the object: keep each name once, in order
             name = item.get("name") if isinstance(item, dict) else None
             if not isinstance(name, str):
-                raise OpenSVCRefusedError(f"key list item without a name: {describe(item)}", transport=self.name, obj=obj)
+                raise OpenSVCRefusedError(
+                    f"key list item without a name: {describe(item)}", transport=self.name, obj=obj
+                )
             if name not in names:
                 names.append(name)
         return names

@@ -140,9 +140,9 @@ class _RawTransport(V2Transport):
                     raise OpenSVCUnreachableError(
                         f"event stream lost: {exc.strerror or exc}", transport=self.name, obj=obj
                     ) from None
-                except _StreamClosed as exc:
+                except _StreamClosed:
                     raise OpenSVCUnreachableError(
-                        f"event stream lost: {exc}", transport=self.name, obj=obj
+                        "event stream lost: agent closed the connection", transport=self.name, obj=obj
                     ) from None
                 except _FrameTooLarge as exc:
                     raise OpenSVCRefusedError(f"event stream: {exc}", transport=self.name, obj=obj) from None

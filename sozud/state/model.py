@@ -201,3 +201,258 @@ class ConfigState:
 def value_digest(value: Message) -> str:
     """Deterministic content hash of one object's value (used by the merge's tie-break)."""
     return hashlib.sha256(value.SerializeToString(deterministic=True)).hexdigest()
+
+
+# --- listener helpers ----------------------------------------------------------------------------------
+
+LISTENER_KIND_OF_TYPE: dict[int, str] = {v: k for k, v in LISTENER_TYPES.items()}
+LISTENER_ADD_REQUEST: dict[str, str] = {
+    "http": "add_http_listener",
+    "https": "add_https_listener",
+    "tcp": "add_tcp_listener",
+    "udp": "add_udp_listener",
+}
+LISTENER_UPDATE_REQUEST: dict[str, str] = {
+    "http": "update_http_listener",
+    "https": "update_https_listener",
+    "tcp": "update_tcp_listener",
+    "udp": "update_udp_listener",
+}
+# The frontend kind that lives on a listener of each kind.
+FRONTEND_KIND_OF_LISTENER: dict[str, Kind] = {
+    "http": "http_frontend",
+    "https": "https_frontend",
+    "tcp": "tcp_frontend",
+    "udp": "udp_frontend",
+}
+_ADD_REQUEST_OF_KIND: dict[str, str] = {
+    "cluster": "add_cluster",
+    "http_frontend": "add_http_frontend",
+    "https_frontend": "add_https_frontend",
+    "tcp_frontend": "add_tcp_frontend",
+    "udp_frontend": "add_udp_frontend",
+    "backend": "add_backend",
+    "certificate": "add_certificate",
+}
+
+
+def add_request(key: ObjKey, value: Message) -> pb.Request:
+    """The request that creates the object ``key`` with ``value`` (a copy of ``value``)."""
+    field_name = LISTENER_ADD_REQUEST[key[1]] if key[0] == "listener" else _ADD_REQUEST_OF_KIND[key[0]]
+    req = pb.Request()
+    getattr(req, field_name).CopyFrom(value)
+    return req
+
+
+def object_address(key: ObjKey) -> str | None:
+    """The ``ip:port`` a listener, frontend or certificate key refers to (None for clusters, backends)."""
+    kind = key[0]
+    if kind == "listener":
+        return key[2]
+    if kind == "certificate":
+        return key[1]
+    if kind in ("tcp_frontend", "udp_frontend"):
+        return key[2]
+    if kind in ("http_frontend", "https_frontend"):
+        return key[1].split(";", 1)[0]
+    return None
+
+
+def describe(key: ObjKey) -> str:
+    """A short human text for an object key (never contains secrets)."""
+    kind = key[0]
+    if kind == "listener":
+        return f"{key[1]} listener {key[2]}"
+    if kind == "cluster":
+        return f"cluster {key[1]}"
+    if kind in ("http_frontend", "https_frontend"):
+        return f"{kind.replace('_', ' ')} {key[1]}"
+    if kind in ("tcp_frontend", "udp_frontend"):
+        tags = f" tags {{{key[3]}}}" if len(key) > 3 and key[3] else ""
+        return f"{kind.replace('_', ' ')} {key[1]} @ {key[2]}{tags}"
+    if kind == "backend":
+        return f"backend {key[1]}/{key[2]} @ {key[3]}"
+    if kind == "certificate":
+        return f"certificate {key[1]} sha256:{key[2][:16]}"
+    return " ".join(key)
+
+
+def copy_message(value: Message) -> Message:
+    out = type(value)()
+    out.CopyFrom(value)
+    return out
+
+
+# --- sozu main-state semantics ---------------------------------------------------------------------------
+
+
+def apply_request(state: ConfigState, req: pb.Request) -> None:
+    """Apply one configuration request to ``state`` the way sozu's main process does (§3.3, §7.2).
+
+    Raises :class:`~sozud.errors.StateError` with sozu-like text when sozu's main state would refuse it
+    (duplicate, missing object, or a request that is not a stored-configuration request: queries and
+    runtime-only requests). ``state`` is unchanged on error. Known simplifications: ``add_certificate``
+    with empty ``names`` stores the names as sent (1.x/2.x derive them from the certificate in an
+    unspecified order), and ``replace_certificate`` on an address that has no certificate left is
+    refused (sozu keeps an empty per-address table once an address has had one).
+    """
+    from sozud.errors import StateError
+
+    kind = req.WhichOneof("request_type")
+    if kind is None:
+        raise StateError("empty request (no request_type)")
+    value = getattr(req, kind)
+    objects = state.objects
+
+    if kind in ("add_http_listener", "add_https_listener", "add_tcp_listener", "add_udp_listener"):
+        lkind = kind[len("add_") : -len("_listener")]
+        key = listener_key(lkind, value)
+        if key in objects:
+            raise StateError(f"{_LISTENER_NAME[lkind]} '{key[2]}' already exists")
+        objects[key] = copy_message(value)
+        return
+    if kind in ("remove_listener", "activate_listener", "deactivate_listener"):
+        found = LISTENER_KIND_OF_TYPE.get(value.proxy)
+        if found is None:
+            raise StateError(f"{kind}: unknown listener type {value.proxy}")
+        lkind = found
+        key = ("listener", lkind, address_text(value.address))
+        if kind == "remove_listener":
+            if key not in objects:
+                raise StateError("dispatching this request did not bring any change to the state")
+            del objects[key]
+            return
+        if key not in objects:
+            raise StateError(f"Did not find {_LISTENER_NAME[lkind]} with address or id '{key[2]}'")
+        new = copy_message(objects[key])
+        setattr(new, "active", kind == "activate_listener")  # noqa: B010 - every listener config has it
+        objects[key] = new
+        return
+    if kind in LISTENER_UPDATE_REQUEST.values():
+        lkind = kind[len("update_") : -len("_listener")]
+        key = ("listener", lkind, address_text(value.address))
+        if key not in objects:
+            raise StateError(f"Did not find {_LISTENER_NAME[lkind]} with address or id '{key[2]}'")
+        objects[key] = _patched_listener(objects[key], value)
+        return
+    if kind == "add_cluster":
+        objects[("cluster", value.cluster_id)] = copy_message(value)
+        return
+    if kind == "remove_cluster":
+        if ("cluster", value) not in objects:
+            raise StateError(f"Did not find Cluster with address or id '{value}'")
+        del objects[("cluster", value)]
+        return
+    if kind in ("set_health_check", "remove_health_check"):
+        cid = value.cluster_id if kind == "set_health_check" else value
+        ckey = ("cluster", cid)
+        if ckey not in objects:
+            raise StateError(f"Did not find Cluster with address or id '{cid}'")
+        cluster = copy_message(objects[ckey])
+        assert isinstance(cluster, pb.Cluster)
+        if kind == "set_health_check":
+            cluster.health_check.CopyFrom(value.config)
+        else:
+            cluster.ClearField("health_check")
+        objects[ckey] = cluster
+        return
+    if kind in ("add_http_frontend", "add_https_frontend", "remove_http_frontend", "remove_https_frontend"):
+        hkind = "http_frontend" if "https" not in kind else "https_frontend"
+        key = (hkind, route_key(value))
+        name = "HttpFrontend" if hkind == "http_frontend" else "HttpsFrontend"
+        if kind.startswith("add_"):
+            if key in objects:
+                raise StateError(f"{name} '{key[1]}' already exists")
+            objects[key] = copy_message(value)
+        else:
+            if key not in objects:
+                raise StateError(f"Did not find {name} with address or id '{key[1]}'")
+            del objects[key]
+        return
+    if kind in ("add_tcp_frontend", "add_udp_frontend", "remove_tcp_frontend", "remove_udp_frontend"):
+        fkind: Kind = "tcp_frontend" if "tcp" in kind else "udp_frontend"
+        if kind.startswith("add_"):
+            key = key_of(fkind, value)
+            if key in objects:
+                raise StateError(f"{'TcpFrontend' if fkind == 'tcp_frontend' else 'UdpFrontend'} already exists")
+            objects[key] = copy_message(value)
+            return
+        addr = address_text(value.address)
+        same_cluster = [k for k in objects if k[0] == fkind and k[1] == value.cluster_id]
+        if not same_cluster:
+            raise StateError(f"Did not find {'TcpFrontend' if fkind == 'tcp_frontend' else 'UdpFrontend'}")
+        doomed = [k for k in same_cluster if k[2] == addr]
+        if not doomed:
+            raise StateError("dispatching this request did not bring any change to the state")
+        for k in doomed:
+            del objects[k]
+        return
+    if kind == "add_backend":
+        new = copy_message(value)
+        objects[key_of("backend", new)] = new
+        return
+    if kind == "remove_backend":
+        key = ("backend", value.cluster_id, value.backend_id, address_text(value.address))
+        if key not in objects:
+            raise StateError("dispatching this request did not bring any change to the state")
+        del objects[key]
+        return
+    if kind == "add_certificate":
+        try:
+            key = key_of("certificate", value)
+        except ValueError as e:
+            raise StateError(f"Could not add certificate: {e}") from None
+        if key not in objects:
+            new = copy_message(value)
+            new.ClearField("expired_at")
+            objects[key] = new
+        return
+    if kind == "remove_certificate":
+        objects.pop(("certificate", address_text(value.address), value.fingerprint.lower()), None)
+        return
+    if kind == "replace_certificate":
+        addr = address_text(value.address)
+        if not any(k[0] == "certificate" and k[1] == addr for k in objects):
+            raise StateError(f"Did not find Certificate with address or id '{addr}'")
+        try:
+            new_fp = certificate_fingerprint(value.new_certificate)
+        except ValueError as e:
+            raise StateError(f"Could not replace certificate: {e}") from None
+        objects.pop(("certificate", addr, value.old_fingerprint.lower()), None)
+        objects[("certificate", addr, new_fp)] = pb.AddCertificate(
+            address=value.address, certificate=value.new_certificate
+        )
+        return
+    raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
+
+
+_LISTENER_NAME = {"http": "HttpListener", "https": "HttpsListener", "tcp": "TcpListener", "udp": "UdpListener"}
+_ANSWER_FIELDS = tuple(f.name for f in pb.CustomHttpAnswers.DESCRIPTOR.fields)
+
+
+def _patched_listener(current: Message, patch: Message) -> Message:
+    """sozu's in-place listener patch: every field set in ``patch`` overwrites the stored one."""
+    new = copy_message(current)
+    for fd, val in patch.ListFields():
+        name = fd.name
+        if name == "address":
+            continue
+        if name == "http_answers":
+            answers = getattr(new, "http_answers")  # noqa: B009
+            answers.SetInParent()
+            for afd, aval in val.ListFields():
+                setattr(answers, afd.name, aval)
+        elif name == "alpn_protocols":
+            target = getattr(new, "alpn_protocols")  # noqa: B009
+            del target[:]
+            target.extend(val.values)
+        elif name == "answers":
+            target_map = getattr(new, "answers")  # noqa: B009
+            for k, v in val.items():
+                if v:
+                    target_map[k] = v
+        elif fd.message_type is not None:
+            getattr(new, name).CopyFrom(val)
+        else:
+            setattr(new, name, val)
+    return new

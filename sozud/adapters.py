@@ -1,0 +1,108 @@
+"""The sync engine's ports, implemented over the real peers: sozu's command channel and the OpenSVC API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from sozud.om_api import OMClient
+from sozud.socket_proto import SozuChannel
+from sozud.state.apply import apply_plan
+from sozud.state.live import probe, read_live
+from sozud.state.model import ConfigState
+from sozud.sync import ApplyOutcome
+from sozud.versions import SozuVersion
+
+
+class SozuAdapter:
+    """:class:`~sozud.sync.SozuPort` over a :class:`~sozud.socket_proto.SozuChannel`.
+
+    A full live read costs one request per cluster (or one SaveState with a shared directory), so the
+    last read is cached and reused while a cheap probe says nothing changed on the same connection.
+    """
+
+    def __init__(
+        self,
+        channel: SozuChannel,
+        *,
+        shared_dir: str | None = None,
+        shared_dir_sozu_path: str | None = None,
+        max_rounds: int = 3,
+        max_removal_ratio: float = 0.5,
+    ) -> None:
+        self.channel = channel
+        self.shared_dir = shared_dir
+        self.shared_dir_sozu_path = shared_dir_sozu_path
+        self.max_rounds = max_rounds
+        self.max_removal_ratio = max_removal_ratio
+        self._cache: tuple[int, object, ConfigState] | None = None
+        self.requests_by_type: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+
+    @property
+    def version(self) -> SozuVersion:
+        return self.channel.version
+
+    @property
+    def epoch(self) -> int:
+        return self.channel.epoch
+
+    async def probe(self) -> object:
+        return await probe(self.channel)
+
+    async def read_live(self) -> ConfigState:
+        async with self._lock:
+            await self.channel.connect()
+            fingerprint = await probe(self.channel)
+            epoch = self.channel.epoch
+            if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
+                return self._cache[2].copy()
+            state = await read_live(self.channel, shared_dir=self.shared_dir)
+            # The probe is taken before the read: a change racing with the read shows up next time.
+            self._cache = (epoch, fingerprint, state)
+            return state.copy()
+
+    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
+        async with self._lock:
+            report = await apply_plan(
+                self.channel,
+                desired,
+                max_rounds=self.max_rounds,
+                shared_dir=self.shared_dir,
+                shared_dir_sozu_path=self.shared_dir_sozu_path,
+                max_removal_ratio=self.max_removal_ratio,
+                force=force,
+                desired_is_complete=desired_is_complete,
+            )
+            by_type: Counter[str] = Counter(report.requests_by_type)
+            self.requests_by_type.update(by_type)
+            self._cache = None
+            return ApplyOutcome(
+                requests_sent=sum(by_type.values()),
+                requests_by_type=dict(by_type),
+                plan_digest=report.plan_digest,
+                live_after=report.live_after,
+            )
+
+
+class OpenSVCShared:
+    """:class:`~sozud.sync.SharedPort` over an :class:`~sozud.om_api.OMClient`."""
+
+    def __init__(self, client: OMClient, obj: str, key: str, meta_key: str) -> None:
+        self.client = client
+        self.obj = obj
+        self.key = key
+        self.meta_key = meta_key
+        self.writes = 0
+
+    async def read(self) -> tuple[bytes | None, bytes | None]:
+        state = await self.client.get_key(self.obj, self.key)
+        meta = await self.client.get_key(self.obj, self.meta_key)
+        return state, meta
+
+    async def write(self, state: bytes, meta: bytes) -> None:
+        # One write at a time per object (the client serialises too): state first, then its metadata;
+        # a reader that sees the new state with the old metadata treats it as edited outside sozud.
+        await self.client.put_key(self.obj, self.key, state)
+        await self.client.put_key(self.obj, self.meta_key, meta)
+        self.writes += 1

@@ -1,0 +1,475 @@
+"""The daemon's life cycle: build the pieces from a Config, run triggers → debounce → sync, stop cleanly.
+
+Triggers (each only *asks* for a sync; the sync reads the real states):
+
+- start-up, SIGHUP (configuration reloaded);
+- sozu: configuration events (2.x), a periodic cheap probe of the live state (every version; the only
+  way to notice backend changes), a re-connection (sozu may have restarted: full re-sync);
+- OpenSVC: change notifications (event stream, polling, projected file);
+- a periodic full re-sync (``resync_interval_s``) and retries after a failure (capped, jittered backoff).
+
+Bursts coalesce: a sync starts ``debounce_ms`` after the last trigger, and at most ``max_wait_ms`` after
+the first. SIGTERM/SIGINT stop the daemon after the sync in progress (an apply is never cut short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sozud.adapters import OpenSVCShared, SozuAdapter
+from sozud.backoff import Backoff
+from sozud.config import Config
+from sozud.errors import SozudError, UnsafePlanError
+from sozud.log import get_logger
+from sozud.metrics import Metrics, MetricsServer
+from sozud.om_api import OMClient, OMSettings, client_from_url
+from sozud.persist import BaseStore, StatusFile
+from sozud.sdnotify import Notifier
+from sozud.socket_proto import SozuChannel
+from sozud.sync import EngineSettings, SyncEngine, SyncReport
+from sozud.versions import SozuVersion
+
+
+def om_settings(config: Config) -> OMSettings:
+    return OMSettings(
+        cluster_name=config.cluster_name,
+        secret_file=config.secret_file,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
+        username=config.username,
+        password_file=config.password_file,
+        token_file=config.token_file,
+        poll_interval_s=config.opensvc_poll_interval_s,
+        request_timeout_s=config.request_timeout_s,
+        projected_file=config.projected_file,
+        allow_private_keys_in_cfg=config.allow_private_keys_in_cfg,
+    )
+
+
+@dataclass
+class Components:
+    """The live objects built from one Config (rebuilt on SIGHUP when connections change)."""
+
+    config: Config
+    channel: SozuChannel
+    om: OMClient
+    sozu: SozuAdapter
+    shared: OpenSVCShared
+    engine: SyncEngine
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.channel.aclose()
+        with contextlib.suppress(Exception):
+            await self.om.aclose()
+
+
+def build_components(config: Config) -> Components:
+    version = None if config.sozu_version == "auto" else SozuVersion.parse(config.sozu_version)
+    channel = SozuChannel(config.socket, version=version, request_timeout_s=config.request_timeout_s)
+    om = client_from_url(config.api, om_settings(config))
+    sozu = SozuAdapter(
+        channel,
+        shared_dir=config.shared_dir,
+        shared_dir_sozu_path=config.shared_dir_sozu_path,
+        max_rounds=config.max_rounds,
+        max_removal_ratio=config.max_removal_ratio,
+    )
+    shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
+    engine = SyncEngine(
+        sozu,
+        shared,
+        BaseStore(config.state_dir),
+        EngineSettings(
+            node=config.node,
+            object=config.object,
+            key=config.key,
+            max_removal_ratio=config.max_removal_ratio,
+            force=config.force,
+        ),
+    )
+    return Components(config, channel, om, sozu, shared, engine)
+
+
+@dataclass
+class DaemonStatus:
+    node: str
+    started_at: float = field(default_factory=time.time)
+    last_sync_at: float | None = None
+    last_success_at: float | None = None
+    last_outcome: str | None = None
+    last_reason: str | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    drift: int | None = None
+    shared_generation: int | None = None
+    shared_origin: str | None = None
+    conflicts_total: int = 0
+    requests_total: Counter[str] = field(default_factory=Counter)
+    pushes_total: int = 0
+
+
+class Daemon:
+    """start → run (until stop) → stop. ``build`` is injectable so tests can use simulators."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        build: Callable[[Config], Components] = build_components,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self._build = build
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.status = DaemonStatus(node=config.node)
+        self.log = get_logger(node=config.node)
+        self.components: Components | None = None
+        self._trigger = asyncio.Event()
+        self._reasons: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._reload = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: MetricsServer | None = None
+        self._backoff = Backoff(initial_s=1.0, max_s=config.retry_max_s)
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._last_probe: object | None = None
+        self.sync_done = asyncio.Condition()  # notified after every sync attempt (tests wait on it)
+        self.syncs_attempted = 0
+        self.last_report: SyncReport | None = None
+        self.last_error: BaseException | None = None
+
+    # --- triggers
+
+    def trigger(self, reason: str) -> None:
+        self._reasons[reason] += 1
+        self._trigger.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._trigger.set()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self.trigger("reload")
+
+    # --- life cycle
+
+    async def start(self) -> None:
+        self.components = self._build(self.config)
+        self.components.channel.add_reconnect_listener(self._on_reconnect)
+        if self.config.metrics_address:
+            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address)
+            await self._metrics_server.start()
+            self.log.info("metrics.serving", address=f"{self._metrics_server.host}:{self._metrics_server.port}")
+        self._start_trigger_tasks()
+        self.trigger("startup")
+
+    def _on_reconnect(self, epoch: int) -> None:
+        self.metrics.reconnects.inc()
+        self.log.info("sozu.reconnected", epoch=epoch, action="full re-sync")
+        self.trigger("sozu_reconnected")
+
+    def _start_trigger_tasks(self) -> None:
+        c = self.components
+        assert c is not None
+        self._tasks = [
+            asyncio.create_task(self._guard("probe", self._probe_loop)),
+            asyncio.create_task(self._guard("sozu_events", self._events_loop)),
+            asyncio.create_task(self._guard("opensvc_changes", self._opensvc_loop)),
+            asyncio.create_task(self._guard("resync", self._resync_loop)),
+        ]
+        if self.notifier.watchdog_interval_s:
+            self._tasks.append(asyncio.create_task(self._guard("watchdog", self._watchdog_loop)))
+
+    async def _stop_trigger_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+
+    async def stop(self) -> None:
+        self.notifier.stopping()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        await self._stop_trigger_tasks()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        if self.components is not None:
+            await self.components.aclose()
+        self.log.info("daemon.stopped")
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`. Call :meth:`start` first."""
+        self.notifier.ready("started; waiting for the first sync")
+        self.log.info("daemon.started", socket=self.config.socket, api=self.config.api or "auto")
+        while not self._stop.is_set():
+            await self._trigger.wait()
+            if self._stop.is_set():
+                break
+            await self._debounce()
+            if self._stop.is_set():
+                break
+            if self._reload:
+                await self._do_reload()
+            reasons = ",".join(sorted(self._reasons)) or "unknown"
+            self._reasons.clear()
+            # An apply in progress is never cut short: the sync runs in its own task, shielded.
+            await asyncio.shield(asyncio.ensure_future(self._sync(reasons)))
+
+    async def _debounce(self) -> None:
+        first = time.monotonic()
+        debounce_s = self.config.debounce_ms / 1000
+        max_wait_s = self.config.max_wait_ms / 1000
+        while True:
+            self._trigger.clear()
+            remaining = max_wait_s - (time.monotonic() - first)
+            quiet = min(debounce_s, remaining)
+            if quiet <= 0 or self._stop.is_set():
+                return
+            try:
+                await asyncio.wait_for(self._trigger.wait(), timeout=quiet)
+            except TimeoutError:
+                return
+
+    async def _sync(self, reasons: str) -> None:
+        c = self.components
+        assert c is not None
+        self.status.last_sync_at = time.time()
+        self.status.last_reason = reasons
+        try:
+            report = await c.engine.sync_once(reasons)
+        except SozudError as e:
+            self._record_failure(e, reasons)
+        except Exception as e:  # a bug must not kill the daemon: report it, back off, retry
+            self.log.exception("sync.crashed", reason=reasons)
+            self._record_failure(e, reasons)
+        else:
+            self._record_success(report)
+        finally:
+            await self._after_sync()
+
+    def _record_success(self, report: SyncReport) -> None:
+        self.last_report = report
+        self.last_error = None
+        self._backoff.reset()
+        st = self.status
+        st.last_success_at = time.time()
+        st.last_outcome = report.outcome
+        st.last_error = None
+        st.consecutive_failures = 0
+        st.drift = report.drift
+        st.shared_generation = report.generation
+        st.shared_origin = report.origin or None
+        st.conflicts_total += len(report.conflicts)
+        st.requests_total.update(report.requests_by_type)
+        st.pushes_total += int(report.pushed)
+        m = self.metrics
+        m.syncs.inc(outcome=report.outcome)
+        m.conflicts.inc(len(report.conflicts))
+        for kind, n in report.requests_by_type.items():
+            m.requests.inc(n, type=kind)
+        if report.pushed:
+            m.pushes.inc()
+        m.drift.set(report.drift)
+        m.last_success.set(st.last_success_at)
+        m.generation.set(report.generation)
+        m.sync_duration.set(report.duration_s)
+        self.log.info("sync.done", **report.as_log())
+        self.notifier.status(f"in sync (generation {report.generation})" if report.in_sync else "drift")
+
+    def _record_failure(self, error: BaseException, reasons: str) -> None:
+        self.last_report = None
+        self.last_error = error
+        st = self.status
+        st.last_outcome = "failed"
+        st.last_error = str(error)
+        st.consecutive_failures += 1
+        self.metrics.sync_failures.inc(error=type(error).__name__)
+        delay = self._backoff.next_delay_s()
+        level = "error" if isinstance(error, UnsafePlanError) or st.consecutive_failures > 3 else "warning"
+        getattr(self.log, level)(
+            "sync.failed",
+            reason=reasons,
+            error=str(error),
+            error_type=type(error).__name__,
+            retry_in_s=round(delay, 2),
+            consecutive_failures=st.consecutive_failures,
+        )
+        self.notifier.status(f"sync failing: {error}")
+        loop = asyncio.get_running_loop()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        self._retry_handle = loop.call_later(delay, self.trigger, "retry")
+
+    async def _after_sync(self) -> None:
+        self.syncs_attempted += 1
+        if self.components is not None:
+            with contextlib.suppress(Exception):
+                self._last_probe = await self.components.sozu.probe()
+        self._write_status()
+        if self.config.metrics_textfile:
+            try:
+                self.metrics.write_textfile(self.config.metrics_textfile)
+            except OSError as e:
+                self.log.warning("metrics.textfile_failed", path=self.config.metrics_textfile, error=str(e))
+        async with self.sync_done:
+            self.sync_done.notify_all()
+
+    def _write_status(self) -> None:
+        st = self.status
+        c = self.components
+        base_generation = None
+        with contextlib.suppress(Exception):
+            meta_path = BaseStore(self.config.state_dir).meta_path
+            if meta_path.exists():
+                import msgspec
+
+                base_generation = msgspec.json.decode(meta_path.read_bytes()).get("generation")
+        doc: dict[str, Any] = {
+            "node": st.node,
+            "pid": os.getpid(),
+            "started_at": st.started_at,
+            "last_sync_at": st.last_sync_at,
+            "last_success_at": st.last_success_at,
+            "last_outcome": st.last_outcome,
+            "last_reason": st.last_reason,
+            "last_error": st.last_error,
+            "consecutive_failures": st.consecutive_failures,
+            "drift": st.drift,
+            "base_generation": base_generation,
+            "shared_generation": st.shared_generation,
+            "shared_origin": st.shared_origin,
+            "conflicts_total": st.conflicts_total,
+            "requests_total": dict(st.requests_total),
+            "pushes_total": st.pushes_total,
+            "socket": self.config.socket,
+            "api": self.config.api,
+            "object": self.config.object,
+            "key": self.config.key,
+            "sozu_version": str(c.channel.version) if c is not None and _has_version(c.channel) else None,
+        }
+        try:
+            StatusFile(self.config.state_dir).write(doc)
+        except OSError as e:
+            self.log.warning("status.write_failed", path=self.config.state_dir, error=str(e))
+
+    async def _do_reload(self) -> None:
+        self._reload = False
+        if self._reload_config is None:
+            return
+        try:
+            new = self._reload_config()
+        except SozudError as e:
+            self.log.error("config.reload_failed", error=str(e), action="keeping the running configuration")
+            return
+        self.notifier.reloading()
+        old = self.config
+        self.config = new
+        self._backoff = Backoff(initial_s=1.0, max_s=new.retry_max_s)
+        await self._stop_trigger_tasks()
+        if self.components is not None:
+            await self.components.aclose()
+        self.components = self._build(new)
+        self.components.channel.add_reconnect_listener(self._on_reconnect)
+        self._start_trigger_tasks()
+        changed = sorted(k for k in Config.__struct_fields__ if getattr(old, k) != getattr(new, k))
+        self.log.info("config.reloaded", changed=changed)
+        self.notifier.ready("configuration reloaded")
+
+    # --- trigger loops
+
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a trigger loop forever; a failure is logged and the loop restarts after a backoff."""
+        backoff = Backoff(initial_s=0.5, max_s=30.0)
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                delay = backoff.next_delay_s()
+                self.log.warning("trigger.failed", trigger=name, error=str(e), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            c = self.components
+            if c is None:
+                continue
+            try:
+                fingerprint = await c.sozu.probe()
+            except SozudError as e:
+                self.log.debug("sozu.probe_failed", error=str(e))
+                self.trigger("sozu_unreachable")
+                continue
+            if fingerprint != self._last_probe:
+                self._last_probe = fingerprint
+                self.trigger("sozu_probe")
+
+    async def _events_loop(self) -> None:
+        c = self.components
+        assert c is not None
+        await c.channel.connect()
+        if c.channel.version < SozuVersion(2, 0, 0):
+            return  # 1.x and 0.15 send only backend-health events: the probe covers their changes
+        events: AsyncIterator[Any] = c.channel.subscribe_events()
+        async for _event in events:
+            self.trigger("sozu_event")
+
+    async def _opensvc_loop(self) -> None:
+        c = self.components
+        assert c is not None
+        async for _ in c.om.changes(self.config.object, self.config.key):
+            self.trigger("opensvc_change")
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_interval_s)
+            self.trigger("periodic_resync")
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        assert interval is not None
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+def _has_version(channel: SozuChannel) -> bool:
+    try:
+        channel.version  # noqa: B018 - raises before the first connection
+    except Exception:
+        return False
+    return True
+
+
+async def run_daemon(daemon: Daemon) -> None:
+    """Install signal handlers, start, run until SIGTERM/SIGINT, stop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    try:
+        await daemon.start()
+        await daemon.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await daemon.stop()

@@ -1,0 +1,218 @@
+"""sozud's command line: turns arguments into a Config and hands over to the daemon or a sub-command.
+
+    sozud run [SETTINGS]            the daemon (systemd unit, OpenSVC app resource)
+    sozud --once [SETTINGS]         one sync; exit 0 when in sync after it
+    sozud status [--json]           what the daemon last did (reads STATE_DIR/status.json)
+    sozud query KIND --socket P     the live configuration of a sozu
+    sozud plan ...                  the delta between two states, optionally applied
+    sozud key get|put|list ...      read and write OpenSVC keys (debugging)
+    sozud demo                      a local demo on SIMULATED nodes (no sozu, no agent needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sozud import __version__
+from sozud.config import DEFAULT_CONFIG_PATH, FIELD_HELP, Config, load_config
+from sozud.errors import ConfigError, SozudError, UnsafePlanError
+from sozud.log import configure_logging
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNSAFE = 3
+
+
+def _setting_flags() -> argparse.ArgumentParser:
+    """One flag per Config setting (same words as the TOML keys); only flags given end up in args."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (also TOML keys and SOZUD_* environment variables)")
+    hints = typing.get_type_hints(Config)
+    defaults = Config.__struct_defaults__
+    fields = Config.__struct_fields__
+    for name, default in zip(fields, defaults, strict=True):
+        flag = "--" + name.replace("_", "-")
+        help_text = FIELD_HELP[name]
+        shown = "" if default in (None, "") else f" (default: {default})"
+        tp = hints[name]
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        origin = typing.get_origin(tp)
+        if origin is typing.Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        elif tp in (int, float):
+            kwargs["type"] = tp
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        group.add_argument(flag, **kwargs)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings = _setting_flags()
+    parser = argparse.ArgumentParser(
+        prog="sozud",
+        description="Keeps the sozu reverse proxies of an OpenSVC cluster in sync, one delta request at a time.",
+        epilog=f"Settings come from defaults < {DEFAULT_CONFIG_PATH} (or --config) < SOZUD_* environment < flags.",
+        parents=[settings],
+    )
+    parser.add_argument("--version", action="version", version=f"sozud {__version__}")
+    parser.add_argument("--config", metavar="FILE", help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--once", action="store_true", help="run one sync and exit: 0 when in sync after it")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", parents=[settings], help="run the daemon (until SIGTERM; SIGHUP reloads)")
+    run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
+    run.set_defaults(func=_cmd_run)
+    st = sub.add_parser("status", help="show what the daemon last did (reads STATE_DIR/status.json)")
+    st.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
+    st.add_argument("--state-dir", dest="state_dir", default=argparse.SUPPRESS, help="sozud's state directory")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_cmd_status)
+    for module in ("query", "plan", "key", "demo"):
+        _register(module, sub)
+    parser.set_defaults(func=None)
+    return parser
+
+
+def _register(module: str, sub: Any) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"sozud.cli.{module}")
+    mod.register(sub)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in Config.__struct_fields__}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), overrides=_overrides(args))
+
+
+def _configure_logging(config: Config) -> None:
+    fmt = {"auto": None, "json": True, "console": False}[config.log_format]
+    configure_logging(config.log_level, json=fmt)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sozud.daemon import Daemon, run_daemon
+
+    config = _load(args)
+    _configure_logging(config)
+    daemon = Daemon(config, reload_config=lambda: _load(args))
+    asyncio.run(run_daemon(daemon))
+    return EXIT_OK
+
+
+def _cmd_once(args: argparse.Namespace) -> int:
+    from sozud.daemon import build_components
+
+    config = _load(args)
+    _configure_logging(config)
+
+    async def once() -> int:
+        components = build_components(config)
+        try:
+            report = await components.engine.sync_once("once")
+        finally:
+            await components.aclose()
+        summary = (
+            f"{report.outcome}: {report.requests_sent} request(s) sent to sozu, "
+            f"{'pushed' if report.pushed else 'nothing pushed'}, generation {report.generation}, "
+            f"{len(report.conflicts)} conflict(s)"
+        )
+        if report.in_sync:
+            print(f"sozud: in sync ({summary})")
+            return EXIT_OK
+        print(f"sozud: NOT in sync after one sync: {report.drift} object(s) differ ({summary})", file=sys.stderr)
+        return EXIT_ERROR
+
+    return asyncio.run(once())
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from sozud.persist import StatusFile
+
+    config = _load(args)
+    status = StatusFile(config.state_dir).read()
+    if status is None:
+        print(f"sozud: no status yet in {config.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(format_status(status))
+    return EXIT_OK
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "never"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    rows = [
+        ("node", s.get("node")),
+        ("sozu", f"{s.get('socket')} (version {s.get('sozu_version') or 'unknown'})"),
+        ("opensvc", f"{s.get('api') or 'auto'} {s.get('object')} key {s.get('key')}"),
+        ("last sync", f"{_ago(s.get('last_sync_at'))}: {s.get('last_outcome')} (triggers: {s.get('last_reason')})"),
+        ("last success", _ago(s.get("last_success_at"))),
+        ("last error", s.get("last_error") or "-"),
+        ("drift", "unknown" if s.get("drift") is None else f"{s['drift']} object(s)"),
+        ("base generation", s.get("base_generation")),
+        (
+            "shared generation",
+            f"{s.get('shared_generation')} (written by {s.get('shared_origin') or 'unknown'})",
+        ),
+        ("applied here", f"generation {s.get('base_generation')} (node {s.get('node')})"),
+        ("conflicts", s.get("conflicts_total")),
+        ("pushes", s.get("pushes_total")),
+        ("requests sent", ", ".join(f"{k}={v}" for k, v in sorted((s.get("requests_total") or {}).items())) or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] | None = args.func
+    try:
+        if args.once:
+            if args.command is not None:
+                parser.error("--once runs one sync of the daemon; it takes no sub-command")
+            return _cmd_once(args)
+        if func is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        result = func(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except ConfigError as e:
+        print(f"sozud: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsafePlanError as e:
+        print(f"sozud: refused: {e}", file=sys.stderr)
+        return EXIT_UNSAFE
+    except SozudError as e:
+        print(f"sozud: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""OpenSVC agent API client: read and write a config-map key, and watch it for changes.
+
+    client = client_from_url("unix:///var/lib/opensvc/lsnr/lsnr.sock", OMSettings())
+    value = await client.get_key("igw/cfg/sozu", "state.json")        # bytes, or None if absent
+    await client.put_key("igw/cfg/sozu", "state.json", new_value)
+    async for _ in client.changes("igw/cfg/sozu", "state.json"):     # "may have changed": read it
+        ...
+
+URL forms (``--api``), one transport class each (``sozud/_om/``):
+
+    unix:///var/lib/opensvc/lsnr/lsnr.sock     v2 raw, local, clear          RawUnixTransport
+    raw://HOST:1214                            v2 raw, TCP, AES envelope     RawTcpTransport
+    h2+unix:///var/lib/opensvc/lsnr/h2.sock    v2 HTTP/2, local              H2Transport
+    https://HOST:1215                          v2 HTTP/2 over TLS            H2Transport
+    om3+unix:///var/lib/opensvc/lsnr/http.sock om3 REST, local               Om3Transport
+    om3+https://HOST:1215                      om3 REST over TLS             Om3Transport
+
+Without a URL, ``client_from_url`` looks for the local agent's sockets in ``settings.run_dir``.
+
+The client adds to the transports: one write at a time per object (the v2 agent loses concurrent
+writes), retries of get/list/put with capped jittered backoff while the agent is unreachable, the
+value policy (v2 text rule, private keys in ``cfg`` objects), and the change watch. ``KeyPusher``
+keeps the latest value of one key and delivers it once the agent is back.
+
+Errors (``sozud.errors``): OpenSVCUnreachableError, OpenSVCAuthError, OpenSVCNotFoundError,
+OpenSVCRefusedError, OpenSVCTooLargeError; every message names transport, object and key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from sozud._om.base import OMSettings, Transport, cluster_identity
+from sozud._om.h2 import H2_WINDOW_BYTES, H2Transport
+from sozud._om.http import tls_factory, uds_factory
+from sozud._om.memory import MemoryTransport
+from sozud._om.om3 import Om3Transport
+from sozud._om.raw import RawTcpTransport, RawUnixTransport
+from sozud.backoff import Backoff
+from sozud.errors import (
+    ConfigError,
+    OpenSVCError,
+    OpenSVCRefusedError,
+    OpenSVCTooLargeError,
+    OpenSVCUnreachableError,
+)
+from sozud.log import get_logger
+
+__all__ = [
+    "H2_WINDOW_BYTES",
+    "H2Transport",
+    "KeyPusher",
+    "MemoryTransport",
+    "OMClient",
+    "OMSettings",
+    "Om3Transport",
+    "RawTcpTransport",
+    "RawUnixTransport",
+    "Transport",
+    "client_from_url",
+]
+
+_T = TypeVar("_T")
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_log = get_logger()
+
+# A stream that stayed up this long counts as healthy: the reconnect backoff starts over.
+_STABLE_STREAM_S = 30.0
+
+
+def _is_cfg(obj: str) -> bool:
+    parts = obj.split("/")
+    return len(parts) in (2, 3) and parts[-2] == "cfg"
+
+
+class OMClient:
+    """What the rest of sozud uses to talk to the agent.
+
+    ``transport`` serves get/put/list; ``events_transport`` (default: ``transport`` if it has an
+    event stream) serves ``changes()``. ``settings`` gives the timing knobs and the value policy.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        settings: OMSettings | None = None,
+        *,
+        events_transport: Transport | None = None,
+    ) -> None:
+        self.transport = transport
+        self.settings = settings or OMSettings()
+        if events_transport is None and transport.has_events:
+            events_transport = transport
+        self.events_transport = events_transport
+        self.reconnect_max_s = self.settings.reconnect_max_s
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._warned_private_keys: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        events = self.events_transport.name if self.events_transport else None
+        return f"OMClient(transport={self.transport.name!r}, events={events!r})"
+
+    def lock(self, obj: str) -> asyncio.Lock:
+        """The lock that keeps writes to ``obj`` one at a time (held by ``put_key``)."""
+        return self._locks.setdefault(obj, asyncio.Lock())
+
+    # --- values ---------------------------------------------------------------------------------
+
+    def check_value(self, obj: str, key: str, value: bytes) -> None:
+        """Raise the error ``put_key`` would raise before sending anything (policy and size)."""
+        if _is_cfg(obj) and _PRIVATE_KEY.search(value):
+            if not self.settings.allow_private_keys_in_cfg:
+                raise OpenSVCRefusedError(
+                    "value contains a PEM private key and cfg objects are readable by guests; "
+                    "use a sec object, or allow it with allow_private_keys_in_cfg",
+                    transport=self.transport.name,
+                    obj=obj,
+                    key=key,
+                )
+            if (obj, key) not in self._warned_private_keys:
+                self._warned_private_keys.add((obj, key))
+                _log.warning(
+                    "opensvc.private_key_in_cfg",
+                    obj=obj,
+                    key_name=key,
+                    hint="cfg objects are readable by guests; store certificates' keys in a sec object",
+                )
+        self.transport.check_value(obj, key, value)
+
+    async def get_key(self, obj: str, key: str) -> bytes | None:
+        """The key's value; None when the object exists without that key."""
+        return await self._retrying("get", obj, key, lambda: self.transport.get_key(obj, key))
+
+    async def put_key(self, obj: str, key: str, value: bytes) -> None:
+        """Create or replace the key, one write per object at a time."""
+        self.check_value(obj, key, value)
+        if True:
+            await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value))
+
+    async def list_keys(self, obj: str) -> list[str]:
+        """The object's key names, in the agent's order."""
+        return await self._retrying("list", obj, None, lambda: self.transport.list_keys(obj))
+
+    async def _retrying(self, operation: str, obj: str, key: str | None, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``call``, again after a backoff delay while the agent is unreachable (``retry_attempts``)."""
+        backoff = Backoff(initial_s=0.1, max_s=2.0)
+        attempts = max(1, self.settings.retry_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call()
+            except OpenSVCUnreachableError as exc:
+                if attempt == attempts:
+                    raise
+                delay_s = backoff.next_delay_s()
+                _log.info(
+                    "opensvc.retry",
+                    operation=operation,
+                    transport=self.transport.name,
+                    obj=obj,
+                    key_name=key,
+                    attempt=attempt,
+                    delay_s=round(delay_s, 3),
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- change watch ---------------------------------------------------------------------------
+
+    def changes(self, obj: str, key: str) -> AsyncIterator[None]:
+        """Yield each time ``obj``/``key`` may have changed; never ends by itself.
+
+        The first yield comes once the watch is in place (read the key then, so no change is missed
+        between reading and subscribing), and one more after every reconnection. Sources: the event
+        stream of ``events_transport`` (reconnected with capped, jittered backoff), or else a read of
+        the key every ``settings.poll_interval_s`` (yielding when the value differs); plus, when
+        ``settings.projected_file`` is set, every change of that file. Close it with ``aclose()``.
+        """
+        projected = os.path.abspath(self.settings.projected_file) if self.settings.projected_file else None
+        return self._changes(obj, key, projected)
+
+    async def _changes(self, obj: str, key: str, projected: str | None) -> AsyncIterator[None]:
+        wake = asyncio.Event()
+        stop = asyncio.Event()
+        sources: list[asyncio.Task[None]] = []
+        if self.events_transport is not None:
+            sources.append(asyncio.create_task(self._watch_events(self.events_transport, obj, key, wake)))
+        else:
+            sources.append(asyncio.create_task(self._poll(obj, key, wake)))
+        if projected is not None:
+            sources.append(asyncio.create_task(self._watch_file(projected, wake, stop)))
+        try:
+            while True:
+                waiter = asyncio.create_task(wake.wait())
+                try:
+                    await asyncio.wait([waiter, *sources], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                for source in sources:
+                    if source.done():  # sources loop forever: one that stopped has crashed
+                        source.result()
+                        raise AssertionError("a change source ended")
+                wake.clear()
+                yield None
+        finally:
+            stop.set()
+            for source in sources:
+                source.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
+
+    async def _watch_events(self, transport: Transport, obj: str, key: str, wake: asyncio.Event) -> None:
+        backoff = Backoff(initial_s=0.2, max_s=self.reconnect_max_s)
+        loop = asyncio.get_running_loop()
+        lost = False
+        while True:
+            started_s = loop.time()
+            try:
+                signals = 0
+                async for _ in transport.events(obj, key):
+                    signals += 1
+                    if signals == 1 and lost:
+                        _log.info("opensvc.events_reconnected", transport=transport.name, obj=obj)
+                    wake.set()
+                raise OpenSVCUnreachableError("event stream ended", transport=transport.name, obj=obj)
+            except OpenSVCError as exc:
+                if loop.time() - started_s >= _STABLE_STREAM_S:
+                    backoff.reset()
+                delay_s = backoff.next_delay_s()
+                lost = True
+                _log.warning(
+                    "opensvc.events_lost",
+                    transport=transport.name,
+                    obj=obj,
+                    error=str(exc),
+                    retry_in_s=round(delay_s, 3),
+                )
+            await asyncio.sleep(delay_s)
+
+    async def _poll(self, obj: str, key: str, wake: asyncio.Event) -> None:
+        backoff = Backoff(initial_s=0.2, max_s=min(self.reconnect_max_s, self.settings.poll_interval_s))
+        last: bytes | None = None
+        known = False
+        while True:
+            try:
+                value = await self.transport.get_key(obj, key)
+            except OpenSVCError as exc:
+                known = False  # whatever comes back next is news
+                delay_s = backoff.next_delay_s()
+                _log.warning(
+                    "opensvc.poll_failed", transport=self.transport.name, obj=obj, key_name=key, error=str(exc)
+                )
+            else:
+                digest = None if value is None else hashlib.sha256(value).digest()
+                if not known or digest != last:
+                    wake.set()
+                last, known = digest, True
+                backoff.reset()
+                delay_s = self.settings.poll_interval_s
+            await asyncio.sleep(delay_s)
+
+    async def _watch_file(self, target: str, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        import watchfiles
+
+        backoff = Backoff(initial_s=0.5, max_s=self.reconnect_max_s)
+
+        def concerns(_change: watchfiles.Change, changed: str) -> bool:
+            return changed == target
+
+        while not stop.is_set():
+            try:
+                async for _ in watchfiles.awatch(
+                    os.path.dirname(target),
+                    watch_filter=concerns,
+                    debounce=200,
+                    step=50,
+                    stop_event=stop,
+                    recursive=False,
+                ):
+                    backoff.reset()
+                    wake.set()
+            except (OSError, RuntimeError) as exc:  # directory missing or unwatchable
+                _log.warning("opensvc.projected_file_unwatchable", path=target, error=str(exc))
+            await asyncio.sleep(backoff.next_delay_s())
+
+    async def aclose(self) -> None:
+        """Close the transports' connections."""
+        await self.transport.aclose()
+        if self.events_transport is not None and self.events_transport is not self.transport:
+            await self.events_transport.aclose()
+
+    async def __aenter__(self) -> OMClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class KeyPusher:
+    """Delivers the latest value of one key, retrying while the agent is down.
+
+    ``push(value)`` makes ``value`` the one to deliver (a value still pending is replaced: only the
+    newest matters) and returns once it, or a newer value that replaced it, has been written. Each
+    value is written at most once after a success. Failures that a retry cannot cure (value refused
+    by the policy, too large for the transport) are raised at once and the value dropped; other
+    failures are retried with capped, jittered backoff, the value staying pending. With
+    ``give_up_after_s``, ``push`` raises after that long without delivery; the value stays pending
+    and is still delivered later unless replaced or the pusher is closed.
+    """
+
+    def __init__(
+        self,
+        client: OMClient,
+        obj: str,
+        key: str,
+        *,
+        give_up_after_s: float | None = None,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.obj = obj
+        self.key = key
+        self.give_up_after_s = give_up_after_s
+        self._backoff = Backoff(initial_s=0.2, max_s=retry_max_s)
+        self._pending: bytes | None = None
+        self._generation = 0  # of the latest value given to push()
+        self._settled = 0  # generation delivered (or dropped) last
+        self._failures: dict[int, OpenSVCError] = {}
+        self._last_error: OpenSVCError | None = None
+        self._changed = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self.delivered = 0  # number of successful writes
+
+    @property
+    def pending(self) -> bytes | None:
+        """The value waiting to be written, if any."""
+        return self._pending
+
+    @property
+    def last_error(self) -> OpenSVCError | None:
+        """The error of the latest failed attempt, cleared by a success."""
+        return self._last_error
+
+    async def push(self, value: bytes) -> None:
+        """Deliver ``value`` (or a newer one that replaces it); see the class docstring."""
+        self.client.check_value(self.obj, self.key, value)
+        self._generation += 1
+        mine = self._generation
+        self._pending = bytes(value)
+        self._wake.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name=f"opensvc-push {self.obj} {self.key}")
+        try:
+            async with asyncio.timeout(self.give_up_after_s), self._changed:
+                await self._changed.wait_for(lambda: self._settled >= mine or self._worker_failed())
+        except TimeoutError:
+            last = self._last_error
+            raise OpenSVCUnreachableError(
+                f"value not delivered after {self.give_up_after_s}s, still pending"
+                + (f"; last error: {last}" if last else ""),
+                transport=self.client.transport.name,
+                obj=self.obj,
+                key=self.key,
+            ) from None
+        if self._worker_failed() and self._settled < mine:
+            assert self._worker is not None
+            self._worker.result()  # re-raise what killed the worker
+        failure = self._failures.pop(mine, None)
+        if failure is not None:
+            raise failure
+
+    def _worker_failed(self) -> bool:
+        return self._worker is not None and self._worker.done() and self._worker.exception() is not None
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                value, generation = self._pending, self._generation
+                if value is None:
+                    continue
+                try:
+                    await self.client.put_key(self.obj, self.key, value)
+                except (OpenSVCTooLargeError, OpenSVCRefusedError) as exc:
+                    if isinstance(exc, OpenSVCRefusedError) and not self._permanent(value):
+                        await self._retry_later(exc)
+                        continue
+                    _log.error("opensvc.push_dropped", obj=self.obj, key_name=self.key, error=str(exc))
+                    self._failures[generation] = exc
+                    await self._settle(generation, value)
+                except OpenSVCError as exc:
+                    await self._retry_later(exc)
+                else:
+                    self.delivered += 1
+                    self._last_error = None
+                    self._backoff.reset()
+                    _log.info("opensvc.pushed", obj=self.obj, key_name=self.key, size=len(value))
+                    await self._settle(generation, value)
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _permanent(self, value: bytes) -> bool:
+        """Whether a refused write would be refused again (the value itself is the problem)."""
+        try:
+            self.client.check_value(self.obj, self.key, value)
+        except OpenSVCError:
+            return True
+        return False
+
+    async def _settle(self, generation: int, value: bytes) -> None:
+        if self._pending is value:  # not replaced meanwhile
+            self._pending = None
+        async with self._changed:
+            self._settled = max(self._settled, generation)
+            self._changed.notify_all()
+
+    async def _retry_later(self, exc: OpenSVCError) -> None:
+        self._last_error = exc
+        delay_s = self._backoff.next_delay_s()
+        _log.warning(
+            "opensvc.push_retry", obj=self.obj, key_name=self.key, error=str(exc), retry_in_s=round(delay_s, 3)
+        )
+        # A newer value does not cut the wait short: the agent is the one that needs time.
+        await asyncio.sleep(delay_s)
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop retrying; a pending value is dropped (and logged)."""
+        if self._pending is not None:
+            _log.warning("opensvc.push_abandoned", obj=self.obj, key_name=self.key, size=len(self._pending))
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+
+# --- construction from a URL ---------------------------------------------------------------------
+
+
+def _socket_path(url: str, scheme: str) -> str:
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.netloc or not path.startswith("/"):
+        raise ConfigError(f"api URL {url!r}: expected {scheme}:///absolute/path/to/socket")
+    return path
+
+
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        raise ConfigError("api URL must not carry credentials; use the settings (password, token, secret_file)")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"api URL {url!r}: bad port") from None
+    if not host or parts.path not in ("", "/"):
+        raise ConfigError(f"api URL {url!r}: expected {parts.scheme}://HOST[:PORT]")
+    return host, port or default_port
+
+
+def _v2_tls_headers(settings: OMSettings) -> dict[str, str]:
+    if settings.cert_file:
+        return {}
+    _name, secret = cluster_identity(settings)
+    return {"o-secret": secret[:32]}
+
+
+def _om3_auth(settings: OMSettings) -> httpx.Auth | None:
+    if settings.token:
+        token = settings.token
+
+        class _Bearer(httpx.Auth):
+            def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+                request.headers["authorization"] = f"Bearer {token}"
+                yield request
+
+        return _Bearer()
+    if settings.username is not None and settings.password is not None:
+        return httpx.BasicAuth(settings.username, settings.password)
+    return None
+
+
+def transport_from_url(url: str, settings: OMSettings) -> Transport:
+    """The transport a URL names (see the module docstring for the forms)."""
+    scheme = urlsplit(url).scheme
+    timeout_s = settings.request_timeout_s
+    if scheme == "unix":
+        return RawUnixTransport(_socket_path(url, scheme), timeout_s=timeout_s)
+    if scheme == "raw":
+        host, port = _host_port(url, 1214)
+        name, secret = cluster_identity(settings)
+        return RawTcpTransport(
+            host, port, cluster_name=name, secret=secret, nodename=settings.nodename, timeout_s=timeout_s
+        )
+    if scheme == "h2+unix":
+        path = _socket_path(url, scheme)
+        return H2Transport(url, base_url="http://localhost", make_transport=uds_factory(path), timeout_s=timeout_s)
+    if scheme == "https":
+        host, port = _host_port(url, 1215)
+        return H2Transport(
+            f"https://{host}:{port}",
+            base_url=f"https://{host}:{port}",
+            make_transport=tls_factory(settings),
+            headers=_v2_tls_headers(settings),
+            timeout_s=timeout_s,
+        )
+    if scheme == "om3+unix":
+        path = _socket_path(url, scheme)
+        return Om3Transport(
+            url,
+            base_url="http://localhost",
+            make_transport=uds_factory(path),
+            nodename=settings.nodename or "localhost",
+            timeout_s=timeout_s,
+        )
+    if scheme == "om3+https":
+        host, port = _host_port(url, 1215)
+        return Om3Transport(
+            f"om3+https://{host}:{port}",
+            base_url=f"https://{host}:{port}",
+            make_transport=tls_factory(settings),
+            auth=_om3_auth(settings),
+            nodename=settings.nodename or "localhost",
+            timeout_s=timeout_s,
+        )
+    raise ConfigError(
+        f"api URL {url!r}: unknown scheme {scheme!r} "
+        "(expected unix://, raw://, h2+unix://, https://, om3+unix:// or om3+https://)"
+    )
+
+
+def client_from_url(api_url: str | None, settings: OMSettings) -> OMClient:
+    """An ``OMClient`` for ``api_url``, or for the local agent's sockets when it is None.
+
+    Local choice, in ``settings.run_dir``: ``lsnr.sock`` (v2 raw) for reads and writes, with
+    ``h2.sock`` for the event stream when it exists too; else ``h2.sock`` alone; else om3's
+    ``http.sock``. Raises OpenSVCUnreachableError when none exists (the agent is not running).
+    """
+    if api_url:
+        return OMClient(transport_from_url(api_url, settings), settings)
+    run_dir = Path(settings.run_dir)
+    lsnr, h2, om3 = run_dir / "lsnr.sock", run_dir / "h2.sock", run_dir / "http.sock"
+    main_url: str
+    events_url: str | None = None
+    if os.path.exists(lsnr):
+        main_url = f"unix://{lsnr}"
+        if os.path.exists(h2):
+            events_url = f"h2+unix://{h2}"
+    elif os.path.exists(h2):
+        main_url = f"h2+unix://{h2}"
+    elif os.path.exists(om3):
+        main_url = f"om3+unix://{om3}"
+    else:
+        raise OpenSVCUnreachableError(
+            f"no agent socket in {run_dir} (looked for lsnr.sock, h2.sock, http.sock); "
+            "is the OpenSVC agent running? (or pass an API URL)",
+            transport="local",
+        )
+    _log.info("opensvc.transport_selected", transport=main_url, events=events_url or main_url)
+    transport = transport_from_url(main_url, settings)
+    events = transport_from_url(events_url, settings) if events_url else None
+    return OMClient(transport, settings, events_transport=events)

@@ -1,0 +1,114 @@
+"""Files sozud keeps in its state directory, written atomically (temp file, fsync, rename, fsync dir).
+
+- ``base.state``: the *base* state (the last shared state this node read from OpenSVC and found equal to
+  its live sozu), as a sozu state file; ``base.meta.json`` beside it (generation, digest).
+- ``status.json``: what ``sozud status`` shows (last sync, last error, drift, generations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from sozud.errors import StateError, StateParseError
+from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.model import ConfigState
+from sozud.versions import SozuVersion
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class BaseMeta(msgspec.Struct, kw_only=True):
+    generation: int = 0
+    digest: str = ""
+    sozu_version: str = ""
+    saved_at: float = 0.0
+
+
+class BaseStore:
+    """The persisted base state of this node."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        self.state_path = self.dir / "base.state"
+        self.meta_path = self.dir / "base.meta.json"
+
+    def load(self, version: SozuVersion) -> tuple[ConfigState, BaseMeta] | None:
+        """The base, or None when there is none yet (first start). A corrupt base is an error."""
+        try:
+            data = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"cannot read base state {self.state_path}: {e}") from None
+        try:
+            meta = msgspec.json.decode(self.meta_path.read_bytes(), type=BaseMeta)
+        except FileNotFoundError:
+            meta = BaseMeta()
+        except (OSError, msgspec.DecodeError) as e:
+            raise StateError(f"cannot read base metadata {self.meta_path}: {e}") from None
+        state = parse_state_file(data, version, source=str(self.state_path)) if data else ConfigState(version)
+        if meta.digest and meta.digest != state.digest():
+            raise StateParseError(
+                "content does not match the digest recorded when it was saved (damaged?)",
+                source=str(self.state_path),
+            )
+        return state, meta
+
+    def save(self, state: ConfigState, meta: BaseMeta) -> None:
+        meta.digest = state.digest()
+        # The meta is written first: a crash between the two leaves a digest mismatch, which load()
+        # reports instead of silently using a base that does not match its metadata.
+        atomic_write(self.meta_path, msgspec.json.encode(meta))
+        atomic_write(self.state_path, write_state_file(state))
+
+    def clear(self) -> None:
+        for p in (self.state_path, self.meta_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+class StatusFile:
+    """``status.json``: the daemon's last known situation, for ``sozud status``."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / "status.json"
+
+    def write(self, status: dict[str, Any]) -> None:
+        atomic_write(self.path, msgspec.json.encode(status), mode=0o644)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            value = msgspec.json.decode(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError) as e:
+            raise StateError(f"cannot read status file {self.path}: {e}") from None
+        if not isinstance(value, dict):
+            raise StateError(f"status file {self.path} does not hold a JSON object")
+        return value

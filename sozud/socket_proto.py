@@ -1,0 +1,800 @@
+"""The asyncio client of sozu's command channel (docs/sozu-command-protocol.md §2, §3, §10-§12).
+
+Three layers, bottom up:
+
+- **Framing** (``ProtobufFraming``, ``JsonFraming``): bytes <-> ``pb.Request`` / ``pb.Response``.
+  1.x/2.x: an 8-byte little-endian length that counts itself, then protobuf. 0.15: sozu's serde JSON
+  followed by one NUL. Both readers cap what they buffer at ``max_frame_bytes`` and turn every bad
+  frame into ``SozuProtocolError`` and every EOF into ``SozuConnectionError``; neither ever hangs on
+  garbage (a declared length is checked before anything is read).
+- **Exchange** (``SozuChannel.request``): one request, then frames until ``OK`` or ``FAILURE``. sozu has
+  no request id and 1.x/2.x silently drop all but the last of several frames read together, so exactly
+  one request is in flight on the connection (an ``asyncio.Lock``), and every request has a timeout.
+  After a timeout, a bad frame, an EOF or a cancellation the stream's position is unknown: the
+  connection is dropped and the next request reconnects, so a late answer is never attributed to the
+  next request.
+- **Connection life cycle** (``_Link`` states, guarded by the same lock): ``DISCONNECTED`` ->
+  ``CONNECTED`` (``epoch`` + 1, listeners called on a *re*-connection) -> ``DISCONNECTED`` on any
+  error, ``CLOSED`` after ``aclose()``. Failed attempts are retried after a capped, jittered
+  ``Backoff`` that resets once a connection is established.
+
+One connection carries every request: several active connections make real sozu stall requests for
+``worker_timeout`` (§11.5). Events (``subscribe_events``) need their own connection, since sozu sends
+them as ``PROCESSING`` frames (§3.6).
+
+Version detection (``version=None``): the first frame is a protobuf ``list_listeners`` (main-only,
+answered by every version; ``status`` would wait on the workers). A 0.15 main process splits its input
+on NUL, cannot parse the first chunk and closes the connection: the client then reconnects in JSON
+mode and confirms with a JSON ``list_listeners``. Among protobuf versions, 2.x listeners carry fields
+1.x does not have (HTTP/HTTPS ``elide_x_real_ip``/``send_x_real_ip``, HTTPS ``alpn_protocols``); when
+the listeners say nothing (none, or TCP only), a ``query_health_checks`` probe on a throw-away
+connection decides: 2.x answers it, 1.x never does (an unknown request type gets no answer). The
+exact patch version cannot be known: the family's representative (0.15.19, 1.1.1 or 2.1.0) is used.
+An auto-detected version is detected again after every reconnection (sozu may have been upgraded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+from google.protobuf.message import DecodeError, EncodeError, Message
+
+from sozud import serde
+from sozud.backoff import Backoff
+from sozud.errors import (
+    SozuConnectionError,
+    SozuError,
+    SozuProtocolError,
+    SozuRequestError,
+    SozuTimeoutError,
+    SozuUnsupportedError,
+    StateError,
+)
+from sozud.log import get_logger
+from sozud.proto import command_pb2 as pb
+from sozud.redact import redact_text
+from sozud.versions import V0_15_19, V1_1_1, V2_1_0, SozuVersion
+
+__all__ = [
+    "DETECT_PROBE_TIMEOUT_S",
+    "JsonFraming",
+    "ProtobufFraming",
+    "Reply",
+    "SozuChannel",
+    "request_summary",
+]
+
+_HEADER = struct.Struct("<Q")
+HEADER_BYTES = _HEADER.size  # 8: size_of::<usize>() on every 64-bit sozu build
+
+# How long the throw-away ``query_health_checks`` probe waits before concluding "1.x" (1.x never answers).
+DETECT_PROBE_TIMEOUT_S = 1.0
+
+# Request types sozu never answers with a final frame (§3.2, §11.2): refused before sending.
+_NEVER_ANSWERED = {
+    "launch_worker": "sozu never answers launch_worker",
+    "return_listen_sockets": "sozu never answers return_listen_sockets",
+    "subscribe_events": "subscriptions never get a final answer; use SozuChannel.subscribe_events()",
+}
+
+_STATUS_NAMES = {pb.OK: "OK", pb.PROCESSING: "PROCESSING", pb.FAILURE: "FAILURE"}
+
+
+@dataclass
+class Reply:
+    """The final ``OK`` frame of one request, and the ``PROCESSING`` frames that came before it."""
+
+    response: pb.Response
+    processing: list[pb.Response] = field(default_factory=list)
+
+
+# --- framing --------------------------------------------------------------------------------------------
+
+
+class Framing(Protocol):
+    """Bytes <-> messages for one protocol family; errors name ``socket_path``."""
+
+    family: str
+
+    def encode(self, req: pb.Request) -> bytes: ...
+
+    async def read(self, reader: asyncio.StreamReader) -> pb.Response: ...
+
+
+def _check_response(resp: pb.Response, socket_path: str, what: str) -> pb.Response:
+    if not resp.IsInitialized():
+        errors: list[str] = []
+        check: Callable[[list[str]], bool] = resp.IsInitialized  # type: ignore[assignment]
+        check(errors)  # the runtime fills in the paths of the missing fields
+        missing = ", ".join(errors) or "?"
+        raise SozuProtocolError(f"{what}: response lacks required fields ({missing})", socket_path=socket_path)
+    return resp
+
+
+class ProtobufFraming:
+    """sozu 1.x/2.x: u64 little-endian total length (prefix included) + protobuf payload."""
+
+    family = "protobuf"
+
+    def __init__(self, *, socket_path: str, max_frame_bytes: int) -> None:
+        self.socket_path = socket_path
+        self.max_frame_bytes = max_frame_bytes
+
+    def encode(self, req: pb.Request) -> bytes:
+        try:
+            body = req.SerializeToString(deterministic=True)
+        except EncodeError as e:
+            raise SozuProtocolError(
+                f"{serde.request_kind(req)} cannot be encoded: {e}", socket_path=self.socket_path
+            ) from None
+        return _HEADER.pack(len(body) + HEADER_BYTES) + body
+
+    def decode_length(self, header: bytes) -> int:
+        (length,) = _HEADER.unpack(header)
+        if length < HEADER_BYTES:
+            raise SozuProtocolError(
+                f"frame declares {length} bytes, less than its own {HEADER_BYTES}-byte length prefix",
+                socket_path=self.socket_path,
+            )
+        if length > self.max_frame_bytes:
+            raise SozuProtocolError(
+                f"frame declares {length} bytes, more than max_frame_bytes={self.max_frame_bytes}",
+                socket_path=self.socket_path,
+            )
+        return int(length)
+
+    def decode_payload(self, payload: bytes) -> pb.Response:
+        resp = pb.Response()
+        try:
+            resp.ParseFromString(payload)
+        except DecodeError as e:
+            raise SozuProtocolError(
+                f"undecodable protobuf Response ({len(payload)} bytes): {e}", socket_path=self.socket_path
+            ) from None
+        return _check_response(resp, self.socket_path, "protobuf frame")
+
+    async def read(self, reader: asyncio.StreamReader) -> pb.Response:
+        header = await _read_exactly(reader, HEADER_BYTES, self.socket_path, "length prefix")
+        length = self.decode_length(header)
+        payload = await _read_exactly(reader, length - HEADER_BYTES, self.socket_path, f"{length}-byte frame")
+        return self.decode_payload(payload)
+
+
+class JsonFraming:
+    """sozu 0.15: serde JSON (compact) + one NUL, both directions."""
+
+    family = "json"
+    _encoder = msgspec.json.Encoder()
+
+    def __init__(self, *, socket_path: str, max_frame_bytes: int, version: SozuVersion = V0_15_19) -> None:
+        self.socket_path = socket_path
+        self.max_frame_bytes = max_frame_bytes
+        self.version = version
+
+    def encode(self, req: pb.Request) -> bytes:
+        try:
+            value = serde.to_json(req, self.version)
+        except StateError as e:
+            raise SozuUnsupportedError(str(e), socket_path=self.socket_path) from None
+        return self._encoder.encode(value) + b"\0"
+
+    def decode_chunk(self, chunk: bytes) -> pb.Response:
+        """One frame without its NUL."""
+        try:
+            value = msgspec.json.decode(chunk)
+        except msgspec.DecodeError as e:
+            raise SozuProtocolError(
+                f"undecodable JSON frame ({len(chunk)} bytes): {e}", socket_path=self.socket_path
+            ) from None
+        try:
+            resp = serde.from_json(pb.Response, value, self.version, source="JSON frame")
+        except StateError as e:
+            raise SozuProtocolError(f"not a Response: {e}", socket_path=self.socket_path) from None
+        return _check_response(resp, self.socket_path, "JSON frame")
+
+    async def read(self, reader: asyncio.StreamReader) -> pb.Response:
+        try:
+            chunk = await reader.readuntil(b"\0")
+        except asyncio.LimitOverrunError:
+            raise SozuProtocolError(
+                f"JSON frame longer than max_frame_bytes={self.max_frame_bytes} (no NUL terminator)",
+                socket_path=self.socket_path,
+            ) from None
+        except asyncio.IncompleteReadError as e:
+            raise _eof(self.socket_path, len(e.partial), None, "JSON frame") from None
+        except OSError as e:
+            raise SozuConnectionError(f"read failed: {e}", socket_path=self.socket_path) from None
+        if len(chunk) > self.max_frame_bytes:
+            raise SozuProtocolError(
+                f"JSON frame of {len(chunk)} bytes, more than max_frame_bytes={self.max_frame_bytes}",
+                socket_path=self.socket_path,
+            )
+        return self.decode_chunk(chunk[:-1])
+
+
+def _eof(socket_path: str, got: int, expected: int | None, what: str) -> SozuConnectionError:
+    if got == 0:
+        return SozuConnectionError("connection closed by sozu", socket_path=socket_path)
+    of = f" of {expected}" if expected is not None else ""
+    return SozuConnectionError(
+        f"connection closed in the middle of a {what} ({got}{of} bytes received)", socket_path=socket_path
+    )
+
+
+async def _read_exactly(reader: asyncio.StreamReader, n: int, socket_path: str, what: str) -> bytes:
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError as e:
+        raise _eof(socket_path, len(e.partial), n, what) from None
+    except OSError as e:
+        raise SozuConnectionError(f"read failed: {e}", socket_path=socket_path) from None
+
+
+def make_framing(version: SozuVersion, *, socket_path: str, max_frame_bytes: int) -> Framing:
+    if version.json_socket:
+        return JsonFraming(socket_path=socket_path, max_frame_bytes=max_frame_bytes, version=version)
+    return ProtobufFraming(socket_path=socket_path, max_frame_bytes=max_frame_bytes)
+
+
+# --- request descriptions (never a private key) -----------------------------------------------------------
+
+# Fields safe to show in a summary; certificates and keys are never among them.
+_SUMMARY_FIELDS = (
+    "cluster_id",
+    "backend_id",
+    "hostname",
+    "path",
+    "method",
+    "address",
+    "proxy",
+    "old_fingerprint",
+    "fingerprint",
+    "domain",
+    "names",
+)
+
+
+def _summary_value(value: Any) -> str:
+    if isinstance(value, pb.SocketAddress):
+        return serde.address_text(value)
+    if isinstance(value, pb.PathRule):
+        return {pb.PREFIX: "prefix:", pb.REGEX: "regex:", pb.EQUALS: "equals:"}.get(value.kind, "?:") + value.value
+    if isinstance(value, Message):
+        return "{...}"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def request_summary(req: pb.Request, *, max_chars: int = 160) -> str:
+    """A short identity of ``req`` for errors and logs (ids, addresses, hostname, path; never keys)."""
+    kind = req.WhichOneof("request_type")
+    if kind is None:
+        return ""
+    value = getattr(req, kind)
+    parts: list[str] = []
+    if isinstance(value, Message):
+        for name in _SUMMARY_FIELDS:
+            fd = value.DESCRIPTOR.fields_by_name.get(name)
+            if fd is None:
+                continue
+            if fd.is_repeated:
+                items = list(getattr(value, name))
+                if items:
+                    parts.append(f"{name}={','.join(_summary_value(i) for i in items)}")
+            elif value.HasField(name):
+                parts.append(f"{name}={_summary_value(getattr(value, name))}")
+        if isinstance(value, pb.AddCertificate | pb.ReplaceCertificate):
+            cert = value.certificate if isinstance(value, pb.AddCertificate) else value.new_certificate
+            if cert.names:
+                parts.append(f"names={','.join(cert.names)}")
+    else:
+        parts.append(_summary_value(value))
+    text = redact_text(" ".join(parts))
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
+# --- the channel ------------------------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    DISCONNECTED = "disconnected"  # never connected, or dropped after an error: next use connects
+    CONNECTED = "connected"
+    CLOSED = "closed"  # aclose() was called: terminal
+
+
+@dataclass
+class _Link:
+    """One open connection and the framing it speaks."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    framing: Framing
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class SozuChannel:
+    """The command channel to one sozu main process.
+
+    ``request_timeout_s`` bounds each request from the moment it owns the connection (waiting behind
+    earlier requests of the same channel is not counted): reconnecting if needed plus the exchange.
+    ``connect_timeout_s`` bounds one connection attempt, and each step of version detection.
+    ``max_frame_bytes`` caps one incoming frame (sozu's own default cap is 2 000 000) and one outgoing
+    request (2.x would never answer a bigger one). ``max_connect_attempts`` (None: unbounded) makes
+    ``connect()`` give up. ``probe_timeout_s`` is how long the 1.x/2.x probe waits (§ module docstring).
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        version: SozuVersion | None = None,
+        request_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+        max_frame_bytes: int = 2_000_000,
+        backoff: Backoff | None = None,
+        max_connect_attempts: int | None = None,
+        probe_timeout_s: float = DETECT_PROBE_TIMEOUT_S,
+    ) -> None:
+        if max_frame_bytes < 64:
+            raise SozuProtocolError(f"max_frame_bytes={max_frame_bytes} is too small", socket_path=socket_path)
+        self.socket_path = socket_path
+        self._fixed_version = version
+        self._version = version
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_frame_bytes = max_frame_bytes
+        self.max_connect_attempts = max_connect_attempts
+        self.probe_timeout_s = probe_timeout_s
+        self._backoff = backoff if backoff is not None else Backoff()
+        self._lock = asyncio.Lock()
+        self._state = _State.DISCONNECTED
+        self._link: _Link | None = None
+        self._epoch = 0
+        self._listeners: list[Callable[[int], None]] = []
+        self._subscriptions: set[EventSubscription] = set()
+        self._log = get_logger(socket=socket_path)
+
+    # -- public surface --
+
+    @property
+    def version(self) -> SozuVersion:
+        """The sozu version spoken (given, or detected at connection; a family representative)."""
+        if self._version is None:
+            raise SozuConnectionError("sozu version not known yet: connect first", socket_path=self.socket_path)
+        return self._version
+
+    @property
+    def epoch(self) -> int:
+        """+1 on every successful (re)connection; a change means sozu may have restarted (re-sync)."""
+        return self._epoch
+
+    def _is_closed(self) -> bool:
+        return self._state is _State.CLOSED  # a method: the state changes across awaits
+
+    @property
+    def connected(self) -> bool:
+        return self._state is _State.CONNECTED
+
+    def add_reconnect_listener(self, cb: Callable[[int], None]) -> None:
+        """``cb(new_epoch)`` runs after every *re*-connection (not the first connection)."""
+        self._listeners.append(cb)
+
+    async def connect(self) -> None:
+        """Connect (detecting the version if unknown), retrying with backoff until it works.
+
+        Raises ``SozuConnectionError`` after ``max_connect_attempts`` failed attempts, if set.
+        Does nothing when already connected.
+        """
+        async with self._lock:
+            await self._ensure_link(deadline=None)
+
+    async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> Reply:
+        """Send ``req`` and wait for its final frame.
+
+        ``OK`` -> ``Reply``; ``FAILURE`` -> ``SozuRequestError`` (sozu's text, request kind and summary);
+        no final frame in time -> ``SozuTimeoutError`` (the request's effect is unknown); refused before
+        sending (``SozuUnsupportedError``): an empty request, a type the connected version does not know,
+        a field it does not know, a type sozu never answers.
+        """
+        kind = req.WhichOneof("request_type")
+        if kind is None:
+            raise SozuUnsupportedError(
+                "refusing to send an empty request (no request type): sozu 1.x/2.x never answer it",
+                socket_path=self.socket_path,
+            )
+        if kind in _NEVER_ANSWERED:
+            raise SozuUnsupportedError(
+                f"refusing to send {kind}: {_NEVER_ANSWERED[kind]}", socket_path=self.socket_path
+            )
+        if self._version is not None:
+            self._check_known(req, kind, self._version)
+        timeout = self.request_timeout_s if timeout_s is None else timeout_s
+        summary = request_summary(req)
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            link = await self._ensure_link(deadline=deadline)
+            version = self.version
+            self._check_known(req, kind, version)
+            frame = link.framing.encode(req)
+            if len(frame) > self.max_frame_bytes:
+                raise SozuProtocolError(
+                    f"{kind} {summary}: request of {len(frame)} bytes exceeds max_frame_bytes="
+                    f"{self.max_frame_bytes} (sozu would never answer it)",
+                    socket_path=self.socket_path,
+                )
+            try:
+                async with asyncio.timeout_at(deadline):
+                    final, processing = await self._exchange(link, frame)
+            except TimeoutError:
+                self._drop(link, "request_timeout")
+                self._log.warning("sozu.request_timeout", request=kind, summary=summary, timeout_s=timeout)
+                raise SozuTimeoutError(
+                    f"{kind} {summary}: no final answer within {timeout:g} s; its effect is unknown "
+                    "(connection dropped, the next request reconnects)",
+                    socket_path=self.socket_path,
+                ) from None
+            except SozuProtocolError as e:
+                self._drop(link, "protocol_error")
+                self._log.warning("sozu.protocol_error", request=kind, error=str(e))
+                raise
+            except SozuConnectionError as e:
+                self._drop(link, "connection_lost")
+                if self._is_closed():
+                    raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
+                self._log.warning("sozu.connection_lost", request=kind, error=str(e))
+                raise
+            except BaseException:
+                # cancelled (or anything unexpected) mid-exchange: the stream position is unknown
+                self._drop(link, "interrupted")
+                raise
+        if final.status == pb.FAILURE:
+            raise SozuRequestError(
+                redact_text(final.message),
+                request_kind=kind,
+                request_summary=summary,
+                socket_path=self.socket_path,
+                processing=tuple(redact_text(p.message) for p in processing),
+            )
+        return Reply(response=final, processing=processing)
+
+    def subscribe_events(self) -> EventSubscription:
+        """Events on a connection of their own, as an async iterator (see ``EventSubscription``)."""
+        if self._is_closed():
+            raise SozuConnectionError("channel closed", socket_path=self.socket_path)
+        sub = EventSubscription(self)
+        self._subscriptions.add(sub)
+        return sub
+
+    async def aclose(self) -> None:
+        """Close the channel and its subscriptions; later requests raise ``SozuConnectionError``."""
+        self._state = _State.CLOSED
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        for sub in list(self._subscriptions):
+            await sub.aclose()
+
+    async def __aenter__(self) -> SozuChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- connection state machine (called with self._lock held) --
+
+    def _check_known(self, req: pb.Request, kind: str, version: SozuVersion) -> None:
+        if not version.knows_request(kind):
+            raise SozuUnsupportedError(
+                f"refusing to send {kind}: sozu {version} does not know this request type and would never answer it",
+                socket_path=self.socket_path,
+            )
+        if not version.json_socket:
+            # sozu would skip fields it does not know without a word; refuse rather than lose them
+            try:
+                serde.to_json(req, version)
+            except StateError as e:
+                raise SozuUnsupportedError(f"refusing to send {kind}: {e}", socket_path=self.socket_path) from None
+
+    def _drop(self, link: _Link, reason: str) -> None:
+        link.close()
+        if self._link is link:
+            self._link = None
+            if self._state is _State.CONNECTED:
+                self._state = _State.DISCONNECTED
+                self._log.info("sozu.disconnected", reason=reason, epoch=self._epoch)
+
+    async def _ensure_link(self, deadline: float | None) -> _Link:
+        if self._is_closed():
+            raise SozuConnectionError("channel closed", socket_path=self.socket_path)
+        if self._state is _State.CONNECTED and self._link is not None:
+            if not self._link.reader.at_eof() and self._link.reader.exception() is None:
+                return self._link
+            # sozu closed the connection while it was idle (restart?): reconnect before sending anything
+            self._drop(self._link, "closed_while_idle")
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                link, version, how = await self._open_and_detect(deadline)
+            except (SozuError, OSError) as e:
+                if self._is_closed():
+                    raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
+                delay = self._backoff.next_delay_s()
+                give_up = (self.max_connect_attempts is not None and attempt >= self.max_connect_attempts) or (
+                    deadline is not None and loop.time() + delay >= deadline
+                )
+                reason = str(e) if isinstance(e, SozuError) else f"{type(e).__name__}: {e}"
+                self._log.warning(
+                    "sozu.connect_failed", attempt=attempt, error=reason, retry_in_s=None if give_up else delay
+                )
+                if give_up:
+                    raise SozuConnectionError(
+                        f"cannot connect after {attempt} attempt(s): {reason}", socket_path=self.socket_path
+                    ) from None
+                await asyncio.sleep(delay)
+                continue
+            if self._is_closed():
+                link.close()
+                raise SozuConnectionError("channel closed", socket_path=self.socket_path)
+            self._backoff.reset()
+            if how is not None:
+                if self._version is not None and version != self._version:
+                    self._log.warning("sozu.version_changed", previous=str(self._version), version=str(version))
+                self._log.info("sozu.version_detected", version=str(version), how=how)
+            self._version = version
+            self._link = link
+            self._state = _State.CONNECTED
+            self._epoch += 1
+            if self._epoch == 1:
+                self._log.info("sozu.connected", epoch=self._epoch, version=str(version))
+            else:
+                self._log.info("sozu.reconnected", epoch=self._epoch, version=str(version))
+                for cb in list(self._listeners):
+                    try:
+                        cb(self._epoch)
+                    except Exception as cb_error:  # a listener must not break the channel
+                        self._log.error("sozu.reconnect_listener_failed", error=repr(cb_error))
+            return link
+
+    def _step_timeout_s(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.connect_timeout_s
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise SozuConnectionError("no time left to connect", socket_path=self.socket_path)
+        return min(self.connect_timeout_s, remaining)
+
+    async def _open(self, framing: Framing, deadline: float | None) -> _Link:
+        try:
+            async with asyncio.timeout(self._step_timeout_s(deadline)):
+                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=self.max_frame_bytes + 1)
+        except TimeoutError:
+            raise SozuConnectionError("connection attempt timed out", socket_path=self.socket_path) from None
+        except OSError as e:
+            raise SozuConnectionError(f"cannot connect: {e.strerror or e}", socket_path=self.socket_path) from None
+        return _Link(reader, writer, framing)
+
+    async def _open_and_detect(self, deadline: float | None) -> tuple[_Link, SozuVersion, str | None]:
+        """A new connection, and the version it speaks (with how it was decided, if it was detected)."""
+        if self._fixed_version is not None:
+            framing = make_framing(
+                self._fixed_version, socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes
+            )
+            return await self._open(framing, deadline), self._fixed_version, None
+        proto = ProtobufFraming(socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
+        link = await self._open(proto, deadline)
+        probe = pb.Request(list_listeners=pb.ListListeners())
+        try:
+            final, _ = await self._timed_exchange(link, proto.encode(probe), deadline)
+        except SozuConnectionError:
+            link.close()
+            # 0.15 splits on NUL, cannot parse the protobuf frame and closes: retry in JSON mode
+            json_framing = JsonFraming(socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
+            link = await self._open(json_framing, deadline)
+            try:
+                final, _ = await self._timed_exchange(link, json_framing.encode(probe), deadline)
+            except BaseException:
+                link.close()
+                raise
+            if final.status != pb.OK:
+                link.close()
+                raise SozuProtocolError(
+                    f"version detection: JSON list_listeners answered {_STATUS_NAMES.get(final.status)}: "
+                    f"{redact_text(final.message)}",
+                    socket_path=self.socket_path,
+                ) from None
+            return link, V0_15_19, "protobuf frame closed the connection, JSON list_listeners answered (0.15)"
+        except BaseException:
+            link.close()
+            raise
+        if final.status == pb.OK and final.content.HasField("listeners_list"):
+            marker = _v2_listener_marker(final.content.listeners_list)
+            if marker is not None:
+                return link, V2_1_0, f"list_listeners shows a 2.x-only field ({marker})"
+        try:
+            answered = await self._probe_health_checks(deadline)
+        except BaseException:
+            link.close()
+            raise
+        if answered:
+            return link, V2_1_0, "query_health_checks probe answered (2.x)"
+        return link, V1_1_1, f"query_health_checks probe unanswered within {self.probe_timeout_s:g} s (1.x)"
+
+    async def _probe_health_checks(self, deadline: float | None) -> bool:
+        """On a throw-away connection: does sozu answer ``query_health_checks`` (2.x) or not (1.x)?"""
+        proto = ProtobufFraming(socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
+        link = await self._open(proto, deadline)
+        try:
+            frame = proto.encode(pb.Request(query_health_checks=pb.QueryHealthChecks()))
+            link.writer.write(frame)
+            await link.writer.drain()
+            timeout = min(self.probe_timeout_s, self._step_timeout_s(deadline))
+            try:
+                async with asyncio.timeout(timeout):
+                    await proto.read(link.reader)
+            except TimeoutError:
+                return False
+            return True
+        except OSError as e:
+            raise SozuConnectionError(f"version probe failed: {e}", socket_path=self.socket_path) from None
+        finally:
+            link.close()
+
+    async def _timed_exchange(
+        self, link: _Link, frame: bytes, deadline: float | None
+    ) -> tuple[pb.Response, list[pb.Response]]:
+        try:
+            async with asyncio.timeout(self._step_timeout_s(deadline)):
+                return await self._exchange(link, frame)
+        except TimeoutError:
+            raise SozuTimeoutError(
+                "version detection: no answer to list_listeners", socket_path=self.socket_path
+            ) from None
+
+    async def _exchange(self, link: _Link, frame: bytes) -> tuple[pb.Response, list[pb.Response]]:
+        """Write one request frame, read frames until the final one."""
+        try:
+            link.writer.write(frame)
+            await link.writer.drain()
+        except OSError as e:
+            raise SozuConnectionError(f"write failed: {e}", socket_path=self.socket_path) from None
+        processing: list[pb.Response] = []
+        while True:
+            resp = await link.framing.read(link.reader)
+            if resp.status == pb.PROCESSING:
+                processing.append(resp)
+                continue
+            return resp, processing
+
+
+def _v2_listener_marker(listeners: pb.ListenersList) -> str | None:
+    for addr, https in listeners.https_listeners.items():
+        if len(https.alpn_protocols) > 0:
+            return f"HTTPS listener {addr} alpn_protocols"
+        for name in ("elide_x_real_ip", "send_x_real_ip"):
+            if https.HasField(name):
+                return f"HTTPS listener {addr} {name}"
+    for addr, http in listeners.http_listeners.items():
+        for name in ("elide_x_real_ip", "send_x_real_ip"):
+            if http.HasField(name):  # type: ignore[arg-type]
+                return f"HTTP listener {addr} {name}"
+    return None
+
+
+# --- events -------------------------------------------------------------------------------------------------
+
+
+class EventSubscription:
+    """Async iterator of sozu events, on a connection of its own.
+
+    Acknowledgements are skipped (2.1.0: the ``EVENTS_SUBSCRIBED`` event; 0.15: the ``OK`` frame);
+    every other event is delivered as sozu sends it (2.1.0 sends most of them twice, §11.7). When the
+    connection is lost it reconnects with the channel's backoff and subscribes again; ``epoch`` counts
+    the subscriptions made, so a consumer can tell that events may have been missed in between (and
+    re-read the live state). Raises ``SozuConnectionError`` when the channel's ``max_connect_attempts``
+    is exhausted or the channel is closed, ``SozuRequestError`` if sozu refuses the subscription.
+    There is no read timeout: events can be rare.
+    """
+
+    def __init__(self, channel: SozuChannel) -> None:
+        self._channel = channel
+        self._link: _Link | None = None
+        self._closed = False
+        self.epoch = 0
+        self._backoff = Backoff(
+            initial_s=channel._backoff.initial_s, max_s=channel._backoff.max_s, factor=channel._backoff.factor
+        )
+        self._log = channel._log
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> pb.Event:
+        ch = self._channel
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._link is None:
+                await self._subscribe()
+            link = self._link
+            assert link is not None
+            try:
+                resp = await link.framing.read(link.reader)
+            except SozuError as e:
+                link.close()
+                self._link = None
+                if self._closed:
+                    raise StopAsyncIteration from None
+                event = "sozu.protocol_error" if isinstance(e, SozuProtocolError) else "sozu.events_lost"
+                self._log.warning(event, stream="events", error=str(e))
+                continue
+            if resp.status == pb.FAILURE:
+                link.close()
+                self._link = None
+                raise SozuRequestError(
+                    redact_text(resp.message), request_kind="subscribe_events", socket_path=ch.socket_path
+                )
+            if not resp.content.HasField("event"):
+                continue  # 0.15's OK acknowledgement
+            if resp.content.event.kind == pb.EVENTS_SUBSCRIBED:
+                continue  # 2.1.0's acknowledgement
+            return resp.content.event
+
+    async def _subscribe(self) -> None:
+        ch = self._channel
+        if ch._version is None:
+            await ch.connect()
+        attempt = 0
+        while True:
+            if self._closed or ch._is_closed():
+                raise StopAsyncIteration
+            attempt += 1
+            framing = make_framing(ch.version, socket_path=ch.socket_path, max_frame_bytes=ch.max_frame_bytes)
+            try:
+                link = await ch._open(framing, None)
+                try:
+                    link.writer.write(framing.encode(pb.Request(subscribe_events=pb.SubscribeEvents())))
+                    await link.writer.drain()
+                except OSError as e:
+                    link.close()
+                    raise SozuConnectionError(f"subscribe failed: {e}", socket_path=ch.socket_path) from None
+            except SozuConnectionError as e:
+                delay = self._backoff.next_delay_s()
+                give_up = ch.max_connect_attempts is not None and attempt >= ch.max_connect_attempts
+                self._log.warning(
+                    "sozu.events_connect_failed", attempt=attempt, error=str(e), retry_in_s=None if give_up else delay
+                )
+                if give_up:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            if self._closed:
+                link.close()
+                raise StopAsyncIteration
+            self._backoff.reset()
+            self._link = link
+            self.epoch += 1
+            self._log.info("sozu.events_subscribed", epoch=self.epoch, version=str(ch.version))
+            return
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._channel._subscriptions.discard(self)

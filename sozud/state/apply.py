@@ -1,0 +1,464 @@
+"""Applying a desired ``ConfigState`` to a live sozu: read, plan, send in order, re-read, converge.
+
+One round: send the plan's requests in order, one at a time (the channel serialises them), and stop
+at the first ``FAILURE``; then read the live state again and plan again. ``apply_plan`` converges
+when the re-read plan is empty, within ``max_rounds`` rounds, else it raises ``ConvergenceError``
+naming the first failing request and sozu's reason (or returns the report, ``raise_on_failure=False``).
+
+A ``FAILURE`` whose ``PROCESSING`` frames show that the main state accepted the request (the workers
+refused it: a frontend or certificate on an address without a listener) leaves the object in the main
+state (docs/sozu-command-protocol.md §3.3): the re-read sees it, the next plan does not resend it, and
+the report keeps the failure with sozu's message.
+
+**Batch mode** (a shared directory and a plan of at least ``batch_threshold`` steps): the plan's
+requests, in order, are written as state files (``WorkerRequest`` JSON records, ``\\n\\0``) and sent as
+one ``load_state`` per chunk. ``load_state`` skips silently the records the main state refuses and
+reports worker failures only as counts, so the live state is read and planned again afterwards and
+what remains is sent one request at a time, where every failure is attributed to its request.
+Worker-side failures inside a chunk stay attributed to the chunk (its ``load_state`` message).
+
+Chunk size. ``load_state`` queues, for every worker, one main→worker message per record applied; the
+queue is capped by sozu's ``max_command_buffer_size`` (default 2 000 000 bytes) and an overflow makes
+sozu kill its workers and never answer (§11.10). Chunks are cut on the size of *our JSON records*,
+which is larger than what sozu queues: 1.x/2.x send protobuf to workers (the fixtures' 10 000-object
+file is 3.2 MB of JSON and fits the 2 MB default), 0.15 sends the same JSON plus a short id. The
+default ``chunk_bytes`` of 400 000 keeps a chunk at or below a fifth of the default cap, leaving room
+for sozu's own ids, framing and whatever else is queued; lower it with a lower
+``max_command_buffer_size``. A record above ``MAX_RECORD_BYTES`` (``load_state`` reads through a
+200 000-byte buffer, §3.8) is never batched: it is sent on its own.
+
+With a shared directory, live reads use one ``save_state`` (exact, see ``sozud.state.live``). Without,
+some objects cannot be seen (backends of removed clusters, certificates no worker serves): objects of
+the desired state that the read cannot see are counted as present once the main state accepted our own
+request for them, so such a plan still converges; objects of that kind in sozu that the desired state
+lacks cannot be removed (the report's notes say so).
+
+A lost connection (``SozuConnectionError``) is not handled here: it propagates, and the caller
+re-syncs after reconnecting. A timeout (the request's effect is unknown) ends the round like a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from sozud import serde
+from sozud.errors import ConvergenceError, SozuRequestError, SozuTimeoutError, StateError
+from sozud.log import get_logger
+from sozud.proto import command_pb2 as pb
+from sozud.redact import redact_text
+from sozud.state.live import LiveRead, SozuRequester, read_live_report
+from sozud.state.model import ConfigState, ObjKey
+from sozud.state.plan import Plan, PlanStep, plan
+from sozud.versions import SozuVersion
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MAX_RECORD_BYTES",
+    "ApplyReport",
+    "BatchResult",
+    "StepResult",
+    "apply_plan",
+    "encode_records",
+]
+
+DEFAULT_CHUNK_BYTES = 400_000
+MAX_RECORD_BYTES = 190_000  # load_state's 200 000-byte read buffer, minus a margin
+DEFAULT_LOAD_STATE_TIMEOUT_S = 120.0  # sozu has no timeout of its own for load_state
+
+
+@dataclass
+class StepResult:
+    """One request sent one at a time, and what sozu answered."""
+
+    round: int
+    kind: str  # request type, e.g. add_backend
+    summary: str
+    ok: bool
+    message: str  # sozu's message (FAILURE text, or the OK text)
+    main_accepted: bool  # the main state took it (OK, or FAILURE after PROCESSING: workers refused)
+    key: ObjKey | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "request": self.kind,
+            "summary": self.summary,
+            "ok": self.ok,
+            "main_accepted": self.main_accepted,
+            "message": self.message,
+        }
+
+
+@dataclass
+class BatchResult:
+    """One ``load_state`` of a chunk of the plan."""
+
+    index: int
+    first_step: int  # index in the round's plan
+    steps: int
+    bytes: int
+    ok: bool
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chunk": self.index,
+            "first_step": self.first_step,
+            "steps": self.steps,
+            "bytes": self.bytes,
+            "ok": self.ok,
+            "message": self.message,
+        }
+
+
+@dataclass
+class ApplyReport:
+    """What ``apply_plan`` did: applied steps, failures, batches, and the final re-read plan."""
+
+    plan_digest: str  # of the first plan
+    first_plan_steps: int
+    steps: list[StepResult] = field(default_factory=list)
+    batches: list[BatchResult] = field(default_factory=list)
+    rounds: int = 0
+    converged: bool = False
+    remaining: Plan | None = None  # the plan computed from the last re-read (empty when converged)
+    live_after: ConfigState | None = None
+    requests_by_type: dict[str, int] = field(default_factory=dict)
+    live_reads: int = 0
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def applied(self) -> list[StepResult]:
+        return [s for s in self.steps if s.ok]
+
+    @property
+    def failures(self) -> list[StepResult]:
+        return [s for s in self.steps if not s.ok]
+
+    @property
+    def requests_sent(self) -> int:
+        return sum(self.requests_by_type.values())
+
+    def first_failure_text(self) -> str | None:
+        for s in self.steps:
+            if not s.ok:
+                return f"{s.kind} {s.summary}: {s.message}"
+        for b in self.batches:
+            if not b.ok:
+                return f"load_state of chunk {b.index} ({b.steps} steps): {b.message}"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        remaining = self.remaining
+        return {
+            "converged": self.converged,
+            "rounds": self.rounds,
+            "plan_digest": self.plan_digest,
+            "first_plan_steps": self.first_plan_steps,
+            "applied": [s.to_json() for s in self.steps if s.ok],
+            "failed": [s.to_json() for s in self.steps if not s.ok],
+            "batches": [b.to_json() for b in self.batches],
+            "remaining": [] if remaining is None else [_step_json(s) for s in remaining.steps],
+            "requests_by_type": dict(sorted(self.requests_by_type.items())),
+            "live_reads": self.live_reads,
+            "notes": list(self.notes),
+            "duration_ms": round(self.duration_s * 1000, 2),
+        }
+
+
+def _step_json(step: PlanStep) -> dict[str, Any]:
+    return {"request": serde.request_kind(step.request), "action": step.action, "summary": step.summary}
+
+
+# --- the request counter --------------------------------------------------------------------------------
+
+
+class _CountingChannel:
+    """Forwards to a channel and counts the requests sent, by type."""
+
+    def __init__(self, ch: SozuRequester) -> None:
+        self.ch = ch
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def version(self) -> SozuVersion | None:
+        return self.ch.version
+
+    @property
+    def epoch(self) -> int:
+        return self.ch.epoch
+
+    @property
+    def socket_path(self) -> str | None:
+        path = getattr(self.ch, "socket_path", None)
+        return None if path is None else str(path)
+
+    async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> Any:
+        self.counts[serde.request_kind(req)] += 1
+        return await self.ch.request(req, timeout_s=timeout_s)
+
+
+# --- apply -------------------------------------------------------------------------------------------------
+
+
+async def apply_plan(
+    ch: SozuRequester,
+    desired: ConfigState,
+    *,
+    max_rounds: int = 3,
+    shared_dir: str | None = None,
+    shared_dir_sozu_path: str | None = None,
+    batch_threshold: int = 200,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_removal_ratio: float = 0.5,
+    force: bool = False,
+    desired_is_complete: bool = True,
+    raise_on_failure: bool = True,
+    load_state_timeout_s: float = DEFAULT_LOAD_STATE_TIMEOUT_S,
+) -> ApplyReport:
+    """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
+
+    Raises ``UnsafePlanError`` (from the planner) when the safety valve refuses the plan and ``force``
+    is false, and ``ConvergenceError`` when the live state still differs after ``max_rounds`` rounds
+    (unless ``raise_on_failure`` is false: the report then has ``converged == False``).
+    """
+    if max_rounds < 1:
+        raise StateError(f"apply_plan: max_rounds must be at least 1, got {max_rounds}")
+    started = time.monotonic()
+    log = get_logger()
+    cch = _CountingChannel(ch)
+    sozu_dir = shared_dir_sozu_path or shared_dir
+    # Objects the read cannot see but that the main state took from our own requests.
+    assumed: dict[ObjKey, Message] = {}
+
+    async def read() -> LiveRead:
+        r = await read_live_report(cch, shared_dir=shared_dir, shared_dir_sozu_path=sozu_dir)
+        report.live_reads += 1
+        for note in r.notes:
+            if note not in report.notes:
+                report.notes.append(note)
+        return r
+
+    def replan(r: LiveRead) -> Plan:
+        view = r.state
+        extra = {k: v for k, v in assumed.items() if r.hides(k, v)}
+        if extra:
+            view = r.state.copy()
+            view.objects.update(extra)
+        return plan(
+            view,
+            desired,
+            max_removal_ratio=max_removal_ratio,
+            force=force,
+            desired_is_complete=desired_is_complete,
+        )
+
+    report = ApplyReport(plan_digest="", first_plan_steps=0)
+    live = await read()
+    current = replan(live)
+    report.plan_digest = current.digest()
+    report.first_plan_steps = len(current.steps)
+    log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
+
+    for round_no in range(1, max_rounds + 1):
+        if current.is_empty:
+            break
+        report.rounds = round_no
+        if round_no == 1 and shared_dir is not None and len(current.steps) >= batch_threshold:
+            assert sozu_dir is not None
+            await _send_batches(cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
+            live = await read()
+            current = replan(live)
+            if current.is_empty:
+                break
+        for step in current.steps:
+            result = await _send_one(cch, step, round_no)
+            report.steps.append(result)
+            _track(assumed, step, result, desired)
+            if not result.ok:
+                log.warning(
+                    "sozu.apply_step_failed",
+                    round=round_no,
+                    request=result.kind,
+                    summary=result.summary,
+                    main_accepted=result.main_accepted,
+                    sozu_message=result.message,
+                )
+                break
+        live = await read()
+        current = replan(live)
+
+    report.converged = current.is_empty
+    report.remaining = current
+    report.live_after = live.state
+    report.requests_by_type = dict(cch.counts)
+    report.duration_s = time.monotonic() - started
+    log.info(
+        "sozu.apply_done",
+        converged=report.converged,
+        rounds=report.rounds,
+        applied=len(report.applied),
+        failed=len(report.failures),
+        remaining=len(current.steps),
+        requests=report.requests_sent,
+        duration_ms=round(report.duration_s * 1000, 2),
+    )
+    if not report.converged and raise_on_failure:
+        raise ConvergenceError(_convergence_message(report, max_rounds))
+    return report
+
+
+def _convergence_message(report: ApplyReport, max_rounds: int) -> str:
+    remaining = report.remaining
+    left = [] if remaining is None else remaining.steps
+    first_left = f" (first: {serde.request_kind(left[0].request)} {left[0].summary})" if left else ""
+    failure = report.first_failure_text()
+    why = f"; first failure: {failure}" if failure else ""
+    return redact_text(
+        f"sozu still differs from the desired state after {max_rounds} round(s): "
+        f"{len(left)} step(s) remain{first_left}{why}"
+    )
+
+
+def _creates(step: PlanStep) -> bool:
+    kind = serde.request_kind(step.request)
+    return kind.startswith(("add_", "update_", "activate_", "deactivate_")) or kind == "replace_certificate"
+
+
+def _track(assumed: dict[ObjKey, Message], step: PlanStep, result: StepResult, desired: ConfigState) -> None:
+    """Remember what the main state now holds because of our own request (for invisible objects)."""
+    if not result.main_accepted:
+        return
+    key = tuple(step.key) if step.key is not None else None
+    if key is None:
+        return
+    if _creates(step) and key in desired.objects:
+        assumed[key] = desired.objects[key]
+    elif serde.request_kind(step.request).startswith("remove_"):
+        assumed.pop(key, None)
+
+
+async def _send_one(cch: _CountingChannel, step: PlanStep, round_no: int) -> StepResult:
+    kind = serde.request_kind(step.request)
+    key = tuple(step.key) if step.key is not None else None
+    summary = redact_text(step.summary)
+    try:
+        reply = await cch.request(step.request)
+    except SozuRequestError as e:
+        return StepResult(
+            round=round_no,
+            kind=kind,
+            summary=summary,
+            ok=False,
+            message=redact_text(e.sozu_message),
+            main_accepted=bool(e.processing),
+            key=key,
+        )
+    except SozuTimeoutError as e:
+        return StepResult(
+            round=round_no,
+            kind=kind,
+            summary=summary,
+            ok=False,
+            message=f"no final answer in time, effect unknown ({e})",
+            main_accepted=False,
+            key=key,
+        )
+    message = reply.response.message if hasattr(reply, "response") else ""
+    return StepResult(
+        round=round_no, kind=kind, summary=summary, ok=True, message=str(message), main_accepted=True, key=key
+    )
+
+
+# --- batch mode -----------------------------------------------------------------------------------------
+
+
+def encode_records(requests: Sequence[pb.Request], version: SozuVersion, *, first_id: int = 0) -> list[bytes]:
+    """Each request as one state-file record: compact ``WorkerRequest`` JSON followed by ``\\n\\0``."""
+    out = []
+    for i, req in enumerate(requests):
+        record = {"id": f"SOZUD-{first_id + i}", "content": serde.to_json(req, version)}
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        out.append(text.encode("utf-8") + b"\n\0")
+    return out
+
+
+def _chunks(records: Sequence[bytes], chunk_bytes: int) -> list[tuple[int, list[bytes]]]:
+    """Consecutive runs of records, each at most ``chunk_bytes`` (a lone bigger record is left out)."""
+    chunks: list[tuple[int, list[bytes]]] = []
+    start, current, size = 0, [], 0
+    for i, rec in enumerate(records):
+        if len(rec) > MAX_RECORD_BYTES or len(rec) > chunk_bytes:
+            # never batched: close the current chunk; the record goes one by one after the batches
+            if current:
+                chunks.append((start, current))
+            start, current, size = i + 1, [], 0
+            continue
+        if current and size + len(rec) > chunk_bytes:
+            chunks.append((start, current))
+            start, current, size = i, [], 0
+        current.append(rec)
+        size += len(rec)
+    if current:
+        chunks.append((start, current))
+    return chunks
+
+
+async def _send_batches(
+    cch: _CountingChannel,
+    steps: Sequence[PlanStep],
+    shared_dir: str,
+    sozu_dir: str,
+    chunk_bytes: int,
+    load_state_timeout_s: float,
+    report: ApplyReport,
+) -> None:
+    version = cch.version
+    if version is None:
+        raise StateError("apply_plan: the channel's sozu version is unknown (connect first)")
+    log = get_logger()
+    records = encode_records([s.request for s in steps], version)
+    for index, (first, chunk) in enumerate(_chunks(records, chunk_bytes)):
+        name = f".sozud-apply-{os.getpid()}-{secrets.token_hex(8)}-{index}.state"
+        local_path = os.path.join(shared_dir, name)
+        sozu_path = os.path.join(sozu_dir, name)
+        data = b"".join(chunk)
+        try:
+            # private (certificates carry keys), created exclusively under a random name
+            fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            report.notes.append(f"batch mode abandoned: cannot write {local_path}: {e}")
+            log.warning("sozu.apply_batch_unwritable", path=local_path, error=str(e))
+            return
+        try:
+            ok, message = True, ""
+            try:
+                reply = await cch.request(pb.Request(load_state=sozu_path), timeout_s=load_state_timeout_s)
+                message = str(reply.response.message)
+            except SozuRequestError as e:
+                ok, message = False, redact_text(e.sozu_message)
+            except SozuTimeoutError as e:
+                report.batches.append(
+                    BatchResult(index, first, len(chunk), len(data), False, f"no answer in time ({e})")
+                )
+                log.warning("sozu.apply_batch_timeout", chunk=index, steps=len(chunk))
+                return
+        finally:
+            try:
+                os.unlink(local_path)
+            except OSError as e:
+                log.warning("sozu.apply_batch_cleanup_failed", path=local_path, error=str(e))
+        report.batches.append(BatchResult(index, first, len(chunk), len(data), ok, message))
+        log.info("sozu.apply_batch", chunk=index, steps=len(chunk), bytes=len(data), ok=ok, sozu_message=message)

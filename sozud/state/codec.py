@@ -1,0 +1,403 @@
+"""sozu state files <-> :class:`ConfigState` (docs/sozu-command-protocol.md §3.8, §6, §11.11).
+
+Reading (:func:`parse_state_file`)
+    A state file is a sequence of records, each the compact JSON of a ``WorkerRequest``
+    (``{"id": ..., "content": {"request_type": {...}}}``) followed by ``0x00``; sozu writes ``\\n\\0``
+    and the ``\\n`` is JSON whitespace. The final ``0x00`` is mandatory and nothing may follow it.
+    Records are applied in order with sozu's main-state semantics (:func:`model.apply_request`):
+    ``ADD_*`` put objects (clusters and backends upsert, an already-present certificate is a no-op),
+    ``ACTIVATE_LISTENER`` / ``DEACTIVATE_LISTENER`` set or clear ``active``, ``REMOVE_*``,
+    ``REPLACE_CERTIFICATE``, ``UPDATE_*_LISTENER`` and the 2.x health-check requests are applied too
+    (``load_state`` accepts them, §11.10).
+
+    Policy: the reader is strict. Every problem is a :class:`~sozud.errors.StateParseError` naming
+    the source, the record number (0-based, the ``n`` of sozu's ``SAVE-n`` ids) and the field path:
+    invalid UTF-8 or JSON, a truncated last record, bytes after the last NUL, an empty file (unless
+    ``allow_empty``), a JSON key or oneof variant our schema does not know (rejected, never dropped:
+    sozu itself would ignore unknown keys and lose the data silently), a query or runtime-only
+    request (``status``, ``Logging``, ...), and a record that sozu's main state would refuse
+    (duplicate listener or frontend, removal of a missing object): ``load_state`` skips those
+    silently, sozud refuses the file instead.
+
+    Completeness: sozu rewrites its file in place, and a file cut exactly at a record boundary parses.
+    The bytes alone cannot tell; the writer of a shared state stores, beside it, the record count
+    (:func:`record_count`) and the semantic digest (:meth:`ConfigState.digest`); pass them as
+    ``expect_records`` / ``expect_digest`` and a mismatch is a :class:`StateParseError`.
+
+Writing (:func:`write_state_file`)
+    Exactly what that sozu version's ``save_state`` writes (§6.3): HTTP, HTTPS, TCP, (2.1) UDP
+    listeners sorted by address, each followed by ``ACTIVATE_LISTENER`` when active; clusters by id;
+    HTTP frontends by route key; certificates; HTTPS frontends by route key; TCP (then UDP)
+    frontends; backends by cluster id then (backend_id, sticky_id, weight, backup, address). Ids are
+    ``SAVE-n``; ``expired_at`` is always ``null``. sozu's own order of certificates and of TCP/UDP
+    frontends depends on hash-map iteration and varies between saves; here certificates are sorted
+    by (listener address, fingerprint), and TCP/UDP frontends by cluster id, keeping the order in
+    which a cluster's frontends entered the state (sozu keeps them in a list in insertion order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import msgspec
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
+
+from sozud import serde
+from sozud.errors import StateError, StateParseError, VersionMismatchError
+from sozud.proto import command_pb2 as pb
+from sozud.state.model import (
+    LISTENER_TYPES,
+    ConfigState,
+    ObjKey,
+    add_request,
+    apply_request,
+)
+from sozud.versions import V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
+
+__all__ = [
+    "detect_family",
+    "detect_version",
+    "file_digest",
+    "iter_records",
+    "parse_state_file",
+    "record_count",
+    "state_requests",
+    "write_state_file",
+]
+
+# Requests a state file may hold: the ones sozu's main state stores.
+STATE_REQUESTS = frozenset(
+    {
+        "add_cluster",
+        "remove_cluster",
+        "add_http_frontend",
+        "remove_http_frontend",
+        "add_https_frontend",
+        "remove_https_frontend",
+        "add_certificate",
+        "replace_certificate",
+        "remove_certificate",
+        "add_tcp_frontend",
+        "remove_tcp_frontend",
+        "add_backend",
+        "remove_backend",
+        "add_http_listener",
+        "add_https_listener",
+        "add_tcp_listener",
+        "remove_listener",
+        "activate_listener",
+        "deactivate_listener",
+        "update_http_listener",
+        "update_https_listener",
+        "update_tcp_listener",
+        "set_health_check",
+        "remove_health_check",
+        "add_udp_listener",
+        "update_udp_listener",
+        "add_udp_frontend",
+        "remove_udp_frontend",
+    }
+)
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def iter_records(data: bytes, *, source: str) -> Iterator[tuple[int, bytes]]:
+    """Split ``data`` into (record number, record bytes); errors for a missing final NUL."""
+    parts = data.split(b"\0")
+    tail = parts.pop()  # after the last NUL: must be empty
+    if tail:
+        raise StateParseError(
+            f"truncated last record: {len(tail)} bytes without the terminating NUL "
+            "(a partly written file?)",
+            source=source,
+            record=len(parts),
+        )
+    return iter(enumerate(parts))
+
+
+def _decode(raw: bytes, source: str, n: int) -> Any:
+    try:
+        return _DECODER.decode(raw)
+    except UnicodeDecodeError as e:
+        raise StateParseError(f"invalid UTF-8 in a JSON string ({e.reason})", source=source, record=n) from None
+    except msgspec.DecodeError as e:
+        reason = str(e)
+        if not raw.strip():
+            reason = "empty record (two NULs in a row, or a stray NUL)"
+        raise StateParseError(f"not a JSON record: {reason}", source=source, record=n) from None
+
+
+def parse_state_file(
+    data: bytes,
+    version: SozuVersion | None = None,
+    *,
+    source: str,
+    expect_records: int | None = None,
+    expect_digest: str | None = None,
+    allow_empty: bool = False,
+) -> ConfigState:
+    """Parse a sozu state file into a :class:`ConfigState` (see the module docstring for the rules).
+
+    ``version=None`` detects the family from the content (:func:`detect_version`); an explicit
+    version that the content contradicts raises :class:`VersionMismatchError`. ``source`` names the
+    file or key in every error. ``expect_records`` / ``expect_digest`` (record count and
+    :meth:`ConfigState.digest` published by the writer) turn a truncated-at-a-boundary or altered
+    file into a :class:`StateParseError`. An empty file is an error unless ``allow_empty`` (it is what
+    a reader sees while sozu rewrites its file); with ``allow_empty`` and no version, 2.1.0 is assumed.
+    """
+    if not data:
+        if not allow_empty:
+            raise StateParseError("empty state file (0 bytes) where records are expected", source=source)
+        state = ConfigState(version or V2_1_0)
+        _check_expectations(state, 0, source, expect_records, expect_digest)
+        return state
+    raws = list(iter_records(data, source=source))
+    values = [_decode(raw, source, n) for n, raw in raws]
+    if version is None:
+        version = detect_version(values, source=source)
+    else:
+        _check_compatible(version, values, source)
+    state = ConfigState(version)
+    for n, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise StateParseError("a record must be a JSON object", source=source, record=n)
+        record = serde.from_json(pb.WorkerRequest, value, version, source=source, record=n)
+        req = record.content
+        kind = req.WhichOneof("request_type")
+        if kind is None:
+            raise StateParseError("record has no request", source=source, record=n, path="content.request_type")
+        if kind not in STATE_REQUESTS:
+            raise StateParseError(
+                f"{kind.upper()} is not a configuration request (a query or a runtime-only request); "
+                "a state file cannot hold it",
+                source=source,
+                record=n,
+                path="content.request_type",
+            )
+        if not version.knows_request(kind):
+            raise VersionMismatchError(f"{source}, record {n}: {kind.upper()} does not exist in sozu {version}")
+        try:
+            apply_request(state, req)
+        except StateError as e:
+            raise StateParseError(
+                f"sozu's main state would refuse {kind.upper()}: {e}",
+                source=source,
+                record=n,
+                path=f"content.request_type.{kind.upper()}",
+            ) from None
+    _check_expectations(state, len(values), source, expect_records, expect_digest)
+    return state
+
+
+def _check_expectations(
+    state: ConfigState, records: int, source: str, expect_records: int | None, expect_digest: str | None
+) -> None:
+    if expect_records is not None and records != expect_records:
+        raise StateParseError(
+            f"incomplete or altered state: {records} records, the writer published {expect_records}",
+            source=source,
+        )
+    if expect_digest is not None and state.digest() != expect_digest:
+        raise StateParseError(
+            f"incomplete or altered state: digest {state.digest()[:16]}... differs from the published "
+            f"{expect_digest[:16]}...",
+            source=source,
+        )
+
+
+# --- version detection -----------------------------------------------------------------------------------
+
+
+def detect_family(data: bytes, *, source: str = "<state>") -> Family:
+    """The sozu family a state file was written by (0.15: string addresses; 2.x: any 2.x-only key)."""
+    if not data:
+        raise StateParseError("cannot detect the sozu family of an empty state file", source=source)
+    values = [_decode(raw, source, n) for n, raw in iter_records(data, source=source)]
+    return detect_version(values, source=source).family
+
+
+def detect_version(values: list[Any], *, source: str = "<state>") -> SozuVersion:
+    """0.15.19 if any address is a string, 2.1.0 if any key or request type is 2.x-only, else 1.1.1."""
+    if _string_addresses(values):
+        return V0_15_19
+    if _any_v2_key(values):
+        return V2_1_0
+    return V1_1_1
+
+
+def _string_addresses(values: list[Any]) -> bool:
+    """Whether the first record that carries an ``address`` has it as a string (the 0.15 shape)."""
+    for value in values:
+        try:
+            ((_, inner),) = value["content"]["request_type"].items()
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if isinstance(inner, dict) and "address" in inner:
+            return isinstance(inner["address"], str)
+    return False
+
+
+def _any_v2_key(values: list[Any]) -> bool:
+    return any(_has_v2_key(value, pb.WorkerRequest.DESCRIPTOR) for value in values)
+
+
+@cache
+def _v1_fields(desc: Descriptor) -> frozenset[str]:
+    return frozenset(fd.name for fd in desc.fields if V1_1_1.knows_field(desc.name, fd.name))
+
+
+def _has_v2_key(value: Any, desc: Descriptor) -> bool:
+    if not isinstance(value, dict):
+        return False
+    known = _v1_fields(desc)
+    oneofs = {o.name for o in desc.oneofs}
+    for key, item in value.items():
+        if key in oneofs:
+            if isinstance(item, dict):
+                for variant, inner in item.items():
+                    fd = desc.fields_by_name.get(variant.lower()) if isinstance(variant, str) else None
+                    if fd is None:
+                        continue  # unknown variant: the real parse reports it
+                    if desc.name == "Request" and not V1_1_1.knows_request(fd.name):
+                        return True
+                    if fd.message_type is not None and _has_v2_key(inner, fd.message_type):
+                        return True
+            continue
+        fd = desc.fields_by_name.get(key)
+        if fd is None:
+            continue  # unknown: the real parse reports it
+        if key not in known:
+            return True
+        if fd.message_type is None or item is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            value_fd = fd.message_type.fields_by_name["value"]
+            if (
+                value_fd.message_type is not None
+                and isinstance(item, dict)
+                and any(_has_v2_key(v, value_fd.message_type) for v in item.values())
+            ):
+                return True
+        elif isinstance(item, list):
+            if any(_has_v2_key(v, fd.message_type) for v in item):
+                return True
+        elif _has_v2_key(item, fd.message_type):
+            return True
+    return False
+
+
+def _check_compatible(version: SozuVersion, values: list[Any], source: str) -> None:
+    strings = _string_addresses(values)
+    if (version.family is Family.V0_15) != strings:
+        raise VersionMismatchError(
+            f"{source} was written by sozu {'0.15' if strings else '1.x/2.x'} (addresses "
+            f"{'as strings' if strings else 'as objects'}) but sozu {version} "
+            "was given: the two families' state files are mutually unreadable"
+        )
+    if version.family is Family.V1 and _any_v2_key(values):
+        raise VersionMismatchError(
+            f"{source} holds sozu 2.x fields or requests but sozu {version} was given: 1.x would drop "
+            "the 2.x settings silently"
+        )
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def state_requests(state: ConfigState) -> list[pb.Request]:
+    """The requests sozu's ``save_state`` writes for ``state``, in its record order (§6.3)."""
+    by_kind: dict[str, list[tuple[ObjKey, Message]]] = {}
+    for key, value in state.objects.items():
+        by_kind.setdefault(key[0] if key[0] != "listener" else f"listener:{key[1]}", []).append((key, value))
+    out: list[pb.Request] = []
+    udp_ok = state.version.family is not Family.V0_15 and state.version.knows_request("add_udp_listener")
+    for lkind in ("http", "https", "tcp", "udp"):
+        items = by_kind.get(f"listener:{lkind}", [])
+        if lkind == "udp" and items and not udp_ok:
+            raise StateError(f"state holds UDP listeners but sozu {state.version} has none")
+        if state.version.family is Family.V0_15:
+            items.sort(key=lambda kv: kv[0][2])
+        else:
+            items.sort(key=lambda kv: serde.address_sort_key(getattr(kv[1], "address")))  # noqa: B009
+        for key, value in items:
+            out.append(add_request(key, value))
+            if getattr(value, "active"):  # noqa: B009
+                req = pb.Request()
+                req.activate_listener.CopyFrom(
+                    pb.ActivateListener(
+                        address=getattr(value, "address"),  # noqa: B009
+                        proxy=LISTENER_TYPES[lkind],
+                        from_scm=False,
+                    )
+                )
+                out.append(req)
+    for kind, sort_key in (
+        ("cluster", lambda kv: kv[0][1]),
+        ("http_frontend", lambda kv: kv[0][1]),
+        ("certificate", _cert_sort_key),
+        ("https_frontend", lambda kv: kv[0][1]),
+        ("tcp_frontend", lambda kv: kv[0][1]),
+        ("udp_frontend", lambda kv: kv[0][1]),
+        ("backend", _backend_sort_key),
+    ):
+        items = sorted(by_kind.get(kind, []), key=sort_key)  # stable: keeps insertion order on ties
+        for key, value in items:
+            req = add_request(key, value)
+            if kind == "certificate":
+                req.add_certificate.ClearField("expired_at")
+            out.append(req)
+    return out
+
+
+def _cert_sort_key(kv: tuple[ObjKey, Message]) -> tuple[Any, ...]:
+    value = kv[1]
+    assert isinstance(value, pb.AddCertificate)
+    return (serde.address_sort_key(value.address), kv[0][2])
+
+
+def _backend_sort_key(kv: tuple[ObjKey, Message]) -> tuple[Any, ...]:
+    b = kv[1]
+    assert isinstance(b, pb.AddBackend)
+
+    def opt(present: bool, v: Any) -> tuple[Any, ...]:
+        return (1, v) if present else (0,)
+
+    return (
+        b.cluster_id,
+        b.backend_id,
+        opt(b.HasField("sticky_id"), b.sticky_id),
+        opt(b.HasField("load_balancing_parameters"), b.load_balancing_parameters.weight),
+        opt(b.HasField("backup"), b.backup),
+        serde.address_sort_key(b.address),
+    )
+
+
+def write_state_file(state: ConfigState) -> bytes:
+    """The bytes sozu ``state.version``'s ``save_state`` writes for ``state`` (module docstring)."""
+    version = state.version
+    chunks: list[bytes] = []
+    for n, req in enumerate(state_requests(state)):
+        record = pb.WorkerRequest(id=f"SAVE-{n}", content=req)
+        chunks.append(_ENCODER.encode(serde.to_json(record, version)))
+        chunks.append(b"\n\0")
+    return b"".join(chunks)
+
+
+def record_count(state: ConfigState) -> int:
+    """How many records :func:`write_state_file` writes for ``state`` (objects + active listeners)."""
+    active = sum(1 for k, v in state.objects.items() if k[0] == "listener" and getattr(v, "active"))  # noqa: B009
+    return len(state.objects) + active
+
+
+def file_digest(data: bytes) -> str:
+    """sha-256 hex of raw state-file bytes (for logs; :meth:`ConfigState.digest` is the semantic one)."""
+    return hashlib.sha256(data).hexdigest()

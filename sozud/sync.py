@@ -1,0 +1,352 @@
+"""The sync engine: one step of keeping this node's sozu and the cluster's shared state identical.
+
+Three states (docs: design.md), each a :class:`~sozud.state.model.ConfigState`:
+
+- **live**: what the local sozu runs now (read over its command socket);
+- **shared**: the cluster-wide copy in the OpenSVC config map key;
+- **base**: the last shared state this node read *from OpenSVC* while its live sozu equalled it. It moves
+  forward only when shared and live agree, never from this node's own push: if another node's push
+  overwrote ours, ``diff(base, live)`` still holds our change and the next step pushes it again.
+
+One step: ``local = live - base``, ``remote = shared - base``, ``merged = merge(base, live, shared)``;
+apply ``merged - live`` to sozu; push ``merged`` when it differs from ``shared``; move base forward
+when live and shared agree. A state already live and already shared causes no request and no push (echo
+suppression). Bootstrap: no base yet → shared wins; shared missing or empty → live bootstraps it.
+
+Safety: a shared state that does not parse is never applied; a shared state with fewer records than
+its metadata promises (truncated) propagates no removal; an empty live state is never pushed; after a
+sozu reconnect (sozu may have restarted empty or from a stale file) shared wins for that step; plans
+that remove more than ``max_removal_ratio`` of the live objects, or pushes that would drop more than
+that share of the shared objects, are refused unless forced. A shared state written by a node of
+another sozu family (0.15 vs 1.x vs 2.x: their state files differ) is refused: no mixed fleets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from sozud.errors import StateError, StateParseError, UnsafePlanError, VersionMismatchError
+from sozud.log import get_logger
+from sozud.persist import BaseMeta, BaseStore
+from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.merge import Conflict, merge
+from sozud.state.model import ConfigState
+from sozud.versions import SozuVersion
+
+META_FORMAT = 1
+
+
+# --- ports -----------------------------------------------------------------------------------------
+
+
+class SozuPort(Protocol):
+    """The local sozu, as the engine needs it (implemented over the command channel)."""
+
+    @property
+    def version(self) -> SozuVersion: ...
+
+    @property
+    def epoch(self) -> int:
+        """+1 at every (re)connection to sozu: a change means sozu may have restarted."""
+        ...
+
+    async def read_live(self) -> ConfigState: ...
+
+    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome: ...
+
+
+@dataclass
+class ApplyOutcome:
+    requests_sent: int
+    requests_by_type: dict[str, int]
+    plan_digest: str
+    live_after: ConfigState
+
+
+class SharedPort(Protocol):
+    """The shared state in OpenSVC: the state key and its metadata key."""
+
+    async def read(self) -> tuple[bytes | None, bytes | None]:
+        """(state bytes or None when absent, meta bytes or None when absent)."""
+        ...
+
+    async def write(self, state: bytes, meta: bytes) -> None:
+        """Write the state key, then the metadata key (one write at a time)."""
+        ...
+
+
+class SharedMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """The metadata key written beside the state key (never inside the state file)."""
+
+    format: int = META_FORMAT
+    generation: int
+    origin: str
+    parent: str
+    digest: str
+    records: int
+    sozu_family: str
+    sozu_version: str
+    written_at: float
+
+
+# --- reports -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    reason: str
+    outcome: str  # "in_sync", "applied", "pushed", "applied+pushed", "bootstrapped"
+    requests_sent: int = 0
+    requests_by_type: dict[str, int] = field(default_factory=dict)
+    pushed: bool = False
+    plan_digest: str = ""
+    conflicts: list[Conflict] = field(default_factory=list)
+    local_changes: int = 0
+    remote_changes: int = 0
+    generation: int = 0
+    origin: str = ""
+    drift: int = 0  # objects that differ between live and shared after the step
+    duration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def in_sync(self) -> bool:
+        return self.drift == 0
+
+    def as_log(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "outcome": self.outcome,
+            "requests": self.requests_sent,
+            "requests_by_type": self.requests_by_type,
+            "pushed": self.pushed,
+            "plan_hash": self.plan_digest[:16],
+            "conflicts": len(self.conflicts),
+            "local_changes": self.local_changes,
+            "remote_changes": self.remote_changes,
+            "generation": self.generation,
+            "drift": self.drift,
+            "duration_ms": round(self.duration_s * 1000, 1),
+        }
+
+
+def drift(a: ConfigState, b: ConfigState) -> int:
+    """How many objects differ between two states (present in one only, or different)."""
+    n = 0
+    for k, v in a.objects.items():
+        w = b.objects.get(k)
+        if w is None or w != v:
+            n += 1
+    return n + sum(1 for k in b.objects if k not in a.objects)
+
+
+# --- the engine ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EngineSettings:
+    node: str
+    object: str = "igw/cfg/sozu"
+    key: str = "state.json"
+    max_removal_ratio: float = 0.5
+    force: bool = False
+
+
+class SyncEngine:
+    """Runs sync steps; holds no I/O of its own besides its ports and the base store."""
+
+    def __init__(self, sozu: SozuPort, shared: SharedPort, base: BaseStore, settings: EngineSettings) -> None:
+        self.sozu = sozu
+        self.shared = shared
+        self.base = base
+        self.settings = settings
+        self.log = get_logger(node=settings.node)
+        self._seen_epoch: int | None = None
+
+    def _source(self) -> str:
+        return f"opensvc {self.settings.object} key {self.settings.key}"
+
+    async def sync_once(self, reason: str = "manual") -> SyncReport:
+        started = time.monotonic()
+        s = self.settings
+        live = await self.sozu.read_live()
+        version = self.sozu.version
+        epoch = self.sozu.epoch
+        reconnected = self._seen_epoch is not None and epoch != self._seen_epoch
+
+        state_bytes, meta_bytes = await self.shared.read()
+        meta = self._parse_meta(meta_bytes)
+        if meta is not None and meta.sozu_family != version.family.value:
+            raise VersionMismatchError(
+                f"{self._source()} was written by node {meta.origin!r} running sozu {meta.sozu_version} "
+                f"({meta.sozu_family}); this node runs sozu {version} ({version.family.value}). Their state "
+                "files differ: a mixed fleet is not supported; upgrade the nodes to one sozu family"
+            )
+        shared: ConfigState | None = None
+        complete = True
+        if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
+            shared = parse_state_file(state_bytes, version, source=self._source())
+            if meta is not None and meta.digest != shared.digest():
+                records = state_bytes.count(b"\0")
+                if records < meta.records:
+                    complete = False
+                    self.log.warning(
+                        "shared.looks_truncated",
+                        records=records,
+                        meta_records=meta.records,
+                        meta_origin=meta.origin,
+                        action="additions only; no removal propagates from this state",
+                    )
+                else:
+                    self.log.info("shared.edited_outside_sozud", meta_origin=meta.origin)
+
+        loaded = self.base.load(version)
+        base, base_meta = loaded if loaded is not None else (None, BaseMeta())
+        report = SyncReport(reason=reason, outcome="in_sync")
+        report.generation = meta.generation if meta else 0
+        report.origin = meta.origin if meta else ""
+
+        # --- decide the merged state
+        if shared is None:
+            if len(live) == 0:
+                report.notes.append("no shared state and an empty live sozu: nothing to do")
+                self._seen_epoch = epoch
+                report.duration_s = time.monotonic() - started
+                return report
+            await self._push(live, None, meta, report)
+            report.outcome = "bootstrapped"
+            report.local_changes = len(live)
+            report.drift = 0
+            self._seen_epoch = epoch
+            report.duration_s = time.monotonic() - started
+            self.log.info("sync.bootstrapped", objects=len(live), generation=report.generation)
+            return report
+        if base is None or reconnected:
+            why = "no base yet (first start)" if base is None else "sozu reconnected (it may have restarted)"
+            merged = shared
+            report.notes.append(f"shared state wins: {why}")
+            report.remote_changes = drift(live, shared)
+            dropped = sum(1 for k in live.objects if k not in shared.objects)
+            if dropped:
+                self.log.info("sync.shared_wins", reason=why, live_only_objects=dropped)
+        else:
+            effective_shared = shared
+            if not complete:
+                effective_shared = shared.copy()
+                for k, v in base.objects.items():
+                    if k not in effective_shared.objects:
+                        effective_shared.objects[k] = v
+            result = merge(base, live, effective_shared)
+            merged = result.state
+            report.conflicts = list(result.conflicts)
+            report.local_changes = result.local_changes
+            report.remote_changes = result.remote_changes
+            for c in result.conflicts:
+                self.log.warning("sync.conflict", **c.as_log())
+
+        # --- apply to sozu
+        live_after = live
+        if not merged.same_as(live):
+            outcome = await self.sozu.apply(merged, force=s.force, desired_is_complete=complete)
+            report.requests_sent = outcome.requests_sent
+            report.requests_by_type = outcome.requests_by_type
+            report.plan_digest = outcome.plan_digest
+            live_after = outcome.live_after
+
+        # --- push to OpenSVC
+        if not merged.same_as(shared):
+            if len(merged) == 0:
+                raise UnsafePlanError(
+                    f"refusing to push an empty state to {self._source()} (it would wipe every node); "
+                    "add the objects back, or write the key by hand if this is really wanted"
+                )
+            self._check_push_removals(shared, merged)
+            await self._push(merged, shared, meta, report)
+
+        report.drift = drift(live_after, merged)
+        # --- move base forward when live and shared agree (never from our own push)
+        if not report.pushed and report.drift == 0 and (base is None or not base.same_as(shared)):
+            base_meta.generation = meta.generation if meta else 0
+            base_meta.sozu_version = str(version)
+            base_meta.saved_at = time.time()
+            self.base.save(shared, base_meta)
+        report.outcome = {
+            (False, False): "in_sync",
+            (True, False): "applied",
+            (False, True): "pushed",
+            (True, True): "applied+pushed",
+        }[(report.requests_sent > 0, report.pushed)]
+        self._seen_epoch = epoch
+        report.duration_s = time.monotonic() - started
+        return report
+
+    def _parse_meta(self, meta_bytes: bytes | None) -> SharedMeta | None:
+        if not meta_bytes or not meta_bytes.strip():
+            return None
+        try:
+            return msgspec.json.decode(meta_bytes, type=SharedMeta)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.log.warning("shared.meta_unreadable", key=self.settings.key + " meta", error=str(e))
+            return None
+
+    def _check_push_removals(self, shared: ConfigState, merged: ConfigState) -> None:
+        if self.settings.force or len(shared) == 0:
+            return
+        removed = sum(1 for k in shared.objects if k not in merged.objects)
+        if removed > self.settings.max_removal_ratio * len(shared):
+            raise UnsafePlanError(
+                f"pushing would remove {removed} of the {len(shared)} objects of {self._source()} "
+                f"(more than max_removal_ratio={self.settings.max_removal_ratio}); refused. "
+                "If this node's sozu lost its configuration, it will be repaired from the shared state "
+                "once sozud sees it reconnect; if the removal is intended, run with --force"
+            )
+
+    async def _push(
+        self, state: ConfigState, parent: ConfigState | None, parent_meta: SharedMeta | None, report: SyncReport
+    ) -> None:
+        data = write_state_file(state)
+        version = self.sozu.version
+        meta = SharedMeta(
+            generation=(parent_meta.generation if parent_meta else 0) + 1,
+            origin=self.settings.node,
+            parent=parent.digest() if parent is not None else "",
+            digest=state.digest(),
+            records=data.count(b"\0"),
+            sozu_family=version.family.value,
+            sozu_version=str(version),
+            written_at=time.time(),
+        )
+        # The meta value is JSON on one line: end it with a newline (the agent expands single-line values).
+        await self.shared.write(data, msgspec.json.encode(meta) + b"\n")
+        report.pushed = True
+        report.generation = meta.generation
+        report.origin = meta.origin
+
+
+def parse_shared_meta(meta_bytes: bytes | None) -> SharedMeta | None:
+    """Decode a metadata key value (for ``sozud status``); None when absent or unreadable."""
+    if not meta_bytes:
+        return None
+    try:
+        return msgspec.json.decode(meta_bytes, type=SharedMeta)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+__all__ = [
+    "ApplyOutcome",
+    "EngineSettings",
+    "SharedMeta",
+    "SharedPort",
+    "SozuPort",
+    "StateError",
+    "StateParseError",
+    "SyncEngine",
+    "SyncReport",
+    "drift",
+    "parse_shared_meta",
+]

@@ -77,11 +77,17 @@ class SozuAdapter:
             by_type: Counter[str] = Counter(report.requests_by_type)
             self.requests_by_type.update(by_type)
             self._cache = None
+            live_after = report.live_after
+            if live_after is None:
+                live_after = await read_live(self.channel, shared_dir=self.shared_dir)
+            else:
+                # apply_plan's final re-read is the live state now: cache it for the next probe-equal read.
+                self._cache = (self.channel.epoch, await probe(self.channel), live_after)
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),
                 plan_digest=report.plan_digest,
-                live_after=report.live_after,
+                live_after=live_after.copy(),
             )
 
 

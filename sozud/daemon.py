@@ -27,7 +27,7 @@ from typing import Any
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
-from sozud.errors import SozudError, UnsafePlanError
+from sozud.errors import ConfigError, SozudError, UnsafePlanError
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url
@@ -38,6 +38,17 @@ from sozud.sync import EngineSettings, SyncEngine, SyncReport
 from sozud.versions import SozuVersion
 
 
+def _read_secret_file(path: str | None, key: str) -> str | None:
+    """The first line of a secret file (the value never appears in errors or logs)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip()
+    except OSError as e:
+        raise ConfigError(f"configuration key {key!r}: cannot read {path}: {e.strerror}") from None
+
+
 def om_settings(config: Config) -> OMSettings:
     return OMSettings(
         cluster_name=config.cluster_name,
@@ -46,8 +57,9 @@ def om_settings(config: Config) -> OMSettings:
         cert_file=config.cert_file,
         key_file=config.key_file,
         username=config.username,
-        password_file=config.password_file,
-        token_file=config.token_file,
+        password=_read_secret_file(config.password_file, "password_file"),
+        token=_read_secret_file(config.token_file, "token_file"),
+        nodename=config.node,
         poll_interval_s=config.opensvc_poll_interval_s,
         request_timeout_s=config.request_timeout_s,
         projected_file=config.projected_file,

@@ -1,12 +1,12 @@
 """sozud's command line: turns arguments into a Config and hands over to the daemon or a sub-command.
 
-    sozud run [SETTINGS]            the daemon (systemd unit, OpenSVC app resource)
-    sozud --once [SETTINGS]         one sync; exit 0 when in sync after it
-    sozud status [--json]           what the daemon last did (reads STATE_DIR/status.json)
-    sozud query KIND --socket P     the live configuration of a sozu
-    sozud plan ...                  the delta between two states, optionally applied
-    sozud key get|put|list ...      read and write OpenSVC keys (debugging)
-    sozud demo                      a local demo on SIMULATED nodes (no sozu, no agent needed)
+sozud run [SETTINGS]            the daemon (systemd unit, OpenSVC app resource)
+sozud --once [SETTINGS]         one sync; exit 0 when in sync after it
+sozud status [--json]           what the daemon last did (reads STATE_DIR/status.json)
+sozud query KIND --socket P     the live configuration of a sozu
+sozud plan ...                  the delta between two states, optionally applied
+sozud key get|put|list ...      read and write OpenSVC keys (debugging)
+sozud demo                      a local demo on SIMULATED nodes (no sozu, no agent needed)
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 
 from sozud.errors import StateError, StateParseError
 from sozud.proto import command_pb2 as pb
-from sozud.versions import SERDE_DEFAULT_FIELDS, Family, SozuVersion
+from sozud.versions import FIELDS_0_15_ONLY, SERDE_DEFAULT_FIELDS, Family, SozuVersion
 
 M = TypeVar("M", bound=Message)
 # Field descriptors come from the C (upb) runtime, whose class the stubs do not name: typed loosely here.
@@ -118,7 +118,8 @@ def _plan(desc: Any, version: SozuVersion) -> tuple[tuple[_Field, ...], tuple[st
                 name=fd.name,
                 fd=fd,
                 known=version.knows_field(desc.name, fd.name),
-                required=bool(fd.is_required),
+                # 0.15's inline listener answers are required there (the 1.x schema dropped them).
+                required=bool(fd.is_required) or (version.family is Family.V0_15 and key in FIELDS_0_15_ONLY),
                 default_ok=version.family is Family.V2 and key in SERDE_DEFAULT_FIELDS,
             )
         )

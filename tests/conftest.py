@@ -1,0 +1,21 @@
+"""Shared test settings: where the real-sozu fixtures are (``shared/fixtures`` beside the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("SOZUD_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+if not (FIXTURES / "README.md").exists():  # pragma: no cover - a broken checkout, not a test result
+    raise pytest.UsageError(
+        f"the real-sozu fixtures are missing: expected them in {FIXTURES} (set SOZUD_FIXTURES to override)"
+    )
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from google.protobuf.message import Message
+
 from sozud.om_api import OMClient
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
-from sozud.state.live import probe, read_live
-from sozud.state.model import ConfigState
+from sozud.state.live import LiveRead, probe, read_live_report
+from sozud.state.model import ConfigState, ObjKey
 from sozud.sync import ApplyOutcome
 from sozud.versions import SozuVersion
 
@@ -19,6 +21,11 @@ class SozuAdapter:
 
     A full live read costs one request per cluster (or one SaveState with a shared directory), so the
     last read is cached and reused while a cheap probe says nothing changed on the same connection.
+
+    Without a shared directory some objects cannot be read back (backends of removed clusters,
+    certificates no worker listener serves). Objects of that kind that sozud itself made sozu accept are
+    remembered ("assumed") and added to later reads until sozu reconnects, so they are neither re-sent
+    every sync nor mistaken for removals; :meth:`hides` tells the engine what the last read could not see.
     """
 
     def __init__(
@@ -36,6 +43,9 @@ class SozuAdapter:
         self.max_rounds = max_rounds
         self.max_removal_ratio = max_removal_ratio
         self._cache: tuple[int, object, ConfigState] | None = None
+        self._last_read: LiveRead | None = None
+        self._assumed: dict[ObjKey, Message] = {}
+        self._assumed_epoch: int | None = None
         self.requests_by_type: Counter[str] = Counter()
         self._lock = asyncio.Lock()
 
@@ -50,6 +60,24 @@ class SozuAdapter:
     async def probe(self) -> object:
         return await probe(self.channel)
 
+    def hides(self, key: ObjKey, value: Message) -> bool:
+        """Whether the last live read could not have seen ``key`` even if sozu holds it."""
+        return self._last_read is not None and self._last_read.hides(key, value)
+
+    async def _read(self) -> ConfigState:
+        report = await read_live_report(
+            self.channel, shared_dir=self.shared_dir, shared_dir_sozu_path=self.shared_dir_sozu_path
+        )
+        self._last_read = report
+        if self._assumed_epoch != self.channel.epoch:
+            self._assumed.clear()  # sozu may have restarted: assume nothing
+            self._assumed_epoch = self.channel.epoch
+        state = report.state
+        for k, v in self._assumed.items():
+            if k not in state.objects and report.hides(k, v):
+                state.objects[k] = v
+        return state
+
     async def read_live(self) -> ConfigState:
         async with self._lock:
             await self.channel.connect()
@@ -57,7 +85,7 @@ class SozuAdapter:
             epoch = self.channel.epoch
             if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
                 return self._cache[2].copy()
-            state = await read_live(self.channel, shared_dir=self.shared_dir)
+            state = await self._read()
             # The probe is taken before the read: a change racing with the read shows up next time.
             self._cache = (epoch, fingerprint, state)
             return state.copy()
@@ -77,17 +105,19 @@ class SozuAdapter:
             by_type: Counter[str] = Counter(report.requests_by_type)
             self.requests_by_type.update(by_type)
             self._cache = None
-            live_after = report.live_after
-            if live_after is None:
-                live_after = await read_live(self.channel, shared_dir=self.shared_dir)
-            else:
-                # apply_plan's final re-read is the live state now: cache it for the next probe-equal read.
-                self._cache = (self.channel.epoch, await probe(self.channel), live_after)
+            failures = [f"{f.summary}: {f.message}" for f in report.failures]
+            if report.converged:
+                # what sozu accepted from us but a read cannot show is remembered for later reads
+                self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
+                self._assumed_epoch = self.channel.epoch
+            live_after = await self._read()
+            self._cache = (self.channel.epoch, await probe(self.channel), live_after)
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),
                 plan_digest=report.plan_digest,
                 live_after=live_after.copy(),
+                failures=failures,
             )
 
 

@@ -281,8 +281,8 @@ class Daemon:
         self._backoff.reset()
         st = self.status
         st.last_success_at = time.time()
-        st.last_outcome = report.outcome
-        st.last_error = None
+        st.last_outcome = report.outcome if not report.failures else f"{report.outcome}, with failures"
+        st.last_error = "; ".join(report.failures[:3]) or None
         st.consecutive_failures = 0
         st.drift = report.drift
         st.shared_generation = report.generation
@@ -301,6 +301,9 @@ class Daemon:
         m.last_success.set(st.last_success_at)
         m.generation.set(report.generation)
         m.sync_duration.set(report.duration_s)
+        if report.failures:
+            m.sync_failures.inc(len(report.failures), error="SozuRequestFailure")
+            self.log.error("sync.requests_failed", failures=report.failures[:10], count=len(report.failures))
         self.log.info("sync.done", **report.as_log())
         self.notifier.status(f"in sync (generation {report.generation})" if report.in_sync else "drift")
 

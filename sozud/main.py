@@ -132,6 +132,15 @@ def _cmd_once(args: argparse.Namespace) -> int:
             f"{'pushed' if report.pushed else 'nothing pushed'}, generation {report.generation}, "
             f"{len(report.conflicts)} conflict(s)"
         )
+        if report.failures:
+            for failure in report.failures:
+                print(f"sozud: sozu refused: {failure}", file=sys.stderr)
+            print(
+                f"sozud: {len(report.failures)} request(s) failed in sozu; its main process may hold them while "
+                f"its workers do not ({summary})",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         if report.in_sync:
             print(f"sozud: in sync ({summary})")
             return EXIT_OK

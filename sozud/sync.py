@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
+from google.protobuf.message import Message
 
 from sozud.errors import StateError, StateParseError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.merge import Conflict, merge
-from sozud.state.model import ConfigState
+from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
 
 META_FORMAT = 1
@@ -56,6 +57,10 @@ class SozuPort(Protocol):
 
     async def read_live(self) -> ConfigState: ...
 
+    def hides(self, key: ObjKey, value: Message) -> bool:
+        """Whether the last live read could not have seen this object even if sozu holds it."""
+        ...
+
     async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome: ...
 
 
@@ -65,6 +70,7 @@ class ApplyOutcome:
     requests_by_type: dict[str, int]
     plan_digest: str
     live_after: ConfigState
+    failures: list[str] = field(default_factory=list)  # requests sozu answered FAILURE to (summary: message)
 
 
 class SharedPort(Protocol):
@@ -110,12 +116,18 @@ class SyncReport:
     generation: int = 0
     origin: str = ""
     drift: int = 0  # objects that differ between live and shared after the step
+    failures: list[str] = field(default_factory=list)  # requests sozu refused (its main state may hold them)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
     def in_sync(self) -> bool:
         return self.drift == 0
+
+    @property
+    def ok(self) -> bool:
+        """In sync, and every request sozu got was accepted by its main process and all its workers."""
+        return self.in_sync and not self.failures
 
     def as_log(self) -> dict[str, Any]:
         return {
@@ -130,6 +142,7 @@ class SyncReport:
             "remote_changes": self.remote_changes,
             "generation": self.generation,
             "drift": self.drift,
+            "failures": self.failures,
             "duration_ms": round(self.duration_s * 1000, 1),
         }
 
@@ -206,6 +219,11 @@ class SyncEngine:
 
         loaded = self.base.load(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
+        if base is not None:
+            # What the live read cannot see is unknown, not removed: keep base's view of it.
+            for k, v in base.objects.items():
+                if k not in live.objects and self.sozu.hides(k, v):
+                    live.objects[k] = v
         report = SyncReport(reason=reason, outcome="in_sync")
         report.generation = meta.generation if meta else 0
         report.origin = meta.origin if meta else ""
@@ -255,7 +273,11 @@ class SyncEngine:
             report.requests_sent = outcome.requests_sent
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
+            report.failures = list(outcome.failures)
             live_after = outcome.live_after
+            for k, v in merged.objects.items():
+                if k not in live_after.objects and self.sozu.hides(k, v):
+                    live_after.objects[k] = v
 
         # --- push to OpenSVC
         if not merged.same_as(shared):

@@ -295,6 +295,9 @@ async def test_raw_errors_with_tracebacks(agents: tuple[FakeAgent, FakeAgent]) -
     assert "KeyError: 'igw/cfg/nope'" in nope["traceback"]
     keys = await raw(a.lsnr_sock, {"action": "object_keys", "method": "GET", "options": {"path": "igw/cfg/nope"}})
     assert keys["error"] == "'igw/cfg/nope'"
+    post = {"action": "key", "method": "POST", "options": {"path": "igw/cfg/nope", "key": "k", "data": "v\n"}}
+    assert (await raw(a.lsnr_sock, post))["error"] == "'igw/cfg/nope'"  # the API never creates objects
+    assert a.cluster.value("vm1", "igw/cfg/nope", "k") is None
     bad = await raw(
         a.lsnr_sock, {"action": "key", "method": "GET", "options": {"path": "not a/valid//path", "key": "k"}}
     )
@@ -544,7 +547,7 @@ async def test_h2_events_need_accept_event_stream(agents: tuple[FakeAgent, FakeA
     await client.pump_until(ping)
     assert silent not in client.responses  # no headers, no data: the daemon tried server push
     assert client.responses[sse]["headers"]["content-type"] == "text/event-stream"
-    await b.wait_for_subscribers(2)
+    await b.wait_for_subscribers(1)
     await raw(a.lsnr_sock, {"action": "key", "method": "POST", "options": {"path": OBJ, "key": "k", "data": "v\n"}})
     while client.responses[sse]["body"].count(b"\n\n") < 2:
         data = await client.reader.read(65536)
@@ -681,7 +684,7 @@ async def test_faults(agents: tuple[FakeAgent, FakeAgent]) -> None:
     assert decrypt(SECRET, await encrypted(a.raw_tcp_port, get))["status"] == 401
     a.faults.auth_failure = False
     a.faults.down = True
-    with pytest.raises(asyncio.IncompleteReadError):
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
         await raw(a.lsnr_sock, get)
     a.faults.down = False
     a.faults.delay_s = 0.01
@@ -839,3 +842,93 @@ def test_secret_not_in_repr() -> None:
     c = FakeOpenSVCCluster("demo", SECRET)
     assert SECRET not in repr(c)
     assert len(FakeOpenSVCCluster().secret) >= 40
+
+
+# --- hostile HTTP/2 clients and restarts ------------------------------------------------------------
+
+
+async def test_h2_hostile_clients_never_kill_the_server(agents: tuple[FakeAgent, FakeAgent]) -> None:
+    a, _ = agents
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    for sock in (a.h2_sock, a.om3_sock):
+        for junk in (b"\x00" * 100, preface + b"\x00\x00\x10\x01", preface + b"\xff" * 64):
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(junk)
+            writer.write_eof()
+            await reader.read()  # whatever the server says (SETTINGS, GOAWAY), it ends the connection
+            writer.close()
+        # a request whose body never ends, then a disconnect
+        half = await RawH2.open(sock)
+        stream = half.conn.get_next_available_stream_id()
+        half.conn.send_headers(
+            stream, [(":method", "POST"), (":path", "/key"), (":scheme", "http"), (":authority", "x")]
+        )
+        half.conn.send_data(stream, b'{"path": ')
+        await half.flush()
+        half.close()
+    async with h2_client(a) as client:
+        assert (await client.get("/whoami")).status_code == 200
+    async with om3_client(a) as client:
+        assert (await client.get(f"/api/object/path/{OBJ}/data/keys")).status_code == 200
+
+
+async def test_h2_event_subscribers_see_the_connection_close_on_stop(agents: tuple[FakeAgent, FakeAgent]) -> None:
+    a, _ = agents
+    async with (
+        h2_client(a) as client,
+        client.stream("GET", "/events", headers={"accept": "text/event-stream"}) as response,
+    ):
+        await a.wait_for_subscribers(1)
+        await a.stop()
+        with pytest.raises(httpx.TransportError):
+            async for _line in response.aiter_lines():
+                pass
+    assert a.subscriber_count == 0
+
+
+async def test_om3_batch_and_multi_get(agents: tuple[FakeAgent, FakeAgent]) -> None:
+    a, _ = agents
+    base = f"/api/object/path/{OBJ}/data"
+    ops = [
+        {"action": "add", "name": "a", "string": "A"},
+        {"action": "add", "name": "b", "bytes": base64.b64encode(b"\x00B").decode()},
+        {"action": "rename", "name": "a", "to": "c"},
+    ]
+    async with om3_client(a) as client:
+        assert (await client.patch(base, json=ops)).status_code == 204
+        r = await client.get(base, params=[("name", "b"), ("name", "c")])
+        assert r.json() == [{"name": "b", "bytes": base64.b64encode(b"\x00B").decode()}, {"name": "c", "bytes": "QQ=="}]
+        # one transaction: a failing operation leaves everything unchanged
+        bad = [{"action": "remove", "name": "b"}, {"action": "add", "name": "c", "string": "dup"}]
+        assert (await client.patch(base, json=bad)).status_code == 409
+    assert a.cluster.keys("vm1", OBJ) == ["b", "c"]
+
+
+async def test_h2_single_body_of_65536_bytes_is_never_answered(agents: tuple[FakeAgent, FakeAgent]) -> None:
+    a, _ = agents
+    client = await RawH2.open(a.h2_sock)
+    big = await client.request("POST", "/key", body=_body_of_size(65_536))  # one byte stays unsent
+    ping = await client.request("GET", "/whoami")
+    assert json.loads((await client.pump_until(ping))["body"])["name"] == "root"
+    assert big not in client.responses and client.window_updates == 0
+    assert a.cluster.value("vm1", OBJ, "pad") is None
+    client.close()
+
+
+async def test_projection_registered_before_start_is_written_at_start(
+    cluster: FakeOpenSVCCluster, run_root: pathlib.Path
+) -> None:
+    agent = cluster.agent("vm1", run_root / "a")
+    cluster.set_value("vm1", OBJ, "state.json", b"boot state\n")
+    target = run_root / "vol" / "state.json"
+    agent.project(OBJ, "state.json", target)
+    assert not target.exists()  # the volume is not started yet
+    async with agent:
+        assert target.read_bytes() == b"boot state\n"
+
+
+async def test_raw_node_option_relays(agents: tuple[FakeAgent, FakeAgent]) -> None:
+    a, _ = agents
+    message = {"action": "key", "method": "POST", "node": "vm2", "options": {"path": OBJ, "key": "k", "data": "x\n"}}
+    assert await raw(a.lsnr_sock, message) == {"nodes": {"vm2": {"status": 0, "info": "key k value set"}}, "status": 0}
+    assert a.requests == [("lsnr", "POST key", OBJ, "k")]

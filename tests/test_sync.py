@@ -50,6 +50,9 @@ class MemSozu:
     async def read_live(self) -> ConfigState:
         return self.live.copy()
 
+    def hides(self, key: object, value: object) -> bool:
+        return False
+
     async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
         self.applies += 1
         removed = [k for k in self.live.objects if k not in desired.objects]

@@ -115,6 +115,7 @@ class H2ServerConnection:
         self._streams: dict[int, _Stream] = {}
         self._window = asyncio.Event()
         self._closed = False
+        self._peer_gone = False
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class H2ServerConnection:
         try:
             self._conn.initiate_connection()
             self._flush()
-            while not self._closed:
+            while not self._closed and not self._peer_gone:
                 try:
                     data = await self._reader.read(65536)
                 except (ConnectionError, OSError):
@@ -172,7 +173,7 @@ class H2ServerConnection:
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._window.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._closed = True
+            self._peer_gone = True  # GOAWAY from the client: stop reading, then close()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id or 0
@@ -235,7 +236,8 @@ class H2ServerConnection:
         headers = [(":status", str(response.status)), ("server", SERVER_HEADER)]
         if response.content_type is not None:
             headers.append(("content-type", response.content_type))
-        headers.append(("content-length", str(len(response.body))))
+        if response.status not in (204, 304):
+            headers.append(("content-length", str(len(response.body))))
         headers.extend(response.headers)
         try:
             self._conn.send_headers(stream_id, headers, end_stream=not response.body)

@@ -183,7 +183,7 @@ def v2_decoded_text(raw: bytes, *, path: ObjectPath, nodename: str, clustername:
         "kind": path.kind,
         "clustername": clustername,
     }
-    text = _REFERENCE.sub(lambda m: references.get(m.group(1).lower(), m.group(0)), text)
+    text = _REFERENCE.sub(lambda m: references.get(m.group(1), m.group(0)), text)
 
     def arithmetic(match: re.Match[str]) -> str:
         value = eval_arithmetic(match.group(1))

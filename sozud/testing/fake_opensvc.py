@@ -61,9 +61,23 @@ blacklist, ``/api`` manifest, server push, the 5 s HTTP/2 event flush bursts and
 latency (events follow the landing at once), ``sec`` encryption at rest, the daemon's in-memory view
 lagging the file, object creation/deletion through the API, om3 RBAC/proxying/replay/duration/limit
 options, the exact om3 event JSON (only kind, labels and ``instance_config`` come from the doc).
+Not simulated either: node-to-node raw protocol over the TLS port, ``listener.addr``/``tls_addr``
+binding (everything listens on 127.0.0.1), the ``.conf`` file itself (only its MD5 is reproduced, over
+a rendering of our own).
+
 Assumed where the doc is silent: projected content is what v2 ``GET`` returns for single-line values
-and the raw bytes otherwise; a deleted key leaves its projected file alone; om3 writes are serialised
-and never expanded; SSE ids count from 1 per stream.
+and the raw bytes otherwise; a deleted key leaves its projected file alone; the raw sockets close the
+connection after the reply, close without a reply on undecodable JSON, and answer
+``{"error": "invalid data format", "status": 1}`` to JSON that is not an object; ``whoami`` says
+``"auth": "secret"`` / ``"x509"`` on the TLS listener and the raw TCP port; references are
+case-sensitive; om3 writes are serialised and never expanded; SSE ids count from 1 per stream.
+
+Test hooks (beyond the sockets): ``FakeOpenSVCCluster.settle()`` (pending replications, projections
+and events), ``set_value``/``delete_value``/``value``/``keys`` (direct access to one node's copy),
+``repair``, ``issue_client_cert``; ``FakeAgent.requests`` (served requests, after faults),
+``faults``, ``wait_for_subscribers(n)`` (a raw ``events`` request is never acknowledged),
+``projection_hook``, ``projection_chunk_bytes``, ``write_barrier`` (e.g. ``asyncio.Barrier(2).wait``
+to make two concurrent writes lose one update deterministically).
 
 Run one agent by hand (labelled as a simulator)::
 
@@ -86,7 +100,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sozud.errors import OpenSVCError, OpenSVCNotFoundError, OpenSVCRefusedError
-from sozud.log import get_logger
+from sozud.log import configure_logging, get_logger
 from sozud.testing import _fake_opensvc_om3 as om3
 from sozud.testing import _fake_opensvc_v2 as v2
 from sozud.testing._fake_opensvc_crypto import ClusterCA, TlsFiles
@@ -240,7 +254,7 @@ class FakeOpenSVCCluster:
 
     def value(self, nodename: str, path: str, key: str) -> bytes | None:
         """The raw bytes stored for ``key`` in ``nodename``'s copy of ``path`` (None if absent)."""
-        obj = self._view(nodename).get(path)
+        obj = self._views.get(nodename, {}).get(path)
         return None if obj is None else obj.keys.get(key)
 
     def set_value(self, nodename: str, path: str, key: str, value: bytes) -> None:
@@ -276,7 +290,7 @@ class FakeOpenSVCCluster:
 
     def keys(self, nodename: str, path: str) -> list[str] | None:
         """The key names of ``nodename``'s copy of ``path`` in file order (None if no such object)."""
-        obj = self._view(nodename).get(path)
+        obj = self._views.get(nodename, {}).get(path)
         return None if obj is None else list(obj.keys)
 
     def issue_client_cert(self, cn: str, directory: pathlib.Path) -> TlsFiles:
@@ -365,6 +379,13 @@ class FakeOpenSVCCluster:
         return self.spawn(agent.land(event))
 
 
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
 def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
@@ -400,7 +421,7 @@ class FakeAgent:
         self.faults = FakeFaults(self._close_connections)
         self.requests: list[ServedRequest] = []
         self.projection_hook: Callable[[ProjectionStep], Awaitable[None]] | None = None
-        self.write_barrier: Callable[[], Awaitable[None]] | None = None
+        self.write_barrier: Callable[[], Awaitable[object]] | None = None
         self.projection_chunk_bytes = PROJECTION_CHUNK_BYTES
         self._projections: list[tuple[str, str, pathlib.Path]] = []
         self._servers: list[asyncio.Server] = []
@@ -477,7 +498,7 @@ class FakeAgent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
         self._servers.clear()
-        tasks = [t for t in self._conn_tasks if t is not asyncio.current_task()]
+        tasks = [t for t in self._conn_tasks if t is not _current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -494,9 +515,14 @@ class FakeAgent:
         await self.stop()
 
     def _close_connections(self) -> None:
+        """Abort every open connection and cancel its handler (event streams included)."""
         for closer in list(self._closers):
             with contextlib.suppress(Exception):
                 closer()
+        current = _current_task()
+        for task in list(self._conn_tasks):
+            if task is not current:
+                task.cancel()
 
     def _tracked(
         self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -750,6 +776,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _amain(args: argparse.Namespace) -> None:
+    print(_BANNER, flush=True)
     cluster = FakeOpenSVCCluster(args.cluster_name)
     for path in args.object or ["igw/cfg/sozu"]:
         cluster.create_object(path)
@@ -761,7 +788,6 @@ async def _amain(args: argparse.Namespace) -> None:
     fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(cluster.secret + "\n")
-    print(_BANNER)
     print(f"  node {agent.nodename}, cluster {cluster.name}")
     print(f"  v2 raw unix:   {agent.lsnr_sock}")
     print(f"  v2 HTTP/2:     {agent.h2_sock}")
@@ -779,6 +805,7 @@ async def _amain(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    configure_logging("info")
     try:
         asyncio.run(_amain(args))
     except OpenSVCError as exc:

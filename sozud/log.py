@@ -39,5 +39,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
 
 
 def get_logger(**bound: Any) -> Any:
-    """A structlog logger with ``bound`` context (e.g. node, socket)."""
-    return structlog.get_logger("sozud").bind(**bound)
+    """A structlog logger with ``bound`` context (e.g. node, socket).
+
+    A lazy proxy: the configuration (renderer, redaction, level) is looked up when an event is logged,
+    so a module-level logger created before :func:`configure_logging` still follows it.
+    """
+    return structlog.get_logger("sozud", **bound)

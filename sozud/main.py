@@ -197,6 +197,9 @@ def format_status(s: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Until a command configures logging from its settings: warnings and errors, on stderr (stdout may
+    # carry data, e.g. `sozud key get`).
+    configure_logging("warning")
     func: Callable[[argparse.Namespace], Any] | None = args.func
     try:
         if args.once:

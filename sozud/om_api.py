@@ -33,9 +33,9 @@ import contextlib
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -72,7 +72,13 @@ __all__ = [
 
 _T = TypeVar("_T")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-_log = get_logger()
+
+
+def _log() -> Any:
+    # Looked up at each use: a logger bound at import time would ignore configure_logging() (stderr,
+    # redaction) done later by the command line.
+    return get_logger()
+
 
 # A stream that stayed up this long counts as healthy: the reconnect backoff starts over.
 _STABLE_STREAM_S = 30.0
@@ -129,7 +135,7 @@ class OMClient:
                 )
             if (obj, key) not in self._warned_private_keys:
                 self._warned_private_keys.add((obj, key))
-                _log.warning(
+                _log().warning(
                     "opensvc.private_key_in_cfg",
                     obj=obj,
                     key_name=key,
@@ -144,7 +150,7 @@ class OMClient:
     async def put_key(self, obj: str, key: str, value: bytes) -> None:
         """Create or replace the key, one write per object at a time."""
         self.check_value(obj, key, value)
-        if True:
+        async with self.lock(obj):
             await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value))
 
     async def list_keys(self, obj: str) -> list[str]:
@@ -162,7 +168,7 @@ class OMClient:
                 if attempt == attempts:
                     raise
                 delay_s = backoff.next_delay_s()
-                _log.info(
+                _log().info(
                     "opensvc.retry",
                     operation=operation,
                     transport=self.transport.name,
@@ -177,19 +183,20 @@ class OMClient:
 
     # --- change watch ---------------------------------------------------------------------------
 
-    def changes(self, obj: str, key: str) -> AsyncIterator[None]:
+    def changes(self, obj: str, key: str) -> AsyncGenerator[None, None]:
         """Yield each time ``obj``/``key`` may have changed; never ends by itself.
 
         The first yield comes once the watch is in place (read the key then, so no change is missed
         between reading and subscribing), and one more after every reconnection. Sources: the event
         stream of ``events_transport`` (reconnected with capped, jittered backoff), or else a read of
         the key every ``settings.poll_interval_s`` (yielding when the value differs); plus, when
-        ``settings.projected_file`` is set, every change of that file. Close it with ``aclose()``.
+        ``settings.projected_file`` is set, every change of that file. An async generator: close it
+        with ``aclose()`` to stop the watch.
         """
         projected = os.path.abspath(self.settings.projected_file) if self.settings.projected_file else None
         return self._changes(obj, key, projected)
 
-    async def _changes(self, obj: str, key: str, projected: str | None) -> AsyncIterator[None]:
+    async def _changes(self, obj: str, key: str, projected: str | None) -> AsyncGenerator[None, None]:
         wake = asyncio.Event()
         stop = asyncio.Event()
         sources: list[asyncio.Task[None]] = []
@@ -224,20 +231,31 @@ class OMClient:
         lost = False
         while True:
             started_s = loop.time()
+            max_idle_s = self.settings.events_max_idle_s
+            idle = asyncio.timeout_at(loop.time() + max_idle_s)
             try:
                 signals = 0
-                async for _ in transport.events(obj, key):
-                    signals += 1
-                    if signals == 1 and lost:
-                        _log.info("opensvc.events_reconnected", transport=transport.name, obj=obj)
-                    wake.set()
+                async with idle:
+                    async for _ in transport.events(obj, key):
+                        idle.reschedule(loop.time() + max_idle_s)
+                        signals += 1
+                        if signals == 1 and lost:
+                            _log().info("opensvc.events_reconnected", transport=transport.name, obj=obj)
+                        wake.set()
                 raise OpenSVCUnreachableError("event stream ended", transport=transport.name, obj=obj)
+            except TimeoutError:
+                if not idle.expired():
+                    raise
+                _log().debug("opensvc.events_reopened", transport=transport.name, obj=obj, idle_s=max_idle_s)
+                backoff.reset()
+                lost = False
+                continue
             except OpenSVCError as exc:
                 if loop.time() - started_s >= _STABLE_STREAM_S:
                     backoff.reset()
                 delay_s = backoff.next_delay_s()
                 lost = True
-                _log.warning(
+                _log().warning(
                     "opensvc.events_lost",
                     transport=transport.name,
                     obj=obj,
@@ -256,7 +274,7 @@ class OMClient:
             except OpenSVCError as exc:
                 known = False  # whatever comes back next is news
                 delay_s = backoff.next_delay_s()
-                _log.warning(
+                _log().warning(
                     "opensvc.poll_failed", transport=self.transport.name, obj=obj, key_name=key, error=str(exc)
                 )
             else:
@@ -289,7 +307,7 @@ class OMClient:
                     backoff.reset()
                     wake.set()
             except (OSError, RuntimeError) as exc:  # directory missing or unwatchable
-                _log.warning("opensvc.projected_file_unwatchable", path=target, error=str(exc))
+                _log().warning("opensvc.projected_file_unwatchable", path=target, error=str(exc))
             await asyncio.sleep(backoff.next_delay_s())
 
     async def aclose(self) -> None:
@@ -396,7 +414,7 @@ class KeyPusher:
                     if isinstance(exc, OpenSVCRefusedError) and not self._permanent(value):
                         await self._retry_later(exc)
                         continue
-                    _log.error("opensvc.push_dropped", obj=self.obj, key_name=self.key, error=str(exc))
+                    _log().error("opensvc.push_dropped", obj=self.obj, key_name=self.key, error=str(exc))
                     self._failures[generation] = exc
                     await self._settle(generation, value)
                 except OpenSVCError as exc:
@@ -405,7 +423,7 @@ class KeyPusher:
                     self.delivered += 1
                     self._last_error = None
                     self._backoff.reset()
-                    _log.info("opensvc.pushed", obj=self.obj, key_name=self.key, size=len(value))
+                    _log().info("opensvc.pushed", obj=self.obj, key_name=self.key, size=len(value))
                     await self._settle(generation, value)
         finally:
             async with self._changed:
@@ -429,7 +447,7 @@ class KeyPusher:
     async def _retry_later(self, exc: OpenSVCError) -> None:
         self._last_error = exc
         delay_s = self._backoff.next_delay_s()
-        _log.warning(
+        _log().warning(
             "opensvc.push_retry", obj=self.obj, key_name=self.key, error=str(exc), retry_in_s=round(delay_s, 3)
         )
         # A newer value does not cut the wait short: the agent is the one that needs time.
@@ -439,7 +457,7 @@ class KeyPusher:
     async def aclose(self) -> None:
         """Stop retrying; a pending value is dropped (and logged)."""
         if self._pending is not None:
-            _log.warning("opensvc.push_abandoned", obj=self.obj, key_name=self.key, size=len(self._pending))
+            _log().warning("opensvc.push_abandoned", obj=self.obj, key_name=self.key, size=len(self._pending))
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -474,7 +492,7 @@ def _host_port(url: str, default_port: int) -> tuple[str, int]:
 def _v2_tls_headers(settings: OMSettings) -> dict[str, str]:
     if settings.cert_file:
         return {}
-    _name, secret = cluster_identity(settings)
+    _name, secret = cluster_identity(settings, need_name=False)
     return {"o-secret": secret[:32]}
 
 
@@ -569,7 +587,7 @@ def client_from_url(api_url: str | None, settings: OMSettings) -> OMClient:
             "is the OpenSVC agent running? (or pass an API URL)",
             transport="local",
         )
-    _log.info("opensvc.transport_selected", transport=main_url, events=events_url or main_url)
+    _log().info("opensvc.transport_selected", transport=main_url, events=events_url or main_url)
     transport = transport_from_url(main_url, settings)
     events = transport_from_url(events_url, settings) if events_url else None
     return OMClient(transport, settings, events_transport=events)

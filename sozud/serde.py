@@ -126,6 +126,12 @@ def _plan(desc: Any, version: SozuVersion) -> tuple[tuple[_Field, ...], tuple[st
     return tuple(fields), tuple(oneofs)
 
 
+@cache
+def _variants(desc: Any) -> dict[str, _FD]:
+    """Oneof variants by their JSON name: the field name in upper case (``Logging`` -> ``LOGGING``)."""
+    return {fd.name.upper(): fd for fd in desc.fields if fd.containing_oneof is not None}
+
+
 def _is_synthetic(oneof: Any) -> bool:
     return bool(getattr(oneof, "is_synthetic", False))
 
@@ -262,7 +268,7 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
             if not isinstance(item, dict) or len(item) != 1:
                 raise where.error(sub, f'expected {{"VARIANT": value}} for oneof {key}, got {_kind(item)}')
             ((variant, inner),) = item.items()
-            fd = desc.fields_by_name.get(variant.lower()) if isinstance(variant, str) else None
+            fd = _variants(desc).get(variant) if isinstance(variant, str) else None
             if fd is None or fd.containing_oneof is None or fd.containing_oneof.name != key:
                 raise where.error(sub, f"unknown {key} variant {variant!r}")
             _set_value(msg, fd, inner, version, where, f"{sub}.{variant}")

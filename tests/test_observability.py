@@ -101,7 +101,7 @@ def test_help_tells_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["run", "--help"])
     assert info.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for flag in (
         "--socket",
         "--api",
@@ -121,3 +121,16 @@ def test_help_tells_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_setting_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--once", "--max-removal-ratio", "7"]) == 2
     assert "max_removal_ratio" in capsys.readouterr().err
+
+
+def test_logs_redact_private_keys_even_from_early_loggers(capsys: pytest.CaptureFixture[str]) -> None:
+    from sozud.log import configure_logging, get_logger
+
+    early = get_logger(component="early")  # created before configuration, like module-level loggers
+    configure_logging("info", json=True)
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----"
+    early.info("test.event", key=pem, detail=f"certificate and {pem} inline", path="/x")
+    err = capsys.readouterr().err
+    record = json.loads(err.strip().splitlines()[-1])
+    assert record["event"] == "test.event" and record["path"] == "/x"
+    assert "MIIEvQIBADANBgkq" not in err and "PRIVATE KEY" not in err

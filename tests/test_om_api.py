@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import base64
 import json
+import re
 import shutil
 import tempfile
 import zlib
@@ -39,9 +40,9 @@ from sozud.om_api import (
     H2Transport,
     KeyPusher,
     MemoryTransport,
+    Om3Transport,
     OMClient,
     OMSettings,
-    Om3Transport,
     RawTcpTransport,
     RawUnixTransport,
     client_from_url,
@@ -66,7 +67,7 @@ async def within(aw: Awaitable[T]) -> T:
 async def eventually(predicate: Callable[[], bool]) -> None:
     """Poll ``predicate`` until it holds (hang guard only)."""
     async with asyncio.timeout(HANG_GUARD_S):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polling with a deadline, as HELPERS.md allows
             await asyncio.sleep(0.01)
 
 
@@ -198,7 +199,7 @@ async def test_changes_with_events_survive_an_agent_restart() -> None:
         await within(anext(changes))
         assert await client.get_key(OBJ, KEY) == b"two\n"
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
     assert transport.subscriber_count == 0
 
 
@@ -214,7 +215,19 @@ async def test_changes_reconnect_while_the_agent_stays_down_for_a_while() -> Non
         await within(anext(changes))
         assert transport.subscriber_count == 1
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
+
+
+async def test_silent_event_stream_is_reopened_with_a_signal() -> None:
+    client, transport = memory_client(events_max_idle_s=0.05)
+    changes = client.changes(OBJ, KEY)
+    try:
+        await within(anext(changes))  # subscribed
+        await within(anext(changes))  # nothing happened: the stream was reopened, a re-read is due
+        assert [op for op, _, _ in transport.calls].count("events") >= 2
+        assert transport.subscriber_count == 1
+    finally:
+        await changes.aclose()
 
 
 async def test_changes_poll_when_there_is_no_event_stream() -> None:
@@ -236,7 +249,7 @@ async def test_changes_poll_when_there_is_no_event_stream() -> None:
         await within(anext(changes))
         assert gets() > at_change  # the yield came from a read after the change, not before
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
 
 
 async def test_changes_follow_the_projected_file(tmp_path: Path) -> None:
@@ -258,7 +271,7 @@ async def test_changes_follow_the_projected_file(tmp_path: Path) -> None:
                 except TimeoutError:
                     continue
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
 
 
 # --- KeyPusher -----------------------------------------------------------------------------------------
@@ -346,14 +359,14 @@ def test_v2_events_that_signal_a_config_change() -> None:
     assert not event_concerns({"kind": "patch", "id": 1, "data": [[other, "4b3b"]]}, OBJ)
     heartbeat = ["monitor", "nodes", "vm", "stats", "load_15m"]
     assert not event_concerns({"kind": "patch", "id": 2, "data": [[heartbeat, 0.1]]}, OBJ)
-    installed = {"kind": "event", "data": {"id": "service_config_installed", "path": OBJ, "from": "vm"}}
+    installed: dict[str, Any] = {"kind": "event", "data": {"id": "service_config_installed", "path": OBJ, "from": "vm"}}
     assert event_concerns(installed, OBJ)
     assert not event_concerns({**installed, "data": {**installed["data"], "path": "igw/cfg/x"}}, OBJ)
 
 
 async def test_sse_parsing() -> None:
     async def lines() -> AsyncIterator[str]:
-        for line in [": keep-alive", "id: 1", "data: {\"a\":", "data: 1}", "", "event: X", "data: b", "", "data: cut"]:
+        for line in [": keep-alive", "id: 1", 'data: {"a":', "data: 1}", "", "event: X", "data: b", "", "data: cut"]:
             yield line
 
     events = [e async for e in parse_sse(lines())]
@@ -397,6 +410,11 @@ def test_raw_tcp_reply_that_does_not_decrypt_is_an_auth_error() -> None:
     assert SECRET not in str(info.value) and SECRET[:32] not in str(info.value)
 
 
+def test_settings_repr_hides_credentials() -> None:
+    text = repr(OMSettings(password="hunter2-pw", token="tok-123456"))
+    assert "hunter2-pw" not in text and "tok-123456" not in text and "auth=set" in text
+
+
 def test_short_secret_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         aes_key("short")
@@ -410,8 +428,12 @@ def test_cluster_identity_from_cluster_conf_and_secret_file(tmp_path: Path) -> N
     secret_file.write_text("other-secret-0123456789abcdef0123\n")
     got = cluster_identity(OMSettings(cluster_conf_file=str(conf), secret_file=str(secret_file)))
     assert got == ("mycluster", "other-secret-0123456789abcdef0123")
-    with pytest.raises(ConfigError, match="nope.conf"):
+    with pytest.raises(ConfigError, match=r"nope\.conf"):
         cluster_identity(OMSettings(cluster_conf_file=str(tmp_path / "nope.conf")))
+    conf.write_text(f"[cluster]\nname = x\n{SECRET}\n")  # a line that does not parse: the secret
+    with pytest.raises(ConfigError, match="line 3") as info:
+        cluster_identity(OMSettings(cluster_conf_file=str(conf)))
+    assert SECRET not in str(info.value)
     conf.write_text("[cluster]\nname = x\n")
     with pytest.raises(ConfigError, match="secret is not set"):
         cluster_identity(OMSettings(cluster_conf_file=str(conf)))
@@ -469,7 +491,7 @@ def test_default_transport_prefers_lsnr_with_h2_events(tmp_path: Path) -> None:
     (tmp_path / "h2.sock").unlink()
     assert isinstance(client_from_url(None, OMSettings(run_dir=str(tmp_path))).transport, Om3Transport)
     (tmp_path / "http.sock").unlink()
-    with pytest.raises(OpenSVCUnreachableError, match=str(tmp_path)):
+    with pytest.raises(OpenSVCUnreachableError, match=re.escape(str(tmp_path))):
         client_from_url(None, OMSettings(run_dir=str(tmp_path)))
 
 
@@ -580,8 +602,9 @@ async def test_h2_connection_failure_is_unreachable() -> None:
         await client.get_key(OBJ, KEY)
 
 
-def test_https_sends_o_secret_unless_a_client_cert_is_given(secret_file: Path) -> None:
-    client = client_from_url("https://node1:1215", OMSettings(secret_file=str(secret_file), cluster_name="c"))
+def test_https_sends_o_secret_unless_a_client_cert_is_given(secret_file: Path, tmp_path: Path) -> None:
+    settings = OMSettings(secret_file=str(secret_file), cluster_conf_file=str(tmp_path / "absent.conf"))
+    client = client_from_url("https://node1:1215", settings)  # no cluster name needed for o-secret
     assert isinstance(client.transport, H2Transport)
     assert client.transport._headers == {"o-secret": SECRET[:32]}
 
@@ -675,6 +698,13 @@ async def test_cli_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[s
     assert await args.func(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sozud: ")
+
+
+async def test_cli_bad_api_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_cli(["key", "list", OBJ, "--api", "ftp://node1"])
+    assert await key_cli.run_key(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ftp://node1" in err
 
 
 async def test_cli_failure_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -881,7 +911,7 @@ async def test_sim_watch_survives_agent_restart(sim: Sim, kind: str) -> None:
         await within(anext(changes))  # the change event, on the new stream
         assert await client.get_key(OBJ, KEY) == b"after\n"
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
         await client.aclose()
 
 
@@ -919,6 +949,37 @@ async def test_sim_agent_down_fault_is_unreachable(sim: Sim, kind: str) -> None:
         await client.aclose()
 
 
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_sim_slow_agent_times_out_as_unreachable(sim: Sim, kind: str) -> None:
+    client = sim.client(kind, request_timeout_s=0.2)
+    sim.agent.faults.delay_s = 5.0
+    try:
+        with pytest.raises(OpenSVCUnreachableError) as info:
+            await client.get_key(OBJ, KEY)
+        assert OBJ in str(info.value) and KEY in str(info.value)
+    finally:
+        sim.agent.faults.delay_s = 0.0
+        await client.aclose()
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_sim_server_error_is_refused_and_a_push_retries_through_it(sim: Sim, kind: str) -> None:
+    client = sim.client(kind)
+    pusher = KeyPusher(client, OBJ, KEY, retry_max_s=0.05)
+    try:
+        sim.agent.faults.fail_500 = 1
+        with pytest.raises(OpenSVCRefusedError) as info:
+            await client.get_key(OBJ, KEY)
+        assert OBJ in str(info.value)
+        sim.agent.faults.fail_500 = 2
+        await within(pusher.push(STATE))
+        assert sim.cluster.value("node1", OBJ, KEY) == STATE
+        assert sim.agent.faults.fail_500 == 0
+    finally:
+        await pusher.aclose()
+        await client.aclose()
+
+
 async def test_sim_concurrent_writes_to_one_object_are_not_lost(short_dir: Path) -> None:
     cluster = fake_opensvc.FakeOpenSVCCluster("testclu", SECRET, write_latency_s=0.01)
     cluster.create_object(OBJ)
@@ -943,7 +1004,7 @@ async def test_sim_default_transport_selection(sim: Sim) -> None:
                 await anext(changes)
         await within(anext(changes))  # the write's own change event
     finally:
-        await changes.aclose()  # type: ignore[attr-defined]
+        await changes.aclose()
         await client.aclose()
 
 

@@ -34,7 +34,10 @@ class OMSettings(msgspec.Struct, kw_only=True):
     ``poll_interval_s``: how often ``changes()`` reads the key when the transport has no event stream.
     ``request_timeout_s``: bound on every request. ``retry_attempts``: tries of a failing safe request
     (get, list, put) while the agent is unreachable. ``reconnect_max_s``: cap of the backoff between
-    event-stream reconnections (and poll retries). ``projected_file``: a file the agent projects the
+    event-stream reconnections (and poll retries). ``events_max_idle_s``: an event stream that
+    brought nothing about the key for this long is reopened (a peer that vanished without closing the
+    TCP connection is otherwise noticed only by keepalive); reopening is a "may have changed" signal,
+    so this is also a slow periodic re-read. ``projected_file``: a file the agent projects the
     key into; its changes are extra "may have changed" signals. ``run_dir``: where the local agent's
     sockets live (``lsnr.sock``, ``h2.sock``, ``http.sock``). ``nodename``: the name sent in raw
     envelopes and used in om3 node routes (default: this host's name for raw, ``localhost`` for om3).
@@ -54,6 +57,7 @@ class OMSettings(msgspec.Struct, kw_only=True):
     request_timeout_s: float = 10.0
     retry_attempts: int = 3
     reconnect_max_s: float = 30.0
+    events_max_idle_s: float = 300.0
     projected_file: str | None = None
     allow_private_keys_in_cfg: bool = True
     run_dir: str = "/var/lib/opensvc/lsnr"
@@ -65,38 +69,44 @@ class OMSettings(msgspec.Struct, kw_only=True):
         )
 
 
-def cluster_identity(settings: OMSettings) -> tuple[str, str]:
+def cluster_identity(settings: OMSettings, *, need_name: bool = True) -> tuple[str, str]:
     """The cluster name and secret: from ``settings`` first, then from the agent's cluster config.
 
-    Raises ``ConfigError`` naming the file and key that is missing; never puts the secret in a message.
+    With ``need_name=False`` (the ``o-secret`` header needs only the secret) the name is not looked
+    up and comes back empty. Raises ``ConfigError`` naming the file and key that is missing; never
+    puts the secret (or a line of the config file) in a message.
     """
-    name = settings.cluster_name
+    name = settings.cluster_name if need_name else (settings.cluster_name or "")
     secret: str | None = None
     if settings.secret_file:
         try:
             secret = Path(settings.secret_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"secret_file {settings.secret_file}: cannot read: {exc}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"secret_file {settings.secret_file}: cannot read: {reason}") from None
         if not secret:
             raise ConfigError(f"secret_file {settings.secret_file}: empty")
     if name is None or secret is None:
+        path = settings.cluster_conf_file
         conf = configparser.ConfigParser(interpolation=None, strict=False)
         try:
-            read = conf.read(settings.cluster_conf_file, encoding="utf-8")
-        except (configparser.Error, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cluster_conf_file {settings.cluster_conf_file}: does not parse: {exc}") from exc
+            read = conf.read(path, encoding="utf-8")
+        except configparser.Error as exc:
+            # The parser's message quotes the offending line, which may be the secret: name the line only.
+            lines = [str(n) for n, _ in getattr(exc, "errors", [])] or [str(getattr(exc, "lineno", "?"))]
+            raise ConfigError(f"cluster_conf_file {path}: does not parse (line {', '.join(lines)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cluster_conf_file {path}: not UTF-8 text") from None
         if not read:
             missing = "cluster_name" if name is None else "secret_file"
-            raise ConfigError(
-                f"{missing} not set and {settings.cluster_conf_file} cannot be read; set --cluster-name/--secret-file"
-            )
+            raise ConfigError(f"{missing} not set and {path} cannot be read; set --cluster-name/--secret-file")
         if name is None:
             # The agent lower-cases the name and defaults it to "default".
             name = conf.get("cluster", "name", fallback="default").strip().lower() or "default"
         if secret is None:
             secret = conf.get("cluster", "secret", fallback="").strip()
             if not secret:
-                raise ConfigError(f"{settings.cluster_conf_file}: [cluster] secret is not set")
+                raise ConfigError(f"{path}: [cluster] secret is not set")
     return name, secret
 
 

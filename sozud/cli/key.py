@@ -5,7 +5,8 @@
     sozud key list igw/cfg/sozu --api raw://node1:1214 --secret-file /root/cluster.secret
 
 ``get`` writes the raw bytes to stdout; ``put`` reads ``--from FILE`` (or stdin); ``list`` prints one
-key per line. Exit status: 0 success, 1 failure, 2 usage error; failures are one line on stderr.
+key per line. Exit status: 0 success, 1 failure, 2 usage or configuration error; failures are one
+line on stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sozud.errors import SozudError
+from sozud.errors import ConfigError, SozudError
+from sozud.log import configure_logging
 from sozud.om_api import OMSettings, client_from_url
 
 EXIT_OK = 0
@@ -108,7 +110,11 @@ def _read_value(args: argparse.Namespace) -> bytes:
 
 
 async def run_key(args: argparse.Namespace) -> int:
-    """Run ``sozud key``; returns the exit status."""
+    """Run ``sozud key``; returns the exit status.
+
+    Configure logging to stderr before calling it (``sozud.log.configure_logging``): structlog's
+    default prints to stdout, which carries the value of ``get``.
+    """
     try:
         if args.action in ("get", "put") and not args.key:
             raise _UsageError(f"key {args.action}: a KEY is required")
@@ -138,6 +144,9 @@ async def run_key(args: argparse.Namespace) -> int:
                     print(name)
         finally:
             await client.aclose()
+    except ConfigError as exc:  # a bad --api URL, unreadable secret or TLS file: fix the command
+        print(f"sozud: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SozudError as exc:
         print(f"sozud: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -146,9 +155,12 @@ async def run_key(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sozud.cli.key ...`` (same arguments as ``sozud key``)."""
-    parser = argparse.ArgumentParser(prog="sozud key", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sozud key", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
+    configure_logging("warning")  # to stderr: stdout carries the value
     return asyncio.run(run_key(args))
 
 

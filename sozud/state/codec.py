@@ -116,8 +116,7 @@ def iter_records(data: bytes, *, source: str) -> Iterator[tuple[int, bytes]]:
     tail = parts.pop()  # after the last NUL: must be empty
     if tail:
         raise StateParseError(
-            f"truncated last record: {len(tail)} bytes without the terminating NUL "
-            "(a partly written file?)",
+            f"truncated last record: {len(tail)} bytes without the terminating NUL (a partly written file?)",
             source=source,
             record=len(parts),
         )
@@ -186,7 +185,7 @@ def parse_state_file(
         if not version.knows_request(kind):
             raise VersionMismatchError(f"{source}, record {n}: {kind.upper()} does not exist in sozu {version}")
         try:
-            apply_request(state, req)
+            apply_request(state, req, copy=False)
         except StateError as e:
             raise StateParseError(
                 f"sozu's main state would refuse {kind.upper()}: {e}",
@@ -226,7 +225,11 @@ def detect_family(data: bytes, *, source: str = "<state>") -> Family:
 
 
 def detect_version(values: list[Any], *, source: str = "<state>") -> SozuVersion:
-    """0.15.19 if any address is a string, 2.1.0 if any key or request type is 2.x-only, else 1.1.1."""
+    """0.15.19 if addresses are strings, 2.1.0 if any key or request type is 2.x-only, else 1.1.1.
+
+    A file without any address (only clusters and their removals) has the same shape in 0.15 and
+    1.x: it is read as 1.1.1 unless a version is given.
+    """
     if _string_addresses(values):
         return V0_15_19
     if _any_v2_key(values):
@@ -234,8 +237,9 @@ def detect_version(values: list[Any], *, source: str = "<state>") -> SozuVersion
     return V1_1_1
 
 
-def _string_addresses(values: list[Any]) -> bool:
-    """Whether the first record that carries an ``address`` has it as a string (the 0.15 shape)."""
+def _string_addresses(values: list[Any]) -> bool | None:
+    """Whether the first record that carries an ``address`` has it as a string (the 0.15 shape);
+    None when no record carries one (clusters only: the families' shapes are then the same)."""
     for value in values:
         try:
             ((_, inner),) = value["content"]["request_type"].items()
@@ -243,7 +247,7 @@ def _string_addresses(values: list[Any]) -> bool:
             continue
         if isinstance(inner, dict) and "address" in inner:
             return isinstance(inner["address"], str)
-    return False
+    return None
 
 
 def _any_v2_key(values: list[Any]) -> bool:
@@ -297,7 +301,7 @@ def _has_v2_key(value: Any, desc: Descriptor) -> bool:
 
 def _check_compatible(version: SozuVersion, values: list[Any], source: str) -> None:
     strings = _string_addresses(values)
-    if (version.family is Family.V0_15) != strings:
+    if strings is not None and (version.family is Family.V0_15) != strings:
         raise VersionMismatchError(
             f"{source} was written by sozu {'0.15' if strings else '1.x/2.x'} (addresses "
             f"{'as strings' if strings else 'as objects'}) but sozu {version} "

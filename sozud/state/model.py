@@ -286,7 +286,7 @@ def copy_message(value: Message) -> Message:
 # --- sozu main-state semantics ---------------------------------------------------------------------------
 
 
-def apply_request(state: ConfigState, req: pb.Request) -> None:
+def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> None:
     """Apply one configuration request to ``state`` the way sozu's main process does (§3.3, §7.2).
 
     Raises :class:`~sozud.errors.StateError` with sozu-like text when sozu's main state would refuse it
@@ -295,9 +295,13 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
     with empty ``names`` stores the names as sent (1.x/2.x derive them from the certificate in an
     unspecified order), and ``replace_certificate`` on an address that has no certificate left is
     refused (sozu keeps an empty per-address table once an address has had one).
+
+    ``copy=False`` lets the state keep the request's messages instead of copies (the caller must not
+    use ``req`` afterwards; the state-file reader does this).
     """
     from sozud.errors import StateError
 
+    own = copy_message if copy else _same
     kind = req.WhichOneof("request_type")
     if kind is None:
         raise StateError("empty request (no request_type)")
@@ -309,7 +313,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
         key = listener_key(lkind, value)
         if key in objects:
             raise StateError(f"{_LISTENER_NAME[lkind]} '{key[2]}' already exists")
-        objects[key] = copy_message(value)
+        objects[key] = own(value)
         return
     if kind in ("remove_listener", "activate_listener", "deactivate_listener"):
         found = LISTENER_KIND_OF_TYPE.get(value.proxy)
@@ -336,7 +340,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
         objects[key] = _patched_listener(objects[key], value)
         return
     if kind == "add_cluster":
-        objects[("cluster", value.cluster_id)] = copy_message(value)
+        objects[("cluster", value.cluster_id)] = own(value)
         return
     if kind == "remove_cluster":
         if ("cluster", value) not in objects:
@@ -363,7 +367,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
         if kind.startswith("add_"):
             if key in objects:
                 raise StateError(f"{name} '{key[1]}' already exists")
-            objects[key] = copy_message(value)
+            objects[key] = own(value)
         else:
             if key not in objects:
                 raise StateError(f"Did not find {name} with address or id '{key[1]}'")
@@ -375,7 +379,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
             key = key_of(fkind, value)
             if key in objects:
                 raise StateError(f"{'TcpFrontend' if fkind == 'tcp_frontend' else 'UdpFrontend'} already exists")
-            objects[key] = copy_message(value)
+            objects[key] = own(value)
             return
         addr = address_text(value.address)
         same_cluster = [k for k in objects if k[0] == fkind and k[1] == value.cluster_id]
@@ -388,7 +392,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
             del objects[k]
         return
     if kind == "add_backend":
-        new = copy_message(value)
+        new = own(value)
         objects[key_of("backend", new)] = new
         return
     if kind == "remove_backend":
@@ -403,7 +407,7 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
         except ValueError as e:
             raise StateError(f"Could not add certificate: {e}") from None
         if key not in objects:
-            new = copy_message(value)
+            new = own(value)
             new.ClearField("expired_at")
             objects[key] = new
         return
@@ -412,18 +416,23 @@ def apply_request(state: ConfigState, req: pb.Request) -> None:
         return
     if kind == "replace_certificate":
         addr = address_text(value.address)
-        if not any(k[0] == "certificate" and k[1] == addr for k in objects):
+        old_key = ("certificate", addr, value.old_fingerprint.lower())
+        if old_key not in objects and not any(k[0] == "certificate" and k[1] == addr for k in objects):
             raise StateError(f"Did not find Certificate with address or id '{addr}'")
         try:
             new_fp = certificate_fingerprint(value.new_certificate)
         except ValueError as e:
             raise StateError(f"Could not replace certificate: {e}") from None
-        objects.pop(("certificate", addr, value.old_fingerprint.lower()), None)
+        objects.pop(old_key, None)
         objects[("certificate", addr, new_fp)] = pb.AddCertificate(
             address=value.address, certificate=value.new_certificate
         )
         return
     raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
+
+
+def _same(value: Message) -> Message:
+    return value
 
 
 _LISTENER_NAME = {"http": "HttpListener", "https": "HttpsListener", "tcp": "TcpListener", "udp": "UdpListener"}

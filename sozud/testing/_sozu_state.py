@@ -44,7 +44,12 @@ from sozud.serde import address_sort_key, address_text, from_json, to_json
 from sozud.versions import Family, SozuVersion
 
 NO_CHANGE = "dispatching this request did not bring any change to the state"
-LISTENER_KIND = {pb.HTTP: "HttpListener", pb.HTTPS: "HttpsListener", pb.TCP: "TcpListener", pb.UDP: "UdpListener"}
+LISTENER_KIND: dict[int, str] = {
+    pb.HTTP: "HttpListener",
+    pb.HTTPS: "HttpsListener",
+    pb.TCP: "TcpListener",
+    pb.UDP: "UdpListener",
+}
 _LISTENER_REQUEST = {
     "add_http_listener": pb.HTTP,
     "add_https_listener": pb.HTTPS,
@@ -92,9 +97,7 @@ STATE_REQUESTS = frozenset(
     }
 )
 # Worker-bound requests that pass the main state without being stored.
-PASS_THROUGH_REQUESTS = frozenset(
-    {"configure_metrics", "Logging", "set_max_connections_per_ip", "set_metric_detail"}
-)
+PASS_THROUGH_REQUESTS = frozenset({"configure_metrics", "Logging", "set_max_connections_per_ip", "set_metric_detail"})
 _RECORD_SEPARATOR = b"\n\x00"
 
 
@@ -417,14 +420,20 @@ class SozuMainState:
 
     # HTTP / HTTPS frontends
 
-    def _add_front(self, table: dict[str, pb.RequestHttpFrontend], kind: str, front: pb.RequestHttpFrontend) -> DispatchResult:
+    def _add_front(
+        self, table: dict[str, pb.RequestHttpFrontend], kind: str, front: pb.RequestHttpFrontend
+    ) -> DispatchResult:
         key = route_key(front)
         if key in table:
             return DispatchResult(f"{kind} '{key}' already exists")
         table[key] = _copy(front)
-        return DispatchResult(worker_error=self._missing_listener(pb.HTTP if kind == "HttpFrontend" else pb.HTTPS, front.address))
+        return DispatchResult(
+            worker_error=self._missing_listener(pb.HTTP if kind == "HttpFrontend" else pb.HTTPS, front.address)
+        )
 
-    def _remove_front(self, table: dict[str, pb.RequestHttpFrontend], kind: str, front: pb.RequestHttpFrontend) -> DispatchResult:
+    def _remove_front(
+        self, table: dict[str, pb.RequestHttpFrontend], kind: str, front: pb.RequestHttpFrontend
+    ) -> DispatchResult:
         key = route_key(front)
         if table.pop(key, None) is None:
             return DispatchResult(f"Did not find {kind} with address or id '{key}'")
@@ -451,7 +460,8 @@ class SozuMainState:
             addr = rust_debug_str(address_text(front.address))
         else:
             addr = _debug_socket_address(front.address)
-        return f"{name} {{ cluster_id: {rust_debug_str(front.cluster_id)}, address: {addr}, tags: {_debug_tags(front.tags)} }}"
+        cluster = rust_debug_str(front.cluster_id)
+        return f"{name} {{ cluster_id: {cluster}, address: {addr}, tags: {_debug_tags(front.tags)} }}"
 
     def _add_l4_front(self, table: dict[str, Any], name: str, ltype: int, front: Any) -> DispatchResult:
         fronts = table.setdefault(front.cluster_id, [])
@@ -656,10 +666,10 @@ class SozuMainState:
         return self.listeners[ltype].get(address)
 
     def all_frontends(self) -> Iterator[tuple[str, Message]]:
-        for f in self.http_fronts.values():
-            yield "http", f
-        for f in self.https_fronts.values():
-            yield "https", f
+        for key in sorted(self.http_fronts):
+            yield "http", self.http_fronts[key]
+        for key in sorted(self.https_fronts):
+            yield "https", self.https_fronts[key]
         for tl in self.tcp_fronts.values():
             for t in tl:
                 yield "tcp", t
@@ -744,6 +754,6 @@ def iter_state_records(data: bytes, version: SozuVersion, *, source: str = "<sta
         except (ValueError, UnicodeDecodeError) as e:
             raise StateParseError(f"not JSON: {e}", source=source, record=index) from None
         if not isinstance(value, dict) or "content" not in value or not isinstance(value.get("id"), str):
-            raise StateParseError("not a {\"id\":...,\"content\":...} record", source=source, record=index)
+            raise StateParseError('not a {"id":...,"content":...} record', source=source, record=index)
         yield from_json(pb.Request, value["content"], version, source=source, record=index, path="content")
         index += 1

@@ -18,6 +18,26 @@ def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> M
     return redacted
 
 
+class _StderrLogger:
+    """Writes each rendered event to the *current* ``sys.stderr`` (looked up per event, so a replaced
+    stream — a test harness, a re-opened terminal — is followed) and never raises: a log line that
+    cannot be written must not stop a sync."""
+
+    def msg(self, message: str) -> None:
+        try:
+            stream = sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog for sozud. ``json=None`` picks JSON unless stderr is a terminal."""
     if json is None:
@@ -33,7 +53,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=False,
     )
 

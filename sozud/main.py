@@ -197,9 +197,9 @@ def format_status(s: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Until a command configures logging from its settings: warnings and errors, on stderr (stdout may
-    # carry data, e.g. `sozud key get`).
-    configure_logging("warning")
+    # One-shot commands print one clear line on failure: only errors are logged, on stderr (stdout may
+    # carry data, e.g. `sozud key get`). `run` and `--once` configure logging from their settings.
+    configure_logging("error")
     func: Callable[[argparse.Namespace], Any] | None = args.func
     try:
         if args.once:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from google.protobuf.message import DecodeError, EncodeError, Message
 from sozud import serde
 from sozud.backoff import Backoff
 from sozud.errors import (
+    ConfigError,
     SozuConnectionError,
     SozuError,
     SozuProtocolError,
@@ -68,6 +70,7 @@ __all__ = [
     "ProtobufFraming",
     "Reply",
     "SozuChannel",
+    "make_framing",
     "request_summary",
 ]
 
@@ -328,8 +331,8 @@ class _Link:
 class SozuChannel:
     """The command channel to one sozu main process.
 
-    ``request_timeout_s`` bounds each request from the moment it owns the connection (waiting behind
-    earlier requests of the same channel is not counted): reconnecting if needed plus the exchange.
+    ``request_timeout_s`` bounds each request as a whole: waiting for the earlier requests of the channel
+    (one in flight at a time), reconnecting if needed, and the exchange itself.
     ``connect_timeout_s`` bounds one connection attempt, and each step of version detection.
     ``max_frame_bytes`` caps one incoming frame (sozu's own default cap is 2 000 000) and one outgoing
     request (2.x would never answer a bigger one). ``max_connect_attempts`` (None: unbounded) makes
@@ -349,7 +352,7 @@ class SozuChannel:
         probe_timeout_s: float = DETECT_PROBE_TIMEOUT_S,
     ) -> None:
         if max_frame_bytes < 64:
-            raise SozuProtocolError(f"max_frame_bytes={max_frame_bytes} is too small", socket_path=socket_path)
+            raise ConfigError(f"sozu channel {socket_path}: max_frame_bytes={max_frame_bytes} is too small")
         self.socket_path = socket_path
         self._fixed_version = version
         self._version = version
@@ -419,20 +422,28 @@ class SozuChannel:
             raise SozuUnsupportedError(
                 f"refusing to send {kind}: {_NEVER_ANSWERED[kind]}", socket_path=self.socket_path
             )
-        if self._version is not None:
-            self._check_known(req, kind, self._version)
+        checked = self._version
+        if checked is not None:  # refuse before waiting for the connection when we can
+            self._check_known(req, kind, checked)
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
-        summary = request_summary(req)
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise SozuTimeoutError(
+                f"{kind} {request_summary(req)}: the channel stayed busy (earlier requests or a reconnection) "
+                f"for {timeout:g} s; nothing was sent",
+                socket_path=self.socket_path,
+            ) from None
+        try:
             link = await self._ensure_link(deadline=deadline)
-            version = self.version
-            self._check_known(req, kind, version)
+            if self.version != checked:  # detected just now, or changed at a reconnection
+                self._check_known(req, kind, self.version)
             frame = link.framing.encode(req)
             if len(frame) > self.max_frame_bytes:
                 raise SozuProtocolError(
-                    f"{kind} {summary}: request of {len(frame)} bytes exceeds max_frame_bytes="
+                    f"{kind} {request_summary(req)}: request of {len(frame)} bytes exceeds max_frame_bytes="
                     f"{self.max_frame_bytes} (sozu would never answer it)",
                     socket_path=self.socket_path,
                 )
@@ -441,6 +452,7 @@ class SozuChannel:
                     final, processing = await self._exchange(link, frame)
             except TimeoutError:
                 self._drop(link, "request_timeout")
+                summary = request_summary(req)
                 self._log.warning("sozu.request_timeout", request=kind, summary=summary, timeout_s=timeout)
                 raise SozuTimeoutError(
                     f"{kind} {summary}: no final answer within {timeout:g} s; its effect is unknown "
@@ -461,11 +473,13 @@ class SozuChannel:
                 # cancelled (or anything unexpected) mid-exchange: the stream position is unknown
                 self._drop(link, "interrupted")
                 raise
+        finally:
+            self._lock.release()
         if final.status == pb.FAILURE:
             raise SozuRequestError(
                 redact_text(final.message),
                 request_kind=kind,
-                request_summary=summary,
+                request_summary=request_summary(req),
                 socket_path=self.socket_path,
                 processing=tuple(redact_text(p.message) for p in processing),
             )
@@ -483,8 +497,10 @@ class SozuChannel:
         """Close the channel and its subscriptions; later requests raise ``SozuConnectionError``."""
         self._state = _State.CLOSED
         if self._link is not None:
-            self._link.close()
-            self._link = None
+            link, self._link = self._link, None
+            link.close()
+            with contextlib.suppress(Exception):
+                await link.writer.wait_closed()
         for sub in list(self._subscriptions):
             await sub.aclose()
 
@@ -502,12 +518,21 @@ class SozuChannel:
                 f"refusing to send {kind}: sozu {version} does not know this request type and would never answer it",
                 socket_path=self.socket_path,
             )
-        if not version.json_socket:
-            # sozu would skip fields it does not know without a word; refuse rather than lose them
-            try:
-                serde.to_json(req, version)
-            except StateError as e:
-                raise SozuUnsupportedError(f"refusing to send {kind}: {e}", socket_path=self.socket_path) from None
+        # sozu 1.x/2.x would skip a field they do not know without a word (0.15 would fail to parse the
+        # request and close the connection): refuse rather than lose it
+        body = getattr(req, kind)
+        unknown = _unknown_field(body, version) if isinstance(body, Message) else None
+        if unknown is not None:
+            raise SozuUnsupportedError(
+                f"refusing to send {kind}: {kind}.{unknown} is set but sozu {version} has no such field",
+                socket_path=self.socket_path,
+            )
+
+    def _bare(self, e: BaseException) -> str:
+        """An error's text without the ``sozu at <socket>:`` prefix (for messages that add their own)."""
+        if isinstance(e, SozuError):
+            return str(e).removeprefix(f"sozu at {self.socket_path}: ")
+        return f"{type(e).__name__}: {e}"
 
     def _drop(self, link: _Link, reason: str) -> None:
         link.close()
@@ -538,13 +563,13 @@ class SozuChannel:
                 give_up = (self.max_connect_attempts is not None and attempt >= self.max_connect_attempts) or (
                     deadline is not None and loop.time() + delay >= deadline
                 )
-                reason = str(e) if isinstance(e, SozuError) else f"{type(e).__name__}: {e}"
+                reason = self._bare(e)
                 self._log.warning(
                     "sozu.connect_failed", attempt=attempt, error=reason, retry_in_s=None if give_up else delay
                 )
                 if give_up:
                     raise SozuConnectionError(
-                        f"cannot connect after {attempt} attempt(s): {reason}", socket_path=self.socket_path
+                        f"gave up after {attempt} connection attempt(s): {reason}", socket_path=self.socket_path
                     ) from None
                 await asyncio.sleep(delay)
                 continue
@@ -680,6 +705,42 @@ class SozuChannel:
                 processing.append(resp)
                 continue
             return resp, processing
+
+
+@functools.lru_cache(maxsize=4096)
+def _knows_field(version: SozuVersion, message: str, name: str) -> bool:
+    return version.knows_field(message, name)
+
+
+_SCALAR, _MESSAGE, _REPEATED, _MAP = range(4)
+
+
+@functools.lru_cache(maxsize=4096)
+def _container(fd: Any) -> int:
+    """How a field holds messages: not at all, one, a list, or as the values of a map."""
+    if fd.type != fd.TYPE_MESSAGE or fd.message_type is None:
+        return _SCALAR
+    if fd.message_type.GetOptions().map_entry:
+        value_fd = fd.message_type.fields_by_name["value"]
+        return _MAP if value_fd.type == value_fd.TYPE_MESSAGE else _SCALAR
+    return _REPEATED if fd.is_repeated else _MESSAGE
+
+
+def _unknown_field(value: Message, version: SozuVersion) -> str | None:
+    """The path of the first field set in ``value`` that ``version`` does not have, if any."""
+    message = value.DESCRIPTOR.name
+    for fd, item in value.ListFields():
+        if not _knows_field(version, message, fd.name):
+            return fd.name
+        how = _container(fd)
+        if how == _SCALAR:
+            continue
+        items = [item] if how == _MESSAGE else list(item) if how == _REPEATED else list(item.values())
+        for elem in items:
+            found = _unknown_field(elem, version)
+            if found is not None:
+                return f"{fd.name}.{found}"
+    return None
 
 
 def _v2_listener_marker(listeners: pb.ListenersList) -> str | None:

@@ -16,6 +16,15 @@ if not (FIXTURES / "README.md").exists():  # pragma: no cover - a broken checkou
     )
 
 
+@pytest.fixture(autouse=True)
+def _quiet_logging() -> None:
+    """structlog's configuration is global: every test starts from the same one (everything logged,
+    JSON on the current stderr, which pytest captures); tests of one-shot commands set what main() sets."""
+    from sozud.log import configure_logging
+
+    configure_logging("debug", json=True)
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES

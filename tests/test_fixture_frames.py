@@ -13,22 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from conftest import FIXTURES
 from google.protobuf.json_format import MessageToDict
 
 from sozud import serde
-from sozud.errors import SozuRequestError, SozuUnsupportedError
+from sozud.errors import SozuRequestError, SozuUnsupportedError, StateParseError
 from sozud.proto import command_pb2 as pb
 from sozud.socket_proto import JsonFraming, ProtobufFraming, SozuChannel
 from sozud.versions import SozuVersion
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"  # /work/shared next to /work/main
 
 PROTOBUF_VERSIONS = ("1.1.1", "2.1.0")
 ALL_VERSIONS = ("0.15.19", *PROTOBUF_VERSIONS)
@@ -98,7 +97,7 @@ def test_json_request_frame(version: str, ex: dict[str, Any]) -> None:
     v015 = SozuVersion.parse(version)
     if ex["name"] in ("unknown-request-type", "add-backend-missing-required-field"):
         # sozu closed the connection on these; our decoder refuses them too
-        with pytest.raises(serde.StateParseError):
+        with pytest.raises(StateParseError):
             serde.from_json(pb.Request, msgspec.json.decode(raw[:-1]), v015)
         return
     req = serde.from_json(pb.Request, msgspec.json.decode(raw[:-1]), v015)
@@ -159,6 +158,8 @@ class Replayer:
         self.script: asyncio.Queue[tuple[bytes, list[bytes], bool]] = asyncio.Queue()
         self.mismatches: list[str] = []
         self.received = 0
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         if self.json:
@@ -167,6 +168,10 @@ class Replayer:
         return head + await reader.readexactly(int.from_bytes(head, "little") - 8)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.writers.append(writer)
         try:
             while True:
                 got = await self._read_frame(reader)
@@ -185,6 +190,18 @@ class Replayer:
             pass
         finally:
             writer.close()
+            self.handlers.discard(task)
+
+    async def drain(self) -> None:
+        """Close every connection and wait for their handlers (which end on EOF, never cancelled)."""
+        quiet_turns = 0
+        while quiet_turns < 3:
+            for w in self.writers:
+                w.close()
+            pending = list(self.handlers)
+            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.sleep(0)  # one loop turn for callbacks already scheduled (not a timed wait)
+            quiet_turns = 0 if pending else quiet_turns + 1
 
 
 @pytest.fixture
@@ -204,6 +221,7 @@ async def _serve(replayer: Replayer, path: Path) -> AsyncIterator[asyncio.Server
     finally:
         server.close()
         await server.wait_closed()
+        await replayer.drain()
 
 
 def _decode_request(version: str, raw: bytes) -> pb.Request:
@@ -219,42 +237,42 @@ async def test_replay_every_exchange(version: str, sock_dir: Path) -> None:
     replayer = Replayer(version)
     path = sock_dir / "s.sock"
     answered = refused = failures = 0
-    async with _serve(replayer, path):
-        async with SozuChannel(str(path), version=SozuVersion.parse(version), request_timeout_s=30) as ch:
-            for ex in _index(version)["exchanges"]:
-                if ex["request_kind"] == "subscribe_events" or "request" not in ex:
-                    continue  # subscriptions: test_replay_events; invalid JSON cannot be built as a Request
-                raw = _frame(version, ex["request_file"])
-                try:
-                    req = _decode_request(version, raw)
-                except serde.StateParseError:
-                    continue  # 0.15 frames malformed on purpose (sozu closed the connection)
-                frames = [_frame(version, f) for f in ex["response_files"]]
-                if ex["final_status"] not in ("OK", "FAILURE") or req.WhichOneof("request_type") is None:
-                    # sozu never answered these (or answered an empty request): the channel refuses them
-                    sent_before = replayer.received
-                    with pytest.raises(SozuUnsupportedError):
-                        await ch.request(req)
-                    assert replayer.received == sent_before
-                    refused += 1
-                    continue
-                await replayer.script.put((raw, frames, ex["n"] % 2 == 0))
-                final = ex["responses"][-1]
-                if ex["final_status"] == "FAILURE":
-                    with pytest.raises(SozuRequestError) as err:
-                        await ch.request(req)
-                    assert err.value.sozu_message == final["message"]
-                    assert err.value.request_kind == ex["request_kind"]
-                    assert list(err.value.processing) == [r["message"] for r in ex["responses"][:-1]]
-                    failures += 1
-                else:
-                    reply = await ch.request(req)
-                    _check_response(version, reply.response, final)
-                    assert len(reply.processing) == len(ex["responses"]) - 1
-                    for got, expected in zip(reply.processing, ex["responses"], strict=False):
-                        _check_response(version, got, expected)
-                    answered += 1
-            assert ch.epoch == 1  # one connection for everything
+    ch_version = SozuVersion.parse(version)
+    async with _serve(replayer, path), SozuChannel(str(path), version=ch_version, request_timeout_s=30) as ch:
+        for ex in _index(version)["exchanges"]:
+            if ex["request_kind"] == "subscribe_events" or "request" not in ex:
+                continue  # subscriptions: test_replay_events; invalid JSON cannot be built as a Request
+            raw = _frame(version, ex["request_file"])
+            try:
+                req = _decode_request(version, raw)
+            except StateParseError:
+                continue  # 0.15 frames malformed on purpose (sozu closed the connection)
+            frames = [_frame(version, f) for f in ex["response_files"]]
+            if ex["final_status"] not in ("OK", "FAILURE") or req.WhichOneof("request_type") is None:
+                # sozu never answered these (or answered an empty request): the channel refuses them
+                sent_before = replayer.received
+                with pytest.raises(SozuUnsupportedError):
+                    await ch.request(req)
+                assert replayer.received == sent_before
+                refused += 1
+                continue
+            await replayer.script.put((raw, frames, ex["n"] % 2 == 0))
+            final = ex["responses"][-1]
+            if ex["final_status"] == "FAILURE":
+                with pytest.raises(SozuRequestError) as err:
+                    await ch.request(req)
+                assert err.value.sozu_message == final["message"]
+                assert err.value.request_kind == ex["request_kind"]
+                assert list(err.value.processing) == [r["message"] for r in ex["responses"][:-1]]
+                failures += 1
+            else:
+                reply = await ch.request(req)
+                _check_response(version, reply.response, final)
+                assert len(reply.processing) == len(ex["responses"]) - 1
+                for got, expected in zip(reply.processing, ex["responses"], strict=False):
+                    _check_response(version, got, expected)
+                answered += 1
+        assert ch.epoch == 1  # one connection for everything
     assert replayer.mismatches == []
     assert answered > 80 and failures > 10 and refused >= 1
     if version != "0.15.19":

@@ -708,6 +708,9 @@ async def test_cli_bad_api_url_is_a_usage_error(capsys: pytest.CaptureFixture[st
 
 
 async def test_cli_failure_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from sozud.log import configure_logging
+
+    configure_logging("error")  # what sozud.main does for one-shot commands
     args = parse_cli(["key", "get", OBJ, KEY, "--api", f"unix://{tmp_path}/missing.sock", "--timeout-s", "1"])
     assert await key_cli.run_key(args) == 1
     err = capsys.readouterr().err

@@ -2,8 +2,14 @@
 
 One round: send the plan's requests in order, one at a time (the channel serialises them), and stop
 at the first ``FAILURE``; then read the live state again and plan again. ``apply_plan`` converges
-when the re-read plan is empty, within ``max_rounds`` rounds, else it raises ``ConvergenceError``
-naming the first failing request and sozu's reason (or returns the report, ``raise_on_failure=False``).
+when the re-read plan is empty, else, after ``max_rounds`` rounds without progress, it raises
+``ConvergenceError`` naming the first failing request and sozu's reason (or returns the report,
+``raise_on_failure=False``). A round that ends on a request the main state kept (below) made progress
+(that request will not be planned again) and does not count; a round that ends on a refusal, a
+timeout, or with every request accepted and a diff left behind does. So a plan with several requests
+on listener-less addresses (the fixtures have three) still converges with the default of 3, and a
+request sozu refuses is tried ``max_rounds`` times. The total number of rounds is capped at
+``max_rounds`` plus the first plan's length.
 
 A ``FAILURE`` whose ``PROCESSING`` frames show that the main state accepted the request (the workers
 refused it: a frontend or certificate on an address without a listener) leaves the object in the main
@@ -55,10 +61,10 @@ from sozud.errors import ConvergenceError, SozuRequestError, SozuTimeoutError, S
 from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
 from sozud.redact import redact_text
-from sozud.state.live import LiveRead, SozuRequester, read_live_report
+from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_report
 from sozud.state.model import ConfigState, ObjKey
 from sozud.state.plan import Plan, PlanStep, plan
-from sozud.versions import SozuVersion
+from sozud.versions import Family, SozuVersion
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -126,12 +132,12 @@ class ApplyReport:
 
     plan_digest: str  # of the first plan
     first_plan_steps: int
+    live_after: ConfigState  # the last live read
     steps: list[StepResult] = field(default_factory=list)
     batches: list[BatchResult] = field(default_factory=list)
     rounds: int = 0
     converged: bool = False
     remaining: Plan | None = None  # the plan computed from the last re-read (empty when converged)
-    live_after: ConfigState | None = None
     requests_by_type: dict[str, int] = field(default_factory=dict)
     live_reads: int = 0
     notes: list[str] = field(default_factory=list)
@@ -228,9 +234,16 @@ async def apply_plan(
 ) -> ApplyReport:
     """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
 
+    ``max_rounds``: rounds without progress before giving up. ``shared_dir`` (as sozud sees it) and
+    ``shared_dir_sozu_path`` (as sozu sees it, default the same): exact live reads with one SaveState,
+    and batch mode from ``batch_threshold`` steps on, in LoadState chunks of at most ``chunk_bytes``
+    bytes of records, each given ``load_state_timeout_s``. ``max_removal_ratio``, ``force``,
+    ``desired_is_complete``: the planner's safety valve, applied to every (re)plan.
+
     Raises ``UnsafePlanError`` (from the planner) when the safety valve refuses the plan and ``force``
-    is false, and ``ConvergenceError`` when the live state still differs after ``max_rounds`` rounds
-    (unless ``raise_on_failure`` is false: the report then has ``converged == False``).
+    is false, before anything is sent; ``ConvergenceError`` when the live state still differs at the
+    end (unless ``raise_on_failure`` is false: the report then has ``converged == False``); and lets
+    ``SozuConnectionError`` through (the caller reconnects and re-syncs).
     """
     if max_rounds < 1:
         raise StateError(f"apply_plan: max_rounds must be at least 1, got {max_rounds}")
@@ -251,7 +264,9 @@ async def apply_plan(
 
     def replan(r: LiveRead) -> Plan:
         view = r.state
-        extra = {k: v for k, v in assumed.items() if r.hides(k, v)}
+        # Invisible objects, and without SaveState every certificate we set: the certificates query has
+        # one entry per fingerprint, so a fingerprint held at two addresses shows one address's values.
+        extra = {k: v for k, v in assumed.items() if r.hides(k, v) or (k[0] == "certificate" and not r.exact)}
         if extra:
             view = r.state.copy()
             view.objects.update(extra)
@@ -263,17 +278,22 @@ async def apply_plan(
             desired_is_complete=desired_is_complete,
         )
 
-    report = ApplyReport(plan_digest="", first_plan_steps=0)
+    report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
     live = await read()
     current = replan(live)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
     log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
 
-    for round_no in range(1, max_rounds + 1):
-        if current.is_empty:
-            break
+    # Rounds that end on a request the main state accepted (its workers refused it) made progress:
+    # they do not count against max_rounds; a hard cap keeps the loop finite whatever happens.
+    stalled = 0
+    hard_cap = max_rounds + len(current.steps)
+    round_no = 0
+    while not current.is_empty and stalled < max_rounds and round_no < hard_cap:
+        round_no += 1
         report.rounds = round_no
+        progressed = False
         if round_no == 1 and shared_dir is not None and len(current.steps) >= batch_threshold:
             assert sozu_dir is not None
             await _send_batches(cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
@@ -282,10 +302,11 @@ async def apply_plan(
             if current.is_empty:
                 break
         for step in current.steps:
-            result = await _send_one(cch, step, round_no)
+            result = await _send_one(cch, step, round_no, live)
             report.steps.append(result)
             _track(assumed, step, result, desired)
             if not result.ok:
+                progressed = result.main_accepted
                 log.warning(
                     "sozu.apply_step_failed",
                     round=round_no,
@@ -295,6 +316,9 @@ async def apply_plan(
                     sozu_message=result.message,
                 )
                 break
+        # (a round whose every step was accepted but that leaves a diff behind made no progress either)
+        if not progressed:
+            stalled += 1
         live = await read()
         current = replan(live)
 
@@ -314,46 +338,71 @@ async def apply_plan(
         duration_ms=round(report.duration_s * 1000, 2),
     )
     if not report.converged and raise_on_failure:
-        raise ConvergenceError(_convergence_message(report, max_rounds))
+        raise ConvergenceError(_convergence_message(report))
     return report
 
 
-def _convergence_message(report: ApplyReport, max_rounds: int) -> str:
+def _convergence_message(report: ApplyReport) -> str:
     remaining = report.remaining
     left = [] if remaining is None else remaining.steps
     first_left = f" (first: {serde.request_kind(left[0].request)} {left[0].summary})" if left else ""
     failure = report.first_failure_text()
     why = f"; first failure: {failure}" if failure else ""
     return redact_text(
-        f"sozu still differs from the desired state after {max_rounds} round(s): "
+        f"sozu still differs from the desired state after {report.rounds} round(s): "
         f"{len(left)} step(s) remain{first_left}{why}"
     )
 
 
-def _creates(step: PlanStep) -> bool:
-    kind = serde.request_kind(step.request)
-    return kind.startswith(("add_", "update_", "activate_", "deactivate_")) or kind == "replace_certificate"
-
-
 def _track(assumed: dict[ObjKey, Message], step: PlanStep, result: StepResult, desired: ConfigState) -> None:
     """Remember what the main state now holds because of our own request (for invisible objects)."""
-    if not result.main_accepted:
+    if not result.main_accepted or step.key is None:
         return
-    key = tuple(step.key) if step.key is not None else None
-    if key is None:
-        return
-    if _creates(step) and key in desired.objects:
-        assumed[key] = desired.objects[key]
-    elif serde.request_kind(step.request).startswith("remove_"):
+    key = tuple(step.key)
+    kind = result.kind  # what was sent (an add_certificate may have gone as replace_certificate)
+    if kind.startswith(("add_", "update_", "activate_", "deactivate_", "replace_")) and key in desired.objects:
+        value = desired.objects[key]
+        if (
+            isinstance(value, pb.AddCertificate)
+            and kind == "add_certificate"
+            and not value.certificate.names
+            and desired.version.family is not Family.V0_15
+        ):
+            # 1.x/2.x store the names derived from the certificate when sent empty (§6.5)
+            stored = pb.AddCertificate()
+            stored.CopyFrom(value)
+            stored.certificate.names.extend(derived_names(value.certificate.certificate) or ())
+            value = stored
+        assumed[key] = value
+    elif kind.startswith("remove_"):
         assumed.pop(key, None)
 
 
-async def _send_one(cch: _CountingChannel, step: PlanStep, round_no: int) -> StepResult:
-    kind = serde.request_kind(step.request)
+async def _send_one(cch: _CountingChannel, step: PlanStep, round_no: int, read: LiveRead) -> StepResult:
     key = tuple(step.key) if step.key is not None else None
+    req = step.request
     summary = redact_text(step.summary)
+    if req.WhichOneof("request_type") == "add_certificate" and key is not None and read.hides(key, req.add_certificate):
+        # The read cannot tell whether this certificate is already at that address (shadowed, or on an
+        # address without a listener). add_certificate would then be a no-op keeping the old names;
+        # replace_certificate with old == new fingerprint stores it as sent either way (and adds it when
+        # the address holds other certificates). Only when the address holds none does it fail on the
+        # main state: then add_certificate is right.
+        add = req.add_certificate
+        replace = pb.Request()
+        replace.replace_certificate.CopyFrom(
+            pb.ReplaceCertificate(address=add.address, new_certificate=add.certificate, old_fingerprint=key[2])
+        )
+        result = await _send(cch, replace, round_no, summary + " (as replace_certificate: it may be there unseen)", key)
+        if result.ok or result.main_accepted:
+            return result
+    return await _send(cch, req, round_no, summary, key)
+
+
+async def _send(cch: _CountingChannel, req: pb.Request, round_no: int, summary: str, key: ObjKey | None) -> StepResult:
+    kind = serde.request_kind(req)
     try:
-        reply = await cch.request(step.request)
+        reply = await cch.request(req)
     except SozuRequestError as e:
         return StepResult(
             round=round_no,
@@ -396,7 +445,8 @@ def encode_records(requests: Sequence[pb.Request], version: SozuVersion, *, firs
 def _chunks(records: Sequence[bytes], chunk_bytes: int) -> list[tuple[int, list[bytes]]]:
     """Consecutive runs of records, each at most ``chunk_bytes`` (a lone bigger record is left out)."""
     chunks: list[tuple[int, list[bytes]]] = []
-    start, current, size = 0, [], 0
+    current: list[bytes] = []
+    start, size = 0, 0
     for i, rec in enumerate(records):
         if len(rec) > MAX_RECORD_BYTES or len(rec) > chunk_bytes:
             # never batched: close the current chunk; the record goes one by one after the batches

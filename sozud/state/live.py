@@ -12,7 +12,7 @@ every certificate with its listener address, every listener setting.
 ==================================  ================================================================
 ``list_listeners``                  every listener with its settings and ``active`` flag
 ``query_clusters_hashes``           the cluster ids (``"main"`` entry)
-``query_cluster_by_id`` × N         each cluster's configuration and backends (``"main"`` entry)
+``query_cluster_by_id`` x N         each cluster's configuration and backends (``"main"`` entry)
 ``list_frontends`` (no filter)      every frontend, deny routes and frontends of removed clusters
                                     included (1.0.0-1.0.4 answer FAILURE: frontends then come from
                                     the per-cluster replies, and deny routes and frontends of removed
@@ -32,14 +32,23 @@ What the query path cannot see (:class:`LiveRead` says so, :meth:`LiveRead.hides
   at one address and shadowed at another is seen at the first only;
 - when one fingerprint is installed at several addresses with different keys or names, the state
   query returns one of them, used for every address;
-- on 0.15 the certificates query returns the names derived from the certificate, not the stored
-  list (0.15 stores what was sent, normally ``[]``, which is what its CLI sends): the names are
-  reported as ``[]``;
+- on 0.15 the certificates query returns the names derived from the certificate (CN and DNS SANs),
+  not the stored list (0.15 stores what was sent, normally ``[]``, which is what its CLI sends):
+  names equal to the derived ones are reported as ``[]``; certificates that 0.15 cannot parse (its
+  main state accepts some) are left out of the query and cannot be seen;
 - the read is not atomic: a change between two of its requests can give a mix. Take :func:`probe`
   *before* reading: such a change then shows in the next probe.
 
 2.x closes the connection on a reply above ``max_command_buffer_size`` (2 MB by default): with many
-certificates, the certificates query can exceed it; use a shared directory there.
+certificates, the certificates query can exceed it; use a shared directory there. 0.15.19 never answers
+a cluster query whose per-worker answer exceeds its worker message size (§12, e.g. 150 backends with a
+16 kB ``command_buffer_size``): a timeout there may be that bug; a shared directory avoids the queries.
+
+The save_state file: sozud creates it empty, mode 0600, under a random name (it will hold private keys;
+nobody can plant a symlink at a random name), then asks sozu to write it; sozu truncates and writes in
+place, so the mode stays. sozu must be able to write a file that sozud created (root, or the same user).
+``shared_dir_sozu_path`` is the directory as sozu's main process sees it when that differs (container).
+The file is deleted after parsing, also on errors.
 
 The probe (:func:`probe`) costs two requests: ``count_requests`` (per-request-type counters of the
 main state, bumped by every configuration request it dispatches, backends included, whichever client
@@ -50,6 +59,7 @@ restart (which resets the counters) reads as a change even when the counters hap
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
@@ -57,6 +67,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID, NameOID
 from google.protobuf.message import Message
 
 from sozud.errors import SozuProtocolError, SozuRequestError, StateError
@@ -70,6 +82,7 @@ __all__ = [
     "Fingerprint",
     "LiveRead",
     "SozuRequester",
+    "derived_names",
     "probe",
     "read_live",
     "read_live_report",
@@ -120,11 +133,12 @@ async def probe(ch: SozuRequester) -> Fingerprint:
     runs, and a restart changes the epoch. It can report a change that changed nothing (a refused
     request is counted on 1.x/2.x; a request that re-adds an identical object too).
     """
-    epoch = ch.epoch
     counts = await _ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
     hashes = await _main_entry(ch, pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
+    # The epoch of the connection that answered (a request may reconnect first); a reconnection between
+    # the two requests only makes this fingerprint differ from every earlier one, which is safe.
     return Fingerprint(
-        epoch=epoch,
+        epoch=ch.epoch,
         request_counts=tuple(sorted(counts.request_counts.map.items())),
         cluster_hashes=tuple(sorted(hashes.cluster_hashes.map.items())),
     )
@@ -142,7 +156,7 @@ class LiveRead:
     requests: int
     notes: list[str] = field(default_factory=list)
     # certificates in the main state served at no worker listener: fingerprint -> certificate
-    unresolved_certificates: dict[str, pb.CertificateAndKey] = field(default_factory=dict)
+    unresolved_certificates: dict[str, pb.CertificateAndKey] = field(default_factory=dict, repr=False)
     # every fingerprint in the main state (queries only)
     state_fingerprints: frozenset[str] = frozenset()
     frontends_listed: bool = True
@@ -166,7 +180,11 @@ class LiveRead:
             has = value.HasField("cluster_id") if isinstance(value, pb.RequestHttpFrontend) else True
             return not has or ("cluster", cluster_id) not in self.state.objects
         if kind == "certificate":
-            return key[2] in self.state_fingerprints
+            if key[2] in self.state_fingerprints:
+                return True
+            # 0.15 leaves out of its certificates query the ones it cannot parse
+            assert isinstance(value, pb.AddCertificate)
+            return self.state.version.family is Family.V0_15 and derived_names(value.certificate.certificate) is None
         return False
 
     def visible(self, state: ConfigState) -> ConfigState:
@@ -233,14 +251,14 @@ async def _read_by_save_state(ch: SozuRequester, shared_dir: str, sozu_dir: str)
     try:
         await _ask(ch, pb.Request(save_state=sozu_path), None)
         try:
-            with open(local_path, "rb") as f:
-                data = f.read()
+            data = await asyncio.to_thread(_read_bytes, local_path)
         except OSError as e:
             raise StateError(
                 f"sozu saved its state to {sozu_path} but it cannot be read at {local_path}: {e} "
                 "(is shared_dir the same directory as sozu's shared_dir_sozu_path?)"
             ) from e
-        state = parse_state_file(data, version, source=f"save_state {sozu_path}")
+        # sozu answered after writing the whole file: an empty file is an empty sozu, not a partial one
+        state = parse_state_file(data, version, source=f"save_state {sozu_path}", allow_empty=True)
     finally:
         try:
             os.unlink(local_path)
@@ -323,7 +341,7 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
         for fp in sorted(by_fp):
             cert = pb.CertificateAndKey()
             cert.CopyFrom(by_fp[fp])
-            if version.family is Family.V0_15:
+            if version.family is Family.V0_15 and set(cert.names) == set(derived_names(cert.certificate) or ()):
                 del cert.names[:]  # 0.15 answers derived names, stores what was sent (see module doc)
             addresses = placed.get(fp.lower())
             if not addresses:
@@ -348,6 +366,31 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
     for note in read.notes:
         get_logger().info("sozu.live_read_limited", note=note)
     return read
+
+
+def derived_names(pem: str) -> list[str] | None:
+    """CN then DNS SANs of a PEM certificate (what sozu derives), None when it does not parse."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        return None
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    except x509.ExtensionNotFound:
+        san = None
+    if isinstance(san, x509.SubjectAlternativeName):
+        names.extend(san.get_values_for_type(x509.DNSName))
+    out: list[str] = []
+    for name in names:  # consecutive duplicates dropped (a CN repeated as the first SAN)
+        if not out or out[-1] != name:
+            out.append(name)
+    return out
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _frontends_of(

@@ -221,6 +221,7 @@ class FakeSozu:
         self._msgs = _V015_MESSAGES if self._is_015 else _V1_MESSAGES
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._refuse: dict[str, list[str]] = {}
         self._drop: dict[str, int | None] = {}
         self._pending_events: list[pb.Event] = []
@@ -291,6 +292,13 @@ class FakeSozu:
             for task in list(conn.tasks):
                 task.cancel()
         self._conns.clear()
+        # Connection handlers end on the EOF of their closed transport; waiting for them here keeps
+        # them from being cancelled later by the event loop's shutdown (noise, and a lost final frame).
+        handlers = [t for t in self._handlers if t is not asyncio.current_task()]
+        if handlers:
+            _done, pending = await asyncio.wait(handlers, timeout=2.0)
+            for task in pending:
+                task.cancel()
 
     def _close(self, conn: _Conn) -> None:
         if not conn.closed:
@@ -338,6 +346,10 @@ class FakeSozu:
     # -- connections -----------------------------------------------------------------------------
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         if self.crashed or self.stopped:
             writer.close()
             return

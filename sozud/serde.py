@@ -75,9 +75,7 @@ def parse_address(text: str) -> pb.SocketAddress:
     if host.startswith("[") and host.endswith("]"):
         ip6 = ipaddress.IPv6Address(host[1:-1])
         n = int(ip6)
-        return pb.SocketAddress(
-            ip=pb.IpAddress(v6=pb.Uint128(low=n & (2**64 - 1), high=n >> 64)), port=int(port_s)
-        )
+        return pb.SocketAddress(ip=pb.IpAddress(v6=pb.Uint128(low=n & (2**64 - 1), high=n >> 64)), port=int(port_s))
     ip4 = ipaddress.IPv4Address(host)
     return pb.SocketAddress(ip=pb.IpAddress(v4=int(ip4)), port=int(port_s))
 
@@ -137,9 +135,7 @@ def _is_synthetic(oneof: Any) -> bool:
 
 
 def _is_map(fd: _FD) -> bool:
-    return (
-        fd.type == _T.TYPE_MESSAGE and fd.message_type is not None and fd.message_type.GetOptions().map_entry
-    )
+    return fd.type == _T.TYPE_MESSAGE and fd.message_type is not None and fd.message_type.GetOptions().map_entry
 
 
 def _is_repeated(fd: _FD) -> bool:
@@ -169,8 +165,7 @@ def _msg_to_json(msg: Message, version: SozuVersion, path: str) -> Any:
         if not f.known:
             if _is_set(msg, fd):
                 raise StateError(
-                    f"{path}.{f.name} is set but sozu {version} has no such field; "
-                    "refusing to drop it silently"
+                    f"{path}.{f.name} is set but sozu {version} has no such field; refusing to drop it silently"
                 )
             continue
         out[f.name] = _field_to_json(msg, fd, f.required, version, f"{path}.{f.name}")
@@ -245,8 +240,7 @@ def _json_into(msg: Message, value: Any, version: SozuVersion, where: _Where, pa
         if version.family is not Family.V0_15:
             raise where.error(
                 path,
-                f"address {value!r} is a string (sozu 0.15 shape) but sozu {version} "
-                'uses {"ip":...,"port":...}',
+                f'address {value!r} is a string (sozu 0.15 shape) but sozu {version} uses {{"ip":...,"port":...}}',
             )
         try:
             msg.CopyFrom(parse_address(value))

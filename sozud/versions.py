@@ -104,10 +104,7 @@ REQUEST_SINCE: dict[str, SozuVersion] = {
             "set_metric_detail",
         )
     },
-    **{
-        k: V2_1_0
-        for k in ("add_udp_listener", "update_udp_listener", "add_udp_frontend", "remove_udp_frontend")
-    },
+    **{k: V2_1_0 for k in ("add_udp_listener", "update_udp_listener", "add_udp_frontend", "remove_udp_frontend")},
 }
 
 _H2_KNOBS = (

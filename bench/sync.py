@@ -24,53 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sozud.log import configure_logging
 from sozud.proto import command_pb2 as pb
-from sozud.serde import parse_address
 from sozud.state.codec import write_state_file
 from sozud.state.model import ConfigState
+from sozud.testing import builders as build
 from sozud.testing.cluster import SimCluster, mutation_count, wait_until
 from sozud.versions import SozuVersion
 
 
 def generated_state(version: SozuVersion, clusters: int) -> ConfigState:
     state = ConfigState(version)
-    state.add_listener(
-        "http",
-        pb.HttpListenerConfig(
-            address=parse_address("127.0.0.1:18080"),
-            expect_proxy=False,
-            sticky_name="SOZUBALANCEID",
-            front_timeout=60,
-            back_timeout=30,
-            connect_timeout=3,
-            request_timeout=10,
-            active=False,
-        ),
-    )
+    state.add_listener("http", build.http_listener("127.0.0.1:18080"))
     for i in range(clusters):
         cid = f"app-{i:05d}"
-        state.add(
-            "cluster",
-            pb.Cluster(cluster_id=cid, sticky_session=False, https_redirect=False, load_balancing=pb.ROUND_ROBIN),
-        )
-        state.add(
-            "backend",
-            pb.AddBackend(
-                cluster_id=cid,
-                backend_id=f"{cid}-0",
-                address=parse_address(f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8000"),
-                load_balancing_parameters=pb.LoadBalancingParams(weight=100),
-            ),
-        )
-        state.add(
-            "http_frontend",
-            pb.RequestHttpFrontend(
-                cluster_id=cid,
-                address=parse_address("127.0.0.1:18080"),
-                hostname=f"{cid}.example.com",
-                path=pb.PathRule(kind=pb.PREFIX, value="/"),
-                position=pb.TREE,
-            ),
-        )
+        state.add("cluster", build.cluster(cid))
+        addr = f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8000"
+        state.add("backend", build.backend(cid, f"{cid}-0", addr))
+        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:18080", f"{cid}.example.com"))
     return state
 
 
@@ -106,13 +75,7 @@ async def run(clusters: int, changes: int, shared_dir: bool) -> None:
         for i in range(changes):
             cid = f"bench-{i}"
             start = time.perf_counter()
-            err = a.sozu.state.dispatch(
-                pb.Request(
-                    add_cluster=pb.Cluster(
-                        cluster_id=cid, sticky_session=False, https_redirect=False, load_balancing=pb.ROUND_ROBIN
-                    )
-                )
-            )
+            err = a.sozu.state.dispatch(pb.Request(add_cluster=build.cluster(cid)))
             assert err is None, err
             await wait_until(
                 lambda cid=cid: cid in b.sozu.state.clusters and cid in c.sozu.state.clusters,

@@ -27,26 +27,15 @@ from typing import Any
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
-from sozud.errors import ConfigError, SozudError, UnsafePlanError
+from sozud.errors import SozudError, UnsafePlanError
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
-from sozud.om_api import OMClient, OMSettings, client_from_url
+from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 from sozud.persist import BaseStore, StatusFile
 from sozud.sdnotify import Notifier
 from sozud.socket_proto import SozuChannel
 from sozud.sync import EngineSettings, SyncEngine, SyncReport
 from sozud.versions import SozuVersion
-
-
-def _read_secret_file(path: str | None, key: str) -> str | None:
-    """The first line of a secret file (the value never appears in errors or logs)."""
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().strip()
-    except OSError as e:
-        raise ConfigError(f"configuration key {key!r}: cannot read {path}: {e.strerror}") from None
 
 
 def om_settings(config: Config) -> OMSettings:
@@ -57,8 +46,8 @@ def om_settings(config: Config) -> OMSettings:
         cert_file=config.cert_file,
         key_file=config.key_file,
         username=config.username,
-        password=_read_secret_file(config.password_file, "password_file"),
-        token=_read_secret_file(config.token_file, "token_file"),
+        password=read_secret_file(config.password_file, "configuration key 'password_file'"),
+        token=read_secret_file(config.token_file, "configuration key 'token_file'"),
         nodename=config.node,
         poll_interval_s=config.opensvc_poll_interval_s,
         request_timeout_s=config.request_timeout_s,

@@ -57,7 +57,11 @@ class Metrics:
         self.conflicts = Metric(
             "sozud_conflicts_total", "counter", "Merge conflicts resolved by the deterministic rule."
         )
-        self.requests = Metric("sozud_sozu_requests_total", "counter", "Mutation requests sent to sozu, by type.")
+        self.requests = Metric(
+            "sozud_sozu_requests_total",
+            "counter",
+            "Requests sent to sozu while applying plans, by type (the reads of the apply included).",
+        )
         self.pushes = Metric("sozud_pushes_total", "counter", "States pushed to the OpenSVC key.")
         self.drift = Metric(
             "sozud_drift_objects", "gauge", "Objects differing between live and shared after the last sync."

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from sozud._om.base import OMSettings, Transport, cluster_identity
+from sozud._om.base import OMSettings, Transport, cluster_identity, read_secret_file
 from sozud._om.h2 import H2_WINDOW_BYTES, H2Transport
 from sozud._om.http import tls_factory, uds_factory
 from sozud._om.memory import MemoryTransport
@@ -68,6 +68,7 @@ __all__ = [
     "RawUnixTransport",
     "Transport",
     "client_from_url",
+    "read_secret_file",
 ]
 
 _T = TypeVar("_T")

@@ -222,3 +222,38 @@ SERDE_DEFAULT_FIELDS: frozenset[tuple[str, str]] = frozenset(
         ("RequestUdpFrontend", "tags"),
     }
 )
+
+# Requests sozu's main state stores (or refuses): the ones a state file may hold and that change the
+# configuration. Every other request is a query, a runtime-only setting or a process control (§5).
+STORED_REQUESTS: frozenset[str] = frozenset(
+    {
+        "add_cluster",
+        "remove_cluster",
+        "add_http_frontend",
+        "remove_http_frontend",
+        "add_https_frontend",
+        "remove_https_frontend",
+        "add_certificate",
+        "replace_certificate",
+        "remove_certificate",
+        "add_tcp_frontend",
+        "remove_tcp_frontend",
+        "add_udp_frontend",
+        "remove_udp_frontend",
+        "add_backend",
+        "remove_backend",
+        "add_http_listener",
+        "add_https_listener",
+        "add_tcp_listener",
+        "add_udp_listener",
+        "update_http_listener",
+        "update_https_listener",
+        "update_tcp_listener",
+        "update_udp_listener",
+        "remove_listener",
+        "activate_listener",
+        "deactivate_listener",
+        "set_health_check",
+        "remove_health_check",
+    }
+)

@@ -12,52 +12,29 @@ from conftest import FIXTURES
 from sozud.errors import VersionMismatchError
 from sozud.main import main
 from sozud.proto import command_pb2 as pb
-from sozud.serde import parse_address
+from sozud.testing import builders as build
 from sozud.testing.cluster import SimCluster, mutation_count, wait_until
 from sozud.testing.fake_opensvc import FakeOpenSVCCluster
 from sozud.testing.fake_sozu import FakeSozu
+from sozud.versions import SozuVersion
 
 VERSIONS = ["2.1.0", "1.1.1", "0.15"]
 
 
 def cluster_req(cid: str, *, sticky: bool = False, redirect: bool = False) -> pb.Request:
-    return pb.Request(
-        add_cluster=pb.Cluster(
-            cluster_id=cid, sticky_session=sticky, https_redirect=redirect, load_balancing=pb.ROUND_ROBIN
-        )
-    )
+    return pb.Request(add_cluster=build.cluster(cid, sticky=sticky, https_redirect=redirect))
 
 
 def backend_req(cid: str, bid: str, addr: str) -> pb.Request:
-    return pb.Request(
-        add_backend=pb.AddBackend(
-            cluster_id=cid,
-            backend_id=bid,
-            address=parse_address(addr),
-            load_balancing_parameters=pb.LoadBalancingParams(weight=100),
-        )
-    )
+    return pb.Request(add_backend=build.backend(cid, bid, addr))
 
 
 def remove_backend_req(cid: str, bid: str, addr: str) -> pb.Request:
-    return pb.Request(remove_backend=pb.RemoveBackend(cluster_id=cid, backend_id=bid, address=parse_address(addr)))
+    return pb.Request(remove_backend=build.remove_backend(cid, bid, addr))
 
 
 def listener_req(version: str) -> pb.Request:
-    cfg = pb.HttpListenerConfig(
-        address=parse_address("127.0.0.1:18080"),
-        expect_proxy=False,
-        sticky_name="SOZUBALANCEID",
-        front_timeout=60,
-        back_timeout=30,
-        connect_timeout=3,
-        request_timeout=10,
-        active=False,
-    )
-    if version.startswith("0.15"):
-        cfg.answer_404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-        cfg.answer_503 = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
-    return pb.Request(add_http_listener=cfg)
+    return pb.Request(add_http_listener=build.http_listener("127.0.0.1:18080", version=SozuVersion.parse(version)))
 
 
 def in_sync(cluster: SimCluster) -> bool:

@@ -115,6 +115,8 @@ async def test_read_by_queries_equals_save_state_except_what_sozu_cannot_show(
     assert sent.count("query_cluster_by_id") == len(clusters)
     assert len(sent) == read.requests == 4 + len(clusters) + (1 if has_certs else 0)
     assert "save_state" not in sent
+    # what the read says it can see of sozu's state is exactly what it returned
+    assert read.visible(reference) == read.state
     # whatever the read shows is exactly what sozu holds
     for key, value in read.state.objects.items():
         assert reference.objects.get(key) == value, key

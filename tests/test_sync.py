@@ -12,10 +12,10 @@ from conftest import FIXTURES
 from sozud.errors import StateParseError, UnsafePlanError, VersionMismatchError
 from sozud.persist import BaseStore
 from sozud.proto import command_pb2 as pb
-from sozud.serde import parse_address
 from sozud.state.codec import parse_state_file
 from sozud.state.model import ConfigState
 from sozud.sync import ApplyOutcome, EngineSettings, SharedMeta, SyncEngine
+from sozud.testing import builders as build
 from sozud.versions import SozuVersion
 
 V2 = SozuVersion(2, 1, 0)
@@ -26,16 +26,11 @@ def fixture_state(name: str, version: str = "2.1.0") -> ConfigState:
 
 
 def cluster(cid: str, *, sticky: bool = False) -> pb.Cluster:
-    return pb.Cluster(cluster_id=cid, sticky_session=sticky, https_redirect=False, load_balancing=pb.ROUND_ROBIN)
+    return build.cluster(cid, sticky=sticky)
 
 
-def backend(cid: str, bid: str, addr: str, weight: int = 100) -> pb.AddBackend:
-    return pb.AddBackend(
-        cluster_id=cid,
-        backend_id=bid,
-        address=parse_address(addr),
-        load_balancing_parameters=pb.LoadBalancingParams(weight=weight),
-    )
+def backend(cid: str, bid: str, addr: str) -> pb.AddBackend:
+    return build.backend(cid, bid, addr)
 
 
 class MemSozu:

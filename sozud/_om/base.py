@@ -163,3 +163,18 @@ class Transport(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections."""
+
+
+def read_secret_file(path: str | None, setting: str) -> str | None:
+    """The content (stripped) of a file holding a password or token; ``None`` when no file is set.
+
+    Errors name the setting and the path, never the content.
+    """
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{setting} {path}: cannot read: {reason}") from None

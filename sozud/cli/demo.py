@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sozud.proto import command_pb2 as pb
-from sozud.serde import parse_address
+from sozud.testing import builders as build
 
 BANNER = "=== sozud DEMO: simulated sozu and simulated OpenSVC agents; no real proxy or agent is involved ==="
 
@@ -53,16 +53,7 @@ async def _demo(version: str, root: Path) -> int:
     _say(f"working directory: {root}")
     cluster = await SimCluster.create(["node-a", "node-b"], version=version, root=root)
     a, b = cluster.node("node-a"), cluster.node("node-b")
-    listener = pb.HttpListenerConfig(
-        address=parse_address("127.0.0.1:8080"),
-        expect_proxy=False,
-        sticky_name="SOZUBALANCEID",
-        front_timeout=60,
-        back_timeout=30,
-        connect_timeout=3,
-        request_timeout=10,
-        active=False,
-    )
+    listener = build.http_listener("127.0.0.1:8080", version=cluster.version)
     try:
         _say("\n1. node-a's sozu has one HTTP listener; both sozud daemons start.")
         await a.request(pb.Request(add_http_listener=listener))
@@ -72,52 +63,25 @@ async def _demo(version: str, root: Path) -> int:
 
         _say("\n2. An operator adds a cluster, a backend and a frontend on node-a's sozu only.")
         before = mutation_count(b.sozu)
-        await a.request(
-            pb.Request(
-                add_cluster=pb.Cluster(
-                    cluster_id="shop", sticky_session=False, https_redirect=False, load_balancing=pb.ROUND_ROBIN
-                )
-            )
-        )
-        await a.request(
-            pb.Request(
-                add_backend=pb.AddBackend(
-                    cluster_id="shop",
-                    backend_id="shop-0",
-                    address=parse_address("10.0.0.2:8000"),
-                    load_balancing_parameters=pb.LoadBalancingParams(weight=100),
-                )
-            )
-        )
-        await a.request(
-            pb.Request(
-                add_http_frontend=pb.RequestHttpFrontend(
-                    cluster_id="shop",
-                    address=parse_address("127.0.0.1:8080"),
-                    hostname="shop.example.com",
-                    path=pb.PathRule(kind=pb.PREFIX, value="/"),
-                    position=pb.TREE,
-                )
-            )
-        )
+        await a.request(pb.Request(add_cluster=build.cluster("shop")))
+        await a.request(pb.Request(add_backend=build.backend("shop", "shop-0", "10.0.0.2:8000")))
+        await a.request(pb.Request(add_http_frontend=build.http_frontend("shop", "127.0.0.1:8080", "shop.example.com")))
         await wait_until(lambda: b.live_file() == a.live_file(), what="node-b to receive the new cluster")
         _say(f"   node-b now runs: {_counts(b.live_file())}")
         _say(f"   requests sozud sent to node-b's sozu for this change: {mutation_count(b.sozu) - before}")
 
         _say("\n3. The operator removes the backend on node-a (the old `state load` never propagated removals).")
         before = mutation_count(b.sozu)
-        await a.request(
-            pb.Request(
-                remove_backend=pb.RemoveBackend(
-                    cluster_id="shop", backend_id="shop-0", address=parse_address("10.0.0.2:8000")
-                )
-            )
-        )
+        await a.request(pb.Request(remove_backend=build.remove_backend("shop", "shop-0", "10.0.0.2:8000")))
         await wait_until(lambda: b.live_file() == a.live_file(), what="node-b to drop the backend")
         _say(f"   node-b now runs: {_counts(b.live_file())}")
         _say(f"   requests sent to node-b's sozu for the removal: {mutation_count(b.sozu) - before}")
-        _say("\nBoth nodes are in sync. `sozud status --state-dir DIR` shows what a daemon did, e.g.:")
-        _say(f"   sozud status --state-dir {a.config.state_dir}")
+        _say("\nBoth nodes are in sync. What `sozud status` shows on node-b:\n")
+        from sozud.main import format_status
+        from sozud.persist import StatusFile
+
+        status = StatusFile(b.config.state_dir).read() or {}
+        _say("   " + format_status(status).replace("\n", "\n   "))
         return 0
     finally:
         await cluster.stop()

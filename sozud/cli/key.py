@@ -19,7 +19,7 @@ from typing import Any
 
 from sozud.errors import ConfigError, SozudError
 from sozud.log import configure_logging
-from sozud.om_api import OMSettings, client_from_url
+from sozud.om_api import OMSettings, client_from_url, read_secret_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -68,15 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=10.0, help="request timeout in seconds (default 10)")
 
 
-def _read_secret_file(path: str | None, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _UsageError(f"--{what}-file {path}: cannot read: {exc}") from None
-
-
 class _UsageError(Exception):
     pass
 
@@ -89,8 +80,8 @@ def _settings(args: argparse.Namespace) -> OMSettings:
         cert_file=args.cert_file,
         key_file=args.key_file,
         username=args.username,
-        password=_read_secret_file(args.password_file, "password"),
-        token=_read_secret_file(args.token_file, "token"),
+        password=read_secret_file(args.password_file, "--password-file"),
+        token=read_secret_file(args.token_file, "--token-file"),
         request_timeout_s=args.timeout_s,
     )
     if args.cluster_conf:

@@ -56,7 +56,7 @@ from sozud.state.model import (
     add_request,
     apply_request,
 )
-from sozud.versions import V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
+from sozud.versions import STORED_REQUESTS, V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
 
 __all__ = [
     "detect_family",
@@ -70,38 +70,7 @@ __all__ = [
 ]
 
 # Requests a state file may hold: the ones sozu's main state stores.
-STATE_REQUESTS = frozenset(
-    {
-        "add_cluster",
-        "remove_cluster",
-        "add_http_frontend",
-        "remove_http_frontend",
-        "add_https_frontend",
-        "remove_https_frontend",
-        "add_certificate",
-        "replace_certificate",
-        "remove_certificate",
-        "add_tcp_frontend",
-        "remove_tcp_frontend",
-        "add_backend",
-        "remove_backend",
-        "add_http_listener",
-        "add_https_listener",
-        "add_tcp_listener",
-        "remove_listener",
-        "activate_listener",
-        "deactivate_listener",
-        "update_http_listener",
-        "update_https_listener",
-        "update_tcp_listener",
-        "set_health_check",
-        "remove_health_check",
-        "add_udp_listener",
-        "update_udp_listener",
-        "add_udp_frontend",
-        "remove_udp_frontend",
-    }
-)
+STATE_REQUESTS = STORED_REQUESTS
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()

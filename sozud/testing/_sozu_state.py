@@ -41,7 +41,7 @@ from google.protobuf.message import Message
 from sozud.errors import StateParseError
 from sozud.proto import command_pb2 as pb
 from sozud.serde import address_sort_key, address_text, from_json, to_json
-from sozud.versions import Family, SozuVersion
+from sozud.versions import STORED_REQUESTS, Family, SozuVersion
 
 NO_CHANGE = "dispatching this request did not bring any change to the state"
 LISTENER_KIND: dict[int, str] = {
@@ -64,38 +64,7 @@ _UPDATE_REQUEST = {
 }
 _PATH_PREFIX = {pb.PREFIX: "P", pb.REGEX: "R", pb.EQUALS: "="}
 # Requests the main state stores (or refuses); other requests never reach ConfigState::dispatch.
-STATE_REQUESTS = frozenset(
-    {
-        "add_cluster",
-        "remove_cluster",
-        "add_http_frontend",
-        "remove_http_frontend",
-        "add_https_frontend",
-        "remove_https_frontend",
-        "add_certificate",
-        "replace_certificate",
-        "remove_certificate",
-        "add_tcp_frontend",
-        "remove_tcp_frontend",
-        "add_udp_frontend",
-        "remove_udp_frontend",
-        "add_backend",
-        "remove_backend",
-        "add_http_listener",
-        "add_https_listener",
-        "add_tcp_listener",
-        "add_udp_listener",
-        "update_http_listener",
-        "update_https_listener",
-        "update_tcp_listener",
-        "update_udp_listener",
-        "remove_listener",
-        "activate_listener",
-        "deactivate_listener",
-        "set_health_check",
-        "remove_health_check",
-    }
-)
+STATE_REQUESTS = STORED_REQUESTS
 # Worker-bound requests that pass the main state without being stored.
 PASS_THROUGH_REQUESTS = frozenset({"configure_metrics", "Logging", "set_max_connections_per_ip", "set_metric_detail"})
 _RECORD_SEPARATOR = b"\n\x00"

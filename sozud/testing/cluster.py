@@ -23,35 +23,9 @@ from sozud.daemon import Daemon
 from sozud.proto import command_pb2 as pb
 from sozud.testing.fake_opensvc import FakeAgent, FakeOpenSVCCluster
 from sozud.testing.fake_sozu import FakeSozu
-from sozud.versions import SozuVersion
+from sozud.versions import STORED_REQUESTS, SozuVersion
 
-MUTATIONS = frozenset(
-    {
-        "add_cluster",
-        "remove_cluster",
-        "add_http_frontend",
-        "remove_http_frontend",
-        "add_https_frontend",
-        "remove_https_frontend",
-        "add_certificate",
-        "replace_certificate",
-        "remove_certificate",
-        "add_tcp_frontend",
-        "remove_tcp_frontend",
-        "add_backend",
-        "remove_backend",
-        "add_http_listener",
-        "add_https_listener",
-        "add_tcp_listener",
-        "remove_listener",
-        "activate_listener",
-        "deactivate_listener",
-        "update_http_listener",
-        "update_https_listener",
-        "update_tcp_listener",
-        "load_state",
-    }
-)
+MUTATIONS = STORED_REQUESTS | {"load_state"}
 
 
 def mutation_count(sozu: FakeSozu) -> int:

@@ -1,0 +1,58 @@
+"""Small builders of complete sozu request messages, for tests, benchmarks and the demo.
+
+Every required proto2 field is set (Python's runtime refuses to serialize a message missing one), with
+sozu's own defaults (timeouts 60/30/3/10 s, sticky cookie ``SOZUBALANCEID``, weight 100, TREE position).
+"""
+
+from __future__ import annotations
+
+from sozud.proto import command_pb2 as pb
+from sozud.serde import parse_address
+from sozud.versions import Family, SozuVersion
+
+
+def http_listener(address: str, *, version: SozuVersion | None = None, active: bool = False) -> pb.HttpListenerConfig:
+    cfg = pb.HttpListenerConfig(
+        address=parse_address(address),
+        expect_proxy=False,
+        sticky_name="SOZUBALANCEID",
+        front_timeout=60,
+        back_timeout=30,
+        connect_timeout=3,
+        request_timeout=10,
+        active=active,
+    )
+    if version is not None and version.family is Family.V0_15:
+        # 0.15 carries its default answers inline, and requires them
+        cfg.answer_404 = "HTTP/1.1 404 Not Found\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
+        cfg.answer_503 = "HTTP/1.1 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
+    return cfg
+
+
+def cluster(cluster_id: str, *, sticky: bool = False, https_redirect: bool = False) -> pb.Cluster:
+    return pb.Cluster(
+        cluster_id=cluster_id, sticky_session=sticky, https_redirect=https_redirect, load_balancing=pb.ROUND_ROBIN
+    )
+
+
+def backend(cluster_id: str, backend_id: str, address: str, *, weight: int = 100) -> pb.AddBackend:
+    return pb.AddBackend(
+        cluster_id=cluster_id,
+        backend_id=backend_id,
+        address=parse_address(address),
+        load_balancing_parameters=pb.LoadBalancingParams(weight=weight),
+    )
+
+
+def remove_backend(cluster_id: str, backend_id: str, address: str) -> pb.RemoveBackend:
+    return pb.RemoveBackend(cluster_id=cluster_id, backend_id=backend_id, address=parse_address(address))
+
+
+def http_frontend(cluster_id: str, address: str, hostname: str, *, path: str = "/") -> pb.RequestHttpFrontend:
+    return pb.RequestHttpFrontend(
+        cluster_id=cluster_id,
+        address=parse_address(address),
+        hostname=hostname,
+        path=pb.PathRule(kind=pb.PREFIX, value=path),
+        position=pb.TREE,
+    )

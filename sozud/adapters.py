@@ -7,10 +7,11 @@ from collections import Counter
 
 from google.protobuf.message import Message
 
+from sozud.log import get_logger
 from sozud.om_api import OMClient
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
-from sozud.state.live import LiveRead, probe, read_live_report
+from sozud.state.live import Fingerprint, LiveRead, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
 from sozud.sync import ApplyOutcome
 from sozud.versions import SozuVersion
@@ -46,6 +47,9 @@ class SozuAdapter:
         self._last_read: LiveRead | None = None
         self._assumed: dict[ObjKey, Message] = {}
         self._assumed_epoch: int | None = None
+        self._last_fingerprint: Fingerprint | None = None
+        self.restarts = 0
+        self.log = get_logger(socket=channel.socket_path)
         self.requests_by_type: Counter[str] = Counter()
         self._lock = asyncio.Lock()
 
@@ -58,7 +62,20 @@ class SozuAdapter:
         return self.channel.epoch
 
     async def probe(self) -> object:
-        return await probe(self.channel)
+        return self._observe(await probe(self.channel))
+
+    def _observe(self, fp: Fingerprint) -> Fingerprint:
+        """Count sozu restarts: after a re-connection, request counters that went backwards mean a new
+        sozu main process (its counters start again from its configuration and saved state). A
+        re-connection alone (a timeout, a protocol error) is not a restart."""
+        last = self._last_fingerprint
+        if last is not None and fp.epoch != last.epoch:
+            before, now = dict(last.request_counts), dict(fp.request_counts)
+            if sum(now.values()) < sum(before.values()) or any(now.get(k, 0) < v for k, v in before.items()):
+                self.restarts += 1
+                self.log.warning("sozu.restarted", epoch=fp.epoch, action="the shared state wins for the next sync")
+        self._last_fingerprint = fp
+        return fp
 
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
@@ -80,8 +97,9 @@ class SozuAdapter:
 
     async def read_live(self) -> ConfigState:
         async with self._lock:
-            await self.channel.connect()
-            fingerprint = await probe(self.channel)
+            # No explicit connect(): requests reconnect within their own timeout, so a sozu that is down
+            # ends this read with an error naming the socket instead of waiting forever.
+            fingerprint = self._observe(await probe(self.channel))
             epoch = self.channel.epoch
             if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
                 return self._cache[2].copy()
@@ -111,7 +129,7 @@ class SozuAdapter:
                 self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
                 self._assumed_epoch = self.channel.epoch
             live_after = await self._read()
-            self._cache = (self.channel.epoch, await probe(self.channel), live_after)
+            self._cache = (self.channel.epoch, self._observe(await probe(self.channel)), live_after)
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),

@@ -51,8 +51,8 @@ class SozuPort(Protocol):
     def version(self) -> SozuVersion: ...
 
     @property
-    def epoch(self) -> int:
-        """+1 at every (re)connection to sozu: a change means sozu may have restarted."""
+    def restarts(self) -> int:
+        """How many times sozu was seen to restart (a new main process) since sozud started."""
         ...
 
     async def read_live(self) -> ConfigState: ...
@@ -178,7 +178,7 @@ class SyncEngine:
         self.base = base
         self.settings = settings
         self.log = get_logger(node=settings.node)
-        self._seen_epoch: int | None = None
+        self._seen_restarts: int | None = None
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -188,8 +188,8 @@ class SyncEngine:
         s = self.settings
         live = await self.sozu.read_live()
         version = self.sozu.version
-        epoch = self.sozu.epoch
-        reconnected = self._seen_epoch is not None and epoch != self._seen_epoch
+        restarts = self.sozu.restarts
+        reconnected = self._seen_restarts is not None and restarts != self._seen_restarts
 
         state_bytes, meta_bytes = await self.shared.read()
         meta = self._parse_meta(meta_bytes)
@@ -232,19 +232,19 @@ class SyncEngine:
         if shared is None:
             if len(live) == 0:
                 report.notes.append("no shared state and an empty live sozu: nothing to do")
-                self._seen_epoch = epoch
+                self._seen_restarts = restarts
                 report.duration_s = time.monotonic() - started
                 return report
             await self._push(live, None, meta, report)
             report.outcome = "bootstrapped"
             report.local_changes = len(live)
             report.drift = 0
-            self._seen_epoch = epoch
+            self._seen_restarts = restarts
             report.duration_s = time.monotonic() - started
             self.log.info("sync.bootstrapped", objects=len(live), generation=report.generation)
             return report
         if base is None or reconnected:
-            why = "no base yet (first start)" if base is None else "sozu reconnected (it may have restarted)"
+            why = "no base yet (first start)" if base is None else "sozu restarted"
             merged = shared
             report.notes.append(f"shared state wins: {why}")
             report.remote_changes = drift(live, shared)
@@ -302,7 +302,7 @@ class SyncEngine:
             (False, True): "pushed",
             (True, True): "applied+pushed",
         }[(report.requests_sent > 0, report.pushed)]
-        self._seen_epoch = epoch
+        self._seen_restarts = restarts
         report.duration_s = time.monotonic() - started
         return report
 

@@ -38,7 +38,7 @@ class MemSozu:
 
     def __init__(self, live: ConfigState) -> None:
         self.live = live
-        self.epoch = 1
+        self.restarts = 0
         self.applies = 0
         self.version = V2
 
@@ -251,11 +251,11 @@ async def test_sozu_restarted_empty_is_repaired_from_shared(tmp_path: Path) -> N
     e = engine(tmp_path, "b", sozu, shared)
     await e.sync_once()
     await e.sync_once()
-    # sozu restarts from its TOML listeners only; the channel reconnects (new epoch)
+    # sozu restarts from its TOML listeners only (the adapter sees its request counters reset)
     sozu.live = fixture_state("00-initial")
-    sozu.epoch += 1
+    sozu.restarts += 1
     writes = shared.writes
-    r = await e.sync_once("sozu_reconnected")
+    r = await e.sync_once("sozu_restarted")
     assert sozu.live == full and shared.writes == writes and not r.pushed
 
 

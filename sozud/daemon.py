@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
@@ -31,7 +33,7 @@ from sozud.errors import SozudError, UnsafePlanError
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
-from sozud.persist import BaseStore, StatusFile
+from sozud.persist import BaseMeta, BaseStore, StatusFile
 from sozud.sdnotify import Notifier
 from sozud.socket_proto import SozuChannel
 from sozud.sync import EngineSettings, SyncEngine, SyncReport
@@ -338,12 +340,9 @@ class Daemon:
         st = self.status
         c = self.components
         base_generation = None
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
             meta_path = BaseStore(self.config.state_dir).meta_path
-            if meta_path.exists():
-                import msgspec
-
-                base_generation = msgspec.json.decode(meta_path.read_bytes()).get("generation")
+            base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
         doc: dict[str, Any] = {
             "node": st.node,
             "pid": os.getpid(),

@@ -1,0 +1,120 @@
+"""The daemon's life cycle: graceful stop with an apply in progress, configuration reload, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from sozud.config import Config
+from sozud.daemon import Daemon, run_daemon
+from sozud.errors import ConfigError
+from sozud.proto import command_pb2 as pb
+from sozud.sdnotify import Notifier
+from sozud.testing import builders as build
+from sozud.testing.cluster import SimCluster, wait_until
+
+
+async def test_stop_lets_the_apply_in_progress_finish() -> None:
+    cluster = await SimCluster.create(["a", "b"])
+    a, b = cluster.node("a"), cluster.node("b")
+    try:
+        await a.request(pb.Request(add_http_listener=build.http_listener("127.0.0.1:18080")))
+        await cluster.start()
+        await wait_until(lambda: b.live_file() == a.live_file(), what="initial sync")
+        # b's sozu holds the add_cluster request (as a slow sozu would) until the gate opens
+        entered, gate = asyncio.Event(), asyncio.Event()
+        original = b.sozu._worker_request
+
+        async def slow_add_cluster(conn: Any, kind: str, req: pb.Request) -> None:
+            if kind == "add_cluster":
+                entered.set()
+                await gate.wait()
+            await original(conn, kind, req)
+
+        b.sozu._worker_request = slow_add_cluster  # type: ignore[method-assign]
+        await a.request(pb.Request(add_cluster=build.cluster("late")))
+        await asyncio.wait_for(entered.wait(), timeout=30)
+        assert b.daemon is not None and b.task is not None
+        b.daemon.request_stop()  # SIGTERM while b's sozu is processing our request
+        await asyncio.sleep(0)
+        assert not b.task.done(), "the daemon must not stop in the middle of an apply"
+        gate.set()
+        await asyncio.wait_for(b.task, timeout=30)
+        assert "late" in b.sozu.state.clusters
+        assert b.daemon.last_report is not None and b.daemon.last_error is None
+    finally:
+        await cluster.stop()
+
+
+async def test_reload_applies_new_settings_and_keeps_old_ones_when_invalid(tmp_path: Path) -> None:
+    cluster = await SimCluster.create(["a"])
+    node = cluster.node("a")
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("c")))
+        configs: list[Config | Exception] = []
+
+        def reload_config() -> Config:
+            item = configs.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        daemon = Daemon(node.config, reload_config=reload_config)
+        await daemon.start()
+        task = asyncio.create_task(daemon.run())
+        await wait_until(lambda: daemon.last_report is not None, what="first sync")
+        new_state_dir = str(tmp_path / "new-state")
+        configs.append(msgspec.structs.replace(node.config, state_dir=new_state_dir, max_removal_ratio=0.2))
+        marks = daemon.syncs_attempted
+        daemon.request_reload()
+        await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the reload")
+        assert daemon.config.state_dir == new_state_dir and daemon.config.max_removal_ratio == 0.2
+        assert (Path(new_state_dir) / "status.json").exists()
+        configs.append(ConfigError("configuration key 'poll_interval_s': must be > 0"))
+        marks = daemon.syncs_attempted
+        daemon.request_reload()
+        await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the failed reload")
+        assert daemon.config.state_dir == new_state_dir, "a bad reload must keep the running configuration"
+        daemon.request_stop()
+        await task
+        await daemon.stop()
+    finally:
+        await cluster.stop()
+
+
+async def test_ready_and_status_are_notified_to_systemd(tmp_path: Path) -> None:
+    cluster = await SimCluster.create(["a"])
+    node = cluster.node("a")
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    messages: list[bytes] = []
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("c")))
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())})
+        daemon = Daemon(node.config, notifier=notifier)
+        runner = asyncio.create_task(run_daemon(daemon))
+
+        async def received(text: bytes) -> bool:
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                while True:
+                    messages.append(await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout=0.05))
+            return any(text in m for m in messages)
+
+        await wait_until(lambda: received(b"READY=1"), what="READY=1")
+        await wait_until(lambda: received(b"WATCHDOG=1"), what="WATCHDOG=1")
+        await wait_until(lambda: received(b"STATUS=in sync"), what="STATUS after the first sync")
+        daemon.request_stop()
+        await runner
+        assert await received(b"STOPPING=1")
+    finally:
+        sock.close()
+        await cluster.stop()

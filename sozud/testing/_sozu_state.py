@@ -226,6 +226,11 @@ def _backend_sort_key(b: pb.AddBackend) -> tuple[Any, ...]:
     )
 
 
+def _hash_of(info: pb.ClusterInformation | None) -> int:
+    data = b"" if info is None else info.SerializeToString(deterministic=True)
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
 class SozuMainState:
     """sozu's main-process ``ConfigState`` for one version; ``dispatch`` applies one request."""
 
@@ -242,6 +247,9 @@ class SozuMainState:
         self.certificate_addresses: dict[str, pb.SocketAddress] = {}
         self.backends: dict[str, list[pb.AddBackend]] = {}
         self.request_counts: dict[str, int] = {}
+        self._generation = 0
+        self._hashes: tuple[int, dict[str, int]] | None = None
+        self._infos: tuple[int, dict[str, pb.ClusterInformation]] | None = None
 
     # -- small helpers
 
@@ -274,6 +282,7 @@ class SozuMainState:
             return DispatchResult()
         handler = getattr(self, f"_do_{kind}")
         result: DispatchResult = handler(getattr(req, kind))
+        self._generation += 1  # cached views (cluster hashes) are recomputed on next use
         return result
 
     # clusters
@@ -652,29 +661,38 @@ class SozuMainState:
                 yield self.certificate_addresses[text], fingerprint, cert
 
     def cluster_information(self, cluster_id: str) -> pb.ClusterInformation | None:
-        cluster = self.clusters.get(cluster_id)
-        if cluster is None:
-            return None
-        info = pb.ClusterInformation(configuration=cluster)
-        for key in sorted(self.http_fronts):
-            front = self.http_fronts[key]
-            if front.HasField("cluster_id") and front.cluster_id == cluster_id:
-                info.http_frontends.append(front)
-        for key in sorted(self.https_fronts):
-            front = self.https_fronts[key]
-            if front.HasField("cluster_id") and front.cluster_id == cluster_id:
-                info.https_frontends.append(front)
-        info.tcp_frontends.extend(self.tcp_fronts.get(cluster_id, []))
-        if self.version.knows_field("ClusterInformation", "udp_frontends"):
-            info.udp_frontends.extend(self.udp_fronts.get(cluster_id, []))
-        info.backends.extend(self.backends.get(cluster_id, []))
-        return info
+        return self._cluster_infos().get(cluster_id)
 
     def cluster_hash(self, cluster_id: str) -> int:
         """A deterministic u64 of the cluster's content (sozu's SipHash cannot be reproduced, §8)."""
-        info = self.cluster_information(cluster_id)
-        data = b"" if info is None else info.SerializeToString(deterministic=True)
-        return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+        return self.cluster_hashes().get(cluster_id, _hash_of(None))
+
+    def cluster_hashes(self) -> dict[str, int]:
+        """Every cluster's hash, kept until the state changes."""
+        if self._hashes is None or self._hashes[0] != self._generation:
+            self._hashes = (self._generation, {cid: _hash_of(i) for cid, i in self._cluster_infos().items()})
+        return self._hashes[1]
+
+    def _cluster_infos(self) -> dict[str, pb.ClusterInformation]:
+        """Each cluster with its frontends (in route-key order) and backends, built in one pass over the
+        state and kept until the state changes: real sozu answers cluster queries in a fraction of a
+        millisecond whatever the size (§11.9), so the simulator must not rescan the state per cluster."""
+        if self._infos is not None and self._infos[0] == self._generation:
+            return self._infos[1]
+        infos = {cid: pb.ClusterInformation(configuration=c) for cid, c in self.clusters.items()}
+        for table, field_name in ((self.http_fronts, "http_frontends"), (self.https_fronts, "https_frontends")):
+            for key in sorted(table):
+                front = table[key]
+                if front.HasField("cluster_id") and front.cluster_id in infos:
+                    getattr(infos[front.cluster_id], field_name).append(front)
+        udp = self.version.knows_field("ClusterInformation", "udp_frontends")
+        for cid, info in infos.items():
+            info.tcp_frontends.extend(self.tcp_fronts.get(cid, []))
+            if udp:
+                info.udp_frontends.extend(self.udp_fronts.get(cid, []))
+            info.backends.extend(self.backends.get(cid, []))
+        self._infos = (self._generation, infos)
+        return infos
 
     def clusters_for_domain(self, hostname: str, path: str | None) -> list[str]:
         ids: set[str] = set()

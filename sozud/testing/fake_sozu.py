@@ -732,8 +732,8 @@ class FakeSozu:
             main = None
         elif kind == "query_clusters_hashes":
             hashes = pb.ClusterHashes()
-            for cluster_id in self.state.clusters:
-                hashes.map[cluster_id] = self.state.cluster_hash(cluster_id)
+            for cluster_id, value in self.state.cluster_hashes().items():
+                hashes.map[cluster_id] = value
             main = per_worker = pb.ResponseContent(cluster_hashes=hashes)
         else:
             if kind == "query_cluster_by_id":

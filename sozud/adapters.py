@@ -7,6 +7,7 @@ from collections import Counter
 
 from google.protobuf.message import Message
 
+from sozud.errors import LiveChangedError
 from sozud.log import get_logger
 from sozud.om_api import OMClient
 from sozud.socket_proto import SozuChannel
@@ -48,6 +49,9 @@ class SozuAdapter:
         self._assumed: dict[ObjKey, Message] = {}
         self._assumed_epoch: int | None = None
         self._last_fingerprint: Fingerprint | None = None
+        # The fingerprint taken just before the read that produced the last live state: anything that
+        # changed after it is not in that state, so the daemon compares later probes against this one.
+        self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
         self.log = get_logger(socket=channel.socket_path)
         self.requests_by_type: Counter[str] = Counter()
@@ -100,6 +104,7 @@ class SozuAdapter:
             # No explicit connect(): requests reconnect within their own timeout, so a sozu that is down
             # ends this read with an error naming the socket instead of waiting forever.
             fingerprint = self._observe(await probe(self.channel))
+            self.read_fingerprint = fingerprint
             epoch = self.channel.epoch
             if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
                 return self._cache[2].copy()
@@ -110,6 +115,17 @@ class SozuAdapter:
 
     async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
         async with self._lock:
+            # Optimistic concurrency: the merged state was computed from the last read; if sozu changed
+            # since (an operator's request), applying would revert that change. Send nothing; the next
+            # sync reads it as a local change.
+            snapshot = self._cache
+            now = self._observe(await probe(self.channel))
+            if snapshot is None or snapshot[0] != self.channel.epoch or snapshot[1] != now:
+                self._cache = None
+                raise LiveChangedError(
+                    f"sozu at {self.channel.socket_path} changed while sozud was syncing; nothing was sent, "
+                    "the next sync merges the change"
+                )
             report = await apply_plan(
                 self.channel,
                 desired,
@@ -119,17 +135,25 @@ class SozuAdapter:
                 max_removal_ratio=self.max_removal_ratio,
                 force=force,
                 desired_is_complete=desired_is_complete,
+                initial=self._last_read,
             )
             by_type: Counter[str] = Counter(report.requests_by_type)
             self.requests_by_type.update(by_type)
-            self._cache = None
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
+            if report.last_read is not None:
+                self._last_read = report.last_read
             if report.converged:
                 # what sozu accepted from us but a read cannot show is remembered for later reads
                 self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
                 self._assumed_epoch = self.channel.epoch
-            live_after = await self._read()
-            self._cache = (self.channel.epoch, self._observe(await probe(self.channel)), live_after)
+            live_after = (report.live_after or ConfigState(desired.version)).copy()
+            for k, v in self._assumed.items():
+                if k not in live_after.objects and self.hides(k, v):
+                    live_after.objects[k] = v
+            # No cached state after an apply: a probe taken now could already include a change made after
+            # the final re-read; the next read is a full one.
+            self._cache = None
+            self.read_fingerprint = None
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),

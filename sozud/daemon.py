@@ -325,8 +325,9 @@ class Daemon:
     async def _after_sync(self) -> None:
         self.syncs_attempted += 1
         if self.components is not None:
-            with contextlib.suppress(Exception):
-                self._last_probe = await self.components.sozu.probe()
+            # What this sync read, not a probe taken now: a change made during the sync must still
+            # look new to the probe loop (None after an apply: the next probe triggers one more sync).
+            self._last_probe = self.components.sozu.read_fingerprint
         self._write_status()
         if self.config.metrics_textfile:
             try:
@@ -397,18 +398,23 @@ class Daemon:
     # --- trigger loops
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run a trigger loop forever; a failure is logged and the loop restarts after a backoff."""
+        """Run a trigger loop forever; a failure, or a cancellation that is not the daemon's own (a stray
+        CancelledError from inside a library), is logged and the loop restarts after a backoff."""
         backoff = Backoff(initial_s=0.5, max_s=30.0)
         while True:
             try:
                 await loop()
                 return
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the daemon is stopping or reloading
+                error = "cancelled from inside"
             except Exception as e:
-                delay = backoff.next_delay_s()
-                self.log.warning("trigger.failed", trigger=name, error=str(e), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                error = str(e) or type(e).__name__
+            delay = backoff.next_delay_s()
+            self.log.warning("trigger.failed", trigger=name, error=error, retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
 
     async def _probe_loop(self) -> None:
         while True:

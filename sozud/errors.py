@@ -12,6 +12,7 @@
     │   ├── StateParseError         a state file or record that does not parse (names record, field path)
     │   ├── UnsafePlanError         a plan refused by the safety valve (needs --force)
     │   ├── ConvergenceError        live state still differs from the target after apply
+    │   ├── LiveChangedError        the live sozu changed during a sync (retried; nothing was sent)
     │   └── VersionMismatchError    state of one sozu family given to another (0.15 vs 1.x/2.x)
     └── OpenSVCError                the OpenSVC agent API (names transport, object, key)
         ├── OpenSVCUnreachableError agent down, socket missing, connection refused or reset, timeout
@@ -118,6 +119,11 @@ class UnsafePlanError(StateError):
 
 class ConvergenceError(StateError):
     """After applying, the live state still differs from the target."""
+
+
+class LiveChangedError(StateError):
+    """The live sozu changed between the read a sync merged and the moment it would apply: nothing was
+    sent; the next sync reads it again (a change made meanwhile is a local change, never reverted)."""
 
 
 class VersionMismatchError(StateError):

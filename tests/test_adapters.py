@@ -54,3 +54,21 @@ async def test_cached_read_until_the_probe_changes(sozu: tuple[FakeSozu, SozuAda
     await adapter.channel.request(pb.Request(add_backend=build.backend("c", "b", "10.0.0.1:80")))
     live = await adapter.read_live()  # 2.1.0 sends no event for backends: the probe must see it
     assert ("backend", "c", "b", "10.0.0.1:80") in live
+
+
+async def test_a_change_made_during_a_sync_is_never_reverted(sozu: tuple[FakeSozu, SozuAdapter]) -> None:
+    from sozud.errors import LiveChangedError
+
+    fake, adapter = sozu
+    snapshot = await adapter.read_live()  # what the engine merges from
+    # an operator adds a cluster while sozud reads OpenSVC and merges
+    assert fake.state.dispatch(pb.Request(add_cluster=build.cluster("operator"))) is None
+    desired = snapshot.copy()
+    desired.add("cluster", build.cluster("from-peer"))
+    sent = len(fake.requests)
+    with pytest.raises(LiveChangedError, match="changed while sozud was syncing"):
+        await adapter.apply(desired, force=False, desired_is_complete=True)
+    assert [r.WhichOneof("request_type") for r in fake.requests[sent:]] == ["count_requests", "query_clusters_hashes"]
+    assert "operator" in fake.state.clusters
+    # the next read shows the operator's cluster, so the next merge keeps it
+    assert ("cluster", "operator") in await adapter.read_live()

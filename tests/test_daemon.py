@@ -118,3 +118,32 @@ async def test_ready_and_status_are_notified_to_systemd(tmp_path: Path) -> None:
     finally:
         sock.close()
         await cluster.stop()
+
+
+async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
+    cluster = await SimCluster.create(["a"], settings={"resync_interval_s": 3600.0})
+    node = cluster.node("a")
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("first")))
+        await cluster.start()
+        daemon = node.daemon
+        assert daemon is not None and daemon.components is not None
+        await wait_until(lambda: cluster.shared_value() is not None, what="bootstrap")
+        adapter = daemon.components.sozu
+        real_read = adapter.read_live
+        changed = asyncio.Event()
+
+        async def read_then_operator_changes_sozu() -> Any:
+            state = await real_read()
+            if not changed.is_set():  # right after this sync's read, an operator adds a cluster
+                changed.set()
+                assert node.sozu.state.dispatch(pb.Request(add_cluster=build.cluster("during"))) is None
+            return state
+
+        adapter.read_live = read_then_operator_changes_sozu  # type: ignore[method-assign]
+        daemon.trigger("test")
+        await asyncio.wait_for(changed.wait(), timeout=30)
+        # the change was not in the state that sync read; the probe loop must still see it as new
+        await wait_until(lambda: b'"during"' in (cluster.shared_value() or b""), what="the change to be pushed")
+    finally:
+        await cluster.stop()

@@ -140,6 +140,7 @@ class ApplyReport:
     remaining: Plan | None = None  # the plan computed from the last re-read (empty when converged)
     requests_by_type: dict[str, int] = field(default_factory=dict)
     live_reads: int = 0
+    last_read: LiveRead | None = None  # the final re-read (what it could not see: ``hides``)
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -231,6 +232,7 @@ async def apply_plan(
     desired_is_complete: bool = True,
     raise_on_failure: bool = True,
     load_state_timeout_s: float = DEFAULT_LOAD_STATE_TIMEOUT_S,
+    initial: LiveRead | None = None,
 ) -> ApplyReport:
     """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
 
@@ -279,7 +281,8 @@ async def apply_plan(
         )
 
     report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
-    live = await read()
+    # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
+    live = initial if initial is not None else await read()
     current = replan(live)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
@@ -325,6 +328,7 @@ async def apply_plan(
     report.converged = current.is_empty
     report.remaining = current
     report.live_after = live.state
+    report.last_read = live
     report.requests_by_type = dict(cch.counts)
     report.duration_s = time.monotonic() - started
     log.info(

@@ -57,9 +57,28 @@ class BaseStore:
         self.dir = Path(state_dir)
         self.state_path = self.dir / "base.state"
         self.meta_path = self.dir / "base.meta.json"
+        # The last base loaded or saved, kept while its files are unchanged (a large base is expensive to
+        # parse at every sync): (state file identity, meta file identity, version, state, meta).
+        self._cached: tuple[tuple[int, int, int], tuple[int, int, int], SozuVersion, ConfigState, BaseMeta] | None = (
+            None
+        )
+
+    def _identity(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def load(self, version: SozuVersion) -> tuple[ConfigState, BaseMeta] | None:
-        """The base, or None when there is none yet (first start). A corrupt base is an error."""
+        """The base, or None when there is none yet (first start). A corrupt base is an error.
+
+        The returned state is shared with the cache: callers must not modify it.
+        """
+        ident, meta_ident = self._identity(self.state_path), self._identity(self.meta_path)
+        c = self._cached
+        if c is not None and ident is not None and (c[0], c[1], c[2]) == (ident, meta_ident, version):
+            return c[3], msgspec.structs.replace(c[4])
         try:
             data = self.state_path.read_bytes()
         except FileNotFoundError:
@@ -78,6 +97,8 @@ class BaseStore:
                 "content does not match the digest recorded when it was saved (damaged?)",
                 source=str(self.state_path),
             )
+        if ident is not None and meta_ident is not None:
+            self._cached = (ident, meta_ident, version, state, msgspec.structs.replace(meta))
         return state, meta
 
     def save(self, state: ConfigState, meta: BaseMeta) -> None:
@@ -86,8 +107,12 @@ class BaseStore:
         # reports instead of silently using a base that does not match its metadata.
         atomic_write(self.meta_path, msgspec.json.encode(meta))
         atomic_write(self.state_path, write_state_file(state))
+        ident, meta_ident = self._identity(self.state_path), self._identity(self.meta_path)
+        if ident is not None and meta_ident is not None:
+            self._cached = (ident, meta_ident, state.version, state, msgspec.structs.replace(meta))
 
     def clear(self) -> None:
+        self._cached = None
         for p in (self.state_path, self.meta_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

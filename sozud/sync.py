@@ -23,6 +23,7 @@ another sozu family (0.15 vs 1.x vs 2.x: their state files differ) is refused: n
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -179,6 +180,8 @@ class SyncEngine:
         self.settings = settings
         self.log = get_logger(node=settings.node)
         self._seen_restarts: int | None = None
+        # The last shared state parsed, by the sha-256 of its bytes: most syncs read an unchanged key.
+        self._shared_cache: tuple[str, SozuVersion, ConfigState] | None = None
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -202,7 +205,7 @@ class SyncEngine:
         shared: ConfigState | None = None
         complete = True
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
-            shared = parse_state_file(state_bytes, version, source=self._source())
+            shared = self._parse_shared(state_bytes, version)
             if meta is not None and meta.digest != shared.digest():
                 records = state_bytes.count(b"\0")
                 if records < meta.records:
@@ -305,6 +308,16 @@ class SyncEngine:
         self._seen_restarts = restarts
         report.duration_s = time.monotonic() - started
         return report
+
+    def _parse_shared(self, data: bytes, version: SozuVersion) -> ConfigState:
+        """Parse the shared state, or reuse the last parse of the same bytes (never modified by the engine)."""
+        digest = hashlib.sha256(data).hexdigest()
+        c = self._shared_cache
+        if c is not None and c[0] == digest and c[1] == version:
+            return c[2]
+        state = parse_state_file(data, version, source=self._source())
+        self._shared_cache = (digest, version, state)
+        return state
 
     def _parse_meta(self, meta_bytes: bytes | None) -> SharedMeta | None:
         if not meta_bytes or not meta_bytes.strip():

@@ -67,7 +67,7 @@ async def within(aw: Awaitable[T]) -> T:
 async def eventually(predicate: Callable[[], bool]) -> None:
     """Poll ``predicate`` until it holds (hang guard only)."""
     async with asyncio.timeout(HANG_GUARD_S):
-        while not predicate():  # noqa: ASYNC110 - polling with a deadline, as HELPERS.md allows
+        while not predicate():  # noqa: ASYNC110 - polling with a deadline, as docs/CONTRIBUTING.md allows
             await asyncio.sleep(0.01)
 
 

@@ -22,7 +22,6 @@ never dropped. Writing refuses a field that is set but unknown to the target ver
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
@@ -370,6 +369,3 @@ def _kind(value: Any) -> str:
 def request_kind(req: pb.Request) -> str:
     """The ``request_type`` oneof field name (``"add_cluster"``), or ``"empty"``."""
     return req.WhichOneof("request_type") or "empty"
-
-
-MessageFactory = Callable[[], Message]

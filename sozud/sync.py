@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import msgspec
 from google.protobuf.message import Message
 
-from sozud.errors import StateError, StateParseError, UnsafePlanError, VersionMismatchError
+from sozud.errors import UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore
 from sozud.state.codec import parse_state_file, write_state_file
@@ -360,28 +360,3 @@ class SyncEngine:
         report.pushed = True
         report.generation = meta.generation
         report.origin = meta.origin
-
-
-def parse_shared_meta(meta_bytes: bytes | None) -> SharedMeta | None:
-    """Decode a metadata key value (for ``sozud status``); None when absent or unreadable."""
-    if not meta_bytes:
-        return None
-    try:
-        return msgspec.json.decode(meta_bytes, type=SharedMeta)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-__all__ = [
-    "ApplyOutcome",
-    "EngineSettings",
-    "SharedMeta",
-    "SharedPort",
-    "SozuPort",
-    "StateError",
-    "StateParseError",
-    "SyncEngine",
-    "SyncReport",
-    "drift",
-    "parse_shared_meta",
-]

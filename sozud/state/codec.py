@@ -70,7 +70,6 @@ __all__ = [
 ]
 
 # Requests a state file may hold: the ones sozu's main state stores.
-STATE_REQUESTS = STORED_REQUESTS
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
@@ -143,7 +142,7 @@ def parse_state_file(
         kind = req.WhichOneof("request_type")
         if kind is None:
             raise StateParseError("record has no request", source=source, record=n, path="content.request_type")
-        if kind not in STATE_REQUESTS:
+        if kind not in STORED_REQUESTS:
             raise StateParseError(
                 f"{kind.upper()} is not a configuration request (a query or a runtime-only request); "
                 "a state file cannot hold it",

@@ -64,7 +64,6 @@ _UPDATE_REQUEST = {
 }
 _PATH_PREFIX = {pb.PREFIX: "P", pb.REGEX: "R", pb.EQUALS: "="}
 # Requests the main state stores (or refuses); other requests never reach ConfigState::dispatch.
-STATE_REQUESTS = STORED_REQUESTS
 # Worker-bound requests that pass the main state without being stored.
 PASS_THROUGH_REQUESTS = frozenset({"configure_metrics", "Logging", "set_max_connections_per_ip", "set_metric_detail"})
 _RECORD_SEPARATOR = b"\n\x00"
@@ -275,7 +274,7 @@ class SozuMainState:
         kind = req.WhichOneof("request_type")
         if kind is None:
             return DispatchResult("Request came in empty")
-        if kind not in STATE_REQUESTS and kind not in PASS_THROUGH_REQUESTS:
+        if kind not in STORED_REQUESTS and kind not in PASS_THROUGH_REQUESTS:
             return DispatchResult("State can not handle this request")
         self._count(kind)
         if kind in PASS_THROUGH_REQUESTS:

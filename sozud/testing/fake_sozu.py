@@ -47,7 +47,6 @@ from sozud.proto import command_pb2 as pb
 from sozud.serde import from_json, to_json
 from sozud.testing._sozu_state import (
     PASS_THROUGH_REQUESTS,
-    STATE_REQUESTS,
     CertificateProblem,
     DispatchResult,
     SozuMainState,
@@ -56,7 +55,7 @@ from sozud.testing._sozu_state import (
     iter_state_records,
     parse_x509,
 )
-from sozud.versions import Family, SozuVersion
+from sozud.versions import STORED_REQUESTS, Family, SozuVersion
 
 __all__ = ["FakeSozu", "SozuMainState"]
 
@@ -543,7 +542,7 @@ class FakeSozu:
 
     async def _dispatch(self, conn: _Conn, kind: str, req: pb.Request) -> None:
         m = self._msgs
-        if kind in STATE_REQUESTS or kind in PASS_THROUGH_REQUESTS:
+        if kind in STORED_REQUESTS or kind in PASS_THROUGH_REQUESTS:
             await self._worker_request(conn, kind, req)
         elif kind == "status":
             await self._with_workers(conn, (m.status_processing,), m.status_ok, self._workers_content())

@@ -16,7 +16,7 @@ import msgspec
 
 from sozud._om.base import describe
 from sozud._om.http import TransportFactory, unreachable_on_transport_errors
-from sozud._om.sse import SSETooLarge, parse_sse
+from sozud._om.sse import json_events
 from sozud._om.v2 import CONNECTED, V2Transport, check_text_value
 from sozud.errors import OpenSVCAuthError, OpenSVCRefusedError, OpenSVCTooLargeError, OpenSVCUnreachableError
 
@@ -153,14 +153,9 @@ class H2Transport(V2Transport):
                             f"event stream refused (HTTP {response.status_code})", transport=self.name, obj=obj
                         )
                     yield CONNECTED
-                    try:
-                        async for event in parse_sse(response.aiter_lines()):
-                            try:
-                                yield msgspec.json.decode(event.data)
-                            except msgspec.DecodeError:
-                                continue  # not an event we understand; the stream goes on
-                    except SSETooLarge as exc:
-                        raise OpenSVCRefusedError(f"event stream: {exc}", transport=self.name, obj=obj) from None
+                    async for _event, payload in json_events(response, transport=self.name, obj=obj):
+                        if payload is not None:  # not JSON: not an event we understand; the stream goes on
+                            yield payload
             raise OpenSVCUnreachableError("event stream ended", transport=self.name, obj=obj)
         finally:
             await client.aclose()

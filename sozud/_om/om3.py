@@ -16,7 +16,7 @@ import msgspec
 
 from sozud._om.base import Transport, describe, split_path
 from sozud._om.http import TransportFactory, unreachable_on_transport_errors
-from sozud._om.sse import SSETooLarge, parse_sse
+from sozud._om.sse import json_events
 from sozud.errors import (
     OpenSVCAuthError,
     OpenSVCNotFoundError,
@@ -200,20 +200,13 @@ class Om3Transport(Transport):
                             f"event stream answered HTTP {response.status_code}", transport=self.name, obj=obj
                         )
                     yield None  # subscribed
-                    try:
-                        async for event in parse_sse(response.aiter_lines()):
-                            try:
-                                payload = msgspec.json.decode(event.data)
-                            except msgspec.DecodeError:
-                                payload = None
-                            kind = payload.get("kind") if isinstance(payload, dict) else None
-                            if EVENT_KIND not in (event.event, kind):
-                                continue
-                            path = _event_path(payload)
-                            if path is None or path == obj:  # the server filtered on the path already
-                                yield None
-                    except SSETooLarge as exc:
-                        raise OpenSVCRefusedError(f"event stream: {exc}", transport=self.name, obj=obj) from None
+                    async for event, payload in json_events(response, transport=self.name, obj=obj):
+                        kind = payload.get("kind") if isinstance(payload, dict) else None
+                        if EVENT_KIND not in (event.event, kind):
+                            continue
+                        path = _event_path(payload)
+                        if path is None or path == obj:  # the server filtered on the path already
+                            yield None
             raise OpenSVCUnreachableError("event stream ended", transport=self.name, obj=obj)
         finally:
             await client.aclose()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import msgspec
 
 from sozud._om.base import MAX_REPLY_BYTES
+from sozud.errors import OpenSVCRefusedError
 
 
 class SSEEvent(msgspec.Struct, frozen=True):
@@ -44,3 +47,19 @@ async def parse_sse(lines: AsyncIterator[str], *, max_bytes: int = MAX_REPLY_BYT
         elif field == "event":
             event_type = value
     # An event cut by the end of the stream is not dispatched (as the SSE specification says).
+
+
+async def json_events(response: httpx.Response, *, transport: str, obj: str) -> AsyncIterator[tuple[SSEEvent, Any]]:
+    """Each event of an SSE response with its data decoded as JSON (``None`` when it is not JSON).
+
+    An event larger than the bound ends the stream with ``OpenSVCRefusedError``.
+    """
+    try:
+        async for event in parse_sse(response.aiter_lines()):
+            try:
+                payload = msgspec.json.decode(event.data)
+            except msgspec.DecodeError:
+                payload = None
+            yield event, payload
+    except SSETooLarge as exc:
+        raise OpenSVCRefusedError(f"event stream: {exc}", transport=transport, obj=obj) from None

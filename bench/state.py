@@ -41,14 +41,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sozud.log import configure_logging
 from sozud.proto import command_pb2 as pb
-from sozud.serde import parse_address
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.live import read_live_report
 from sozud.state.model import ConfigState
 from sozud.state.plan import plan
-from sozud.versions import Family, SozuVersion
+from sozud.testing import builders as build
+from sozud.versions import SozuVersion
 
 T = TypeVar("T")
 
@@ -62,60 +62,18 @@ HTTPS_LISTENER = "127.0.0.1:28443"
 def generate_state(n: int, version: SozuVersion) -> ConfigState:
     """N objects: N/4 clusters, N/2 backends (2 per cluster), N/4 HTTP frontends, and 2 listeners."""
     state = ConfigState(version)
-    http = pb.HttpListenerConfig(
-        address=parse_address(HTTP_LISTENER),
-        expect_proxy=False,
-        sticky_name="SOZUBALANCEID",
-        front_timeout=60,
-        back_timeout=30,
-        connect_timeout=3,
-        request_timeout=10,
-        active=True,
-    )
-    https = pb.HttpsListenerConfig(
-        address=parse_address(HTTPS_LISTENER),
-        expect_proxy=False,
-        sticky_name="SOZUBALANCEID",
-        front_timeout=60,
-        back_timeout=30,
-        connect_timeout=3,
-        request_timeout=10,
-        active=True,
-        send_tls13_tickets=4,
-    )
-    if version.family is Family.V0_15:
-        for cfg in (http, https):
-            cfg.answer_404 = "HTTP/1.1 404 Not Found\r\n\r\n"
-            cfg.answer_503 = "HTTP/1.1 503 Service Unavailable\r\n\r\n"
+    http = build.http_listener(HTTP_LISTENER, version=version, active=True)
+    https = build.https_listener(HTTPS_LISTENER, version=version, active=True)
     state.add_listener("http", http)
     state.add_listener("https", https)
     clusters = max(1, n // 4)
     for c in range(clusters):
         cid = f"app{c:06d}"
-        state.add(
-            "cluster",
-            pb.Cluster(cluster_id=cid, sticky_session=False, https_redirect=False, load_balancing=pb.ROUND_ROBIN),
-        )
+        state.add("cluster", build.cluster(cid))
         for b in range(2):
-            state.add(
-                "backend",
-                pb.AddBackend(
-                    cluster_id=cid,
-                    backend_id=f"{cid}-b{b}",
-                    address=parse_address(f"10.{(c >> 8) & 255}.{c & 255}.{b + 1}:8080"),
-                    load_balancing_parameters=pb.LoadBalancingParams(weight=100),
-                ),
-            )
-        state.add(
-            "http_frontend",
-            pb.RequestHttpFrontend(
-                cluster_id=cid,
-                address=parse_address(HTTP_LISTENER),
-                hostname=f"{cid}.example.test",
-                path=pb.PathRule(kind=pb.PREFIX, value="/"),
-                position=pb.TREE,
-            ),
-        )
+            addr = f"10.{(c >> 8) & 255}.{c & 255}.{b + 1}:8080"
+            state.add("backend", build.backend(cid, f"{cid}-b{b}", addr))
+        state.add("http_frontend", build.http_frontend(cid, HTTP_LISTENER, f"{cid}.example.test"))
     return state
 
 

@@ -11,21 +11,29 @@ from sozud.serde import parse_address
 from sozud.versions import Family, SozuVersion
 
 
-def http_listener(address: str, *, version: SozuVersion | None = None, active: bool = False) -> pb.HttpListenerConfig:
-    cfg = pb.HttpListenerConfig(
-        address=parse_address(address),
-        expect_proxy=False,
-        sticky_name="SOZUBALANCEID",
-        front_timeout=60,
-        back_timeout=30,
-        connect_timeout=3,
-        request_timeout=10,
-        active=active,
-    )
+def _listener(
+    cfg: pb.HttpListenerConfig | pb.HttpsListenerConfig, address: str, version: SozuVersion | None, active: bool
+) -> None:
+    cfg.address.CopyFrom(parse_address(address))
+    cfg.expect_proxy = False
+    cfg.sticky_name = "SOZUBALANCEID"
+    cfg.front_timeout, cfg.back_timeout, cfg.connect_timeout, cfg.request_timeout = 60, 30, 3, 10
+    cfg.active = active
     if version is not None and version.family is Family.V0_15:
         # 0.15 carries its default answers inline, and requires them
         cfg.answer_404 = "HTTP/1.1 404 Not Found\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
         cfg.answer_503 = "HTTP/1.1 503 Service Unavailable\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
+
+
+def http_listener(address: str, *, version: SozuVersion | None = None, active: bool = False) -> pb.HttpListenerConfig:
+    cfg = pb.HttpListenerConfig()
+    _listener(cfg, address, version, active)
+    return cfg
+
+
+def https_listener(address: str, *, version: SozuVersion | None = None, active: bool = False) -> pb.HttpsListenerConfig:
+    cfg = pb.HttpsListenerConfig(send_tls13_tickets=4)
+    _listener(cfg, address, version, active)
     return cfg
 
 

@@ -181,7 +181,7 @@ class SyncEngine:
         self.log = get_logger(node=settings.node)
         self._seen_restarts: int | None = None
         # The last shared state parsed, by the sha-256 of its bytes: most syncs read an unchanged key.
-        self._shared_cache: tuple[str, SozuVersion, ConfigState] | None = None
+        self._shared_cache: tuple[str, SozuVersion, ConfigState, str] | None = None
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -205,8 +205,8 @@ class SyncEngine:
         shared: ConfigState | None = None
         complete = True
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
-            shared = self._parse_shared(state_bytes, version)
-            if meta is not None and meta.digest != shared.digest():
+            shared, shared_digest = self._parse_shared(state_bytes, version)
+            if meta is not None and meta.digest != shared_digest:
                 records = state_bytes.count(b"\0")
                 if records < meta.records:
                     complete = False
@@ -309,15 +309,16 @@ class SyncEngine:
         report.duration_s = time.monotonic() - started
         return report
 
-    def _parse_shared(self, data: bytes, version: SozuVersion) -> ConfigState:
-        """Parse the shared state, or reuse the last parse of the same bytes (never modified by the engine)."""
-        digest = hashlib.sha256(data).hexdigest()
+    def _parse_shared(self, data: bytes, version: SozuVersion) -> tuple[ConfigState, str]:
+        """The shared state and its content digest, reused while the key holds the same bytes (the
+        engine never modifies it)."""
+        raw_digest = hashlib.sha256(data).hexdigest()
         c = self._shared_cache
-        if c is not None and c[0] == digest and c[1] == version:
-            return c[2]
+        if c is not None and c[0] == raw_digest and c[1] == version:
+            return c[2], c[3]
         state = parse_state_file(data, version, source=self._source())
-        self._shared_cache = (digest, version, state)
-        return state
+        self._shared_cache = (raw_digest, version, state, state.digest())
+        return state, self._shared_cache[3]
 
     def _parse_meta(self, meta_bytes: bytes | None) -> SharedMeta | None:
         if not meta_bytes or not meta_bytes.strip():

@@ -119,6 +119,7 @@ class DaemonStatus:
     conflicts_total: int = 0
     requests_total: Counter[str] = field(default_factory=Counter)
     pushes_total: int = 0
+    action: str | None = None  # what an operator must do about the last failure, when sozud cannot
 
 
 class Daemon:
@@ -153,6 +154,7 @@ class Daemon:
         self.syncs_attempted = 0
         self.last_report: SyncReport | None = None
         self.last_error: BaseException | None = None
+        self._last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
 
     # --- triggers
 
@@ -269,6 +271,8 @@ class Daemon:
     def _record_success(self, report: SyncReport) -> None:
         self.last_report = report
         self.last_error = None
+        self._last_refusal = None
+        self.status.action = None
         self._backoff.reset()
         st = self.status
         st.last_success_at = time.time()
@@ -307,15 +311,30 @@ class Daemon:
         st.consecutive_failures += 1
         self.metrics.sync_failures.inc(error=type(error).__name__)
         delay = self._backoff.next_delay_s()
-        level = "error" if isinstance(error, UnsafePlanError) or st.consecutive_failures > 3 else "warning"
-        getattr(self.log, level)(
-            "sync.failed",
-            reason=reasons,
-            error=str(error),
-            error_type=type(error).__name__,
-            retry_in_s=round(delay, 2),
-            consecutive_failures=st.consecutive_failures,
-        )
+        st.action = _operator_action(error)
+        if isinstance(error, UnsafePlanError):
+            # A refusal repeats identically until something changes: report each distinct one once.
+            if str(error) != self._last_refusal:
+                self._last_refusal = str(error)
+                self.log.error(
+                    "sync.refused",
+                    reason=reasons,
+                    error=str(error),
+                    action=st.action,
+                    consecutive_failures=st.consecutive_failures,
+                )
+            else:
+                self.log.debug("sync.refused_again", retry_in_s=round(delay, 2))
+        else:
+            level = "error" if st.consecutive_failures > 3 else "warning"
+            getattr(self.log, level)(
+                "sync.failed",
+                reason=reasons,
+                error=str(error),
+                error_type=type(error).__name__,
+                retry_in_s=round(delay, 2),
+                consecutive_failures=st.consecutive_failures,
+            )
         self.notifier.status(f"sync failing: {error}")
         loop = asyncio.get_running_loop()
         if self._retry_handle is not None:
@@ -353,6 +372,7 @@ class Daemon:
             "last_outcome": st.last_outcome,
             "last_reason": st.last_reason,
             "last_error": st.last_error,
+            "action": st.action,
             "consecutive_failures": st.consecutive_failures,
             "drift": st.drift,
             "base_generation": base_generation,
@@ -459,6 +479,17 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _operator_action(error: BaseException) -> str | None:
+    """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
+    if isinstance(error, UnsafePlanError):
+        return (
+            "a plan or push was refused by the removal safety valve (max_removal_ratio) and is retried as "
+            "the states change; check the objects named in last_error: if the removal is intended, run "
+            "`sozud --once --force` on this node with the daemon's configuration, otherwise restore them"
+        )
+    return None
 
 
 def _has_version(channel: SozuChannel) -> bool:

@@ -179,6 +179,7 @@ def format_status(s: dict[str, Any]) -> str:
         ("last sync", f"{_ago(s.get('last_sync_at'))}: {s.get('last_outcome')} (triggers: {s.get('last_reason')})"),
         ("last success", _ago(s.get("last_success_at"))),
         ("last error", s.get("last_error") or "-"),
+        ("action", s.get("action") or "-"),
         ("drift", "unknown" if s.get("drift") is None else f"{s['drift']} object(s)"),
         ("base generation", s.get("base_generation")),
         (

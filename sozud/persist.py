@@ -111,6 +111,19 @@ class BaseStore:
         if ident is not None and meta_ident is not None:
             self._cached = (ident, meta_ident, state.version, state, msgspec.structs.replace(meta))
 
+    def set_aside(self) -> str | None:
+        """Rename an unusable base (``base.state`` and its meta) to ``*.damaged`` so that it can be
+        inspected and is not read again; the path it was kept as, or None when nothing could be moved."""
+        self._cached = None
+        kept: str | None = None
+        for p in (self.state_path, self.meta_path):
+            target = p.with_name(p.name + ".damaged")
+            with contextlib.suppress(OSError):
+                os.replace(p, target)
+                if p == self.state_path:
+                    kept = str(target)
+        return kept
+
     def clear(self) -> None:
         self._cached = None
         for p in (self.state_path, self.meta_path):

@@ -11,11 +11,16 @@ Three states (docs: design.md), each a :class:`~sozud.state.model.ConfigState`:
 One step: ``local = live - base``, ``remote = shared - base``, ``merged = merge(base, live, shared)``;
 apply ``merged - live`` to sozu; push ``merged`` when it differs from ``shared``; move base forward
 when live and shared agree. A state already live and already shared causes no request and no push (echo
-suppression). Bootstrap: no base yet → shared wins; shared missing or empty → live bootstraps it.
+suppression). Bootstrap: shared missing or empty → live bootstraps it. No base yet (first start, or a base
+file lost or damaged) → the union of live and shared (a merge against an empty base: nothing is removed, and
+a key both sides hold with different values is a conflict resolved by the usual rule); base then moves
+forward once this node reads back a shared state equal to its live one. Removals propagate only from a
+known base, so a node never reverts a change its operator made while it was starting.
 
 Safety: a shared state that does not parse is never applied; a shared state with fewer records than
 its metadata promises (truncated) propagates no removal; an empty live state is never pushed; after a
-sozu reconnect (sozu may have restarted empty or from a stale file) shared wins for that step; plans
+sozu restart seen by this running sozud (sozu may have restarted empty or from a stale file) shared wins
+for that step; plans
 that remove more than ``max_removal_ratio`` of the live objects, or pushes that would drop more than
 that share of the shared objects, are refused unless forced. A shared state written by a node of
 another sozu family (0.15 vs 1.x vs 2.x: their state files differ) is refused: no mixed fleets.
@@ -31,11 +36,11 @@ from typing import Any, Protocol
 import msgspec
 from google.protobuf.message import Message
 
-from sozud.errors import UnsafePlanError, VersionMismatchError
+from sozud.errors import StateError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore
 from sozud.state.codec import parse_state_file, write_state_file
-from sozud.state.merge import Conflict, merge
+from sozud.state.merge import Conflict, MergeResult, merge
 from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
 
@@ -220,7 +225,7 @@ class SyncEngine:
                 else:
                     self.log.info("shared.edited_outside_sozud", meta_origin=meta.origin)
 
-        loaded = self.base.load(version)
+        loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
         if base is not None:
             # What the live read cannot see is unknown, not removed: keep base's view of it.
@@ -246,8 +251,22 @@ class SyncEngine:
             report.duration_s = time.monotonic() - started
             self.log.info("sync.bootstrapped", objects=len(live), generation=report.generation)
             return report
-        if base is None or reconnected:
-            why = "no base yet (first start)" if base is None else "sozu restarted"
+        if base is None:
+            # No base (first start, or a base file lost or damaged): nothing says what was removed, so
+            # nothing is. The union keeps every object of both sides (merge against an empty base: each
+            # side only adds); a key present on both sides with different values is a conflict resolved
+            # by the usual rule. Removals propagate again once a base is known.
+            result = merge(ConfigState(version), live, shared)
+            merged = self._take_merge(result, report)
+            report.notes.append("no base yet (first start): union of live and shared, nothing removed")
+            self.log.info(
+                "sync.first_union",
+                live_only_objects=sum(1 for k in live.objects if k not in shared.objects),
+                shared_only_objects=sum(1 for k in shared.objects if k not in live.objects),
+                conflicts=len(result.conflicts),
+            )
+        elif reconnected:
+            why = "sozu restarted"
             merged = shared
             report.notes.append(f"shared state wins: {why}")
             report.remote_changes = drift(live, shared)
@@ -261,13 +280,7 @@ class SyncEngine:
                 for k, v in base.objects.items():
                     if k not in effective_shared.objects:
                         effective_shared.objects[k] = v
-            result = merge(base, live, effective_shared)
-            merged = result.state
-            report.conflicts = list(result.conflicts)
-            report.local_changes = result.local_changes
-            report.remote_changes = result.remote_changes
-            for c in result.conflicts:
-                self.log.warning("sync.conflict", **c.as_log())
+            merged = self._take_merge(merge(base, live, effective_shared), report)
 
         # --- apply to sozu
         live_after = live
@@ -308,6 +321,29 @@ class SyncEngine:
         self._seen_restarts = restarts
         report.duration_s = time.monotonic() - started
         return report
+
+    def _take_merge(self, result: MergeResult, report: SyncReport) -> ConfigState:
+        report.conflicts = list(result.conflicts)
+        report.local_changes = result.local_changes
+        report.remote_changes = result.remote_changes
+        for c in result.conflicts:
+            self.log.warning("sync.conflict", **c.as_log())
+        return result.state
+
+    def _load_base(self, version: SozuVersion) -> tuple[ConfigState, BaseMeta] | None:
+        """The persisted base; a base that cannot be read or does not match its digest counts as none
+        (the next sync is a union, which removes nothing) and is set aside for inspection."""
+        try:
+            return self.base.load(version)
+        except StateError as e:
+            kept = self.base.set_aside()
+            self.log.warning(
+                "base.unusable",
+                error=str(e),
+                kept_as=kept,
+                action="treated as no base: the next sync keeps every object of live and shared (no removal)",
+            )
+            return None
 
     def _parse_shared(self, data: bytes, version: SozuVersion) -> tuple[ConfigState, str]:
         """The shared state and its content digest, reused while the key holds the same bytes (the

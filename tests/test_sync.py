@@ -12,8 +12,8 @@ from conftest import FIXTURES
 from sozud.errors import StateParseError, UnsafePlanError, VersionMismatchError
 from sozud.persist import BaseStore
 from sozud.proto import command_pb2 as pb
-from sozud.state.codec import parse_state_file
-from sozud.state.model import ConfigState
+from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.model import ConfigState, listener_key, value_digest
 from sozud.sync import ApplyOutcome, EngineSettings, SharedMeta, SyncEngine
 from sozud.testing import builders as build
 from sozud.versions import SozuVersion
@@ -103,13 +103,127 @@ async def test_bootstrap_then_echo_suppression(tmp_path: Path) -> None:
     assert (r3.outcome, shared.writes, sozu.applies) == ("in_sync", 1, 0)
 
 
-async def test_no_base_shared_wins_and_is_applied(tmp_path: Path) -> None:
+async def test_no_base_applies_what_shared_adds(tmp_path: Path) -> None:
     shared = MemShared()
     shared.state = (FIXTURES / "sozu-2.1.0/states/02-mid.state").read_bytes()
     sozu = MemSozu(fixture_state("00-initial"))
     r = await engine(tmp_path, "b", sozu, shared).sync_once("startup")
     assert r.requests_sent > 0 and not r.pushed and r.in_sync
     assert sozu.live == fixture_state("02-mid")
+
+
+async def test_first_start_is_a_union_and_removes_nothing(tmp_path: Path) -> None:
+    """No base: live-only objects are kept and pushed, shared-only ones applied; nothing is removed."""
+    shared = MemShared()
+    theirs = fixture_state("01-populated")
+    theirs.add("cluster", cluster("theirs"))
+    shared.state = write_state_file(theirs)
+    mine = fixture_state("01-populated")
+    mine.add("cluster", cluster("mine"))
+    mine.add("backend", backend("mine", "mine-0", "10.9.9.9:80"))
+    sozu = MemSozu(mine.copy())
+    e = engine(tmp_path, "a", sozu, shared)
+    r = await e.sync_once("startup")
+    union = fixture_state("01-populated")
+    for k, v in (*theirs.objects.items(), *mine.objects.items()):
+        union.objects[k] = v
+    assert sozu.live == union and shared_state(shared) == union
+    assert r.pushed and not r.conflicts
+    assert e.base.load(V2) is None  # our own push is not a base...
+    r2 = await e.sync_once("opensvc_change")  # ...reading it back is
+    loaded = e.base.load(V2)
+    assert not r2.pushed and loaded is not None and loaded[0] == union
+
+
+async def test_first_start_conflict_follows_the_documented_rule(tmp_path: Path) -> None:
+    """The same key on both sides with different values: the greater content digest wins, on both nodes."""
+    plain, sticky = cluster("c"), cluster("c", sticky=True)
+    winner = plain if value_digest(plain) > value_digest(sticky) else sticky
+    outcomes = []
+    for mine, theirs in ((plain, sticky), (sticky, plain)):
+        shared = MemShared()
+        other = ConfigState(V2)
+        other.add("cluster", theirs)
+        shared.state = write_state_file(other)
+        live = ConfigState(V2)
+        live.add("cluster", mine)
+        sozu = MemSozu(live)
+        r = await engine(tmp_path / str(len(outcomes)), "a", sozu, shared).sync_once("startup")
+        assert len(r.conflicts) == 1 and r.conflicts[0].rule == "greater digest"
+        outcomes.append((sozu.live.get(("cluster", "c")), shared_state(shared).get(("cluster", "c"))))
+    assert outcomes == [(winner, winner), (winner, winner)]
+
+
+async def test_issue_8_sequence_concurrent_bootstrap_then_an_immediate_change(tmp_path: Path) -> None:
+    """Both nodes bootstrap an empty key at once (B's push lands last), then the operator adds objects on
+    A three seconds later: they must reach B and stay on A (the old engine let shared win and removed them,
+    or the removal valve blocked A forever)."""
+    start = ConfigState(V2)
+    lst = build.http_listener("127.0.0.1:8080", version=V2)
+    start.objects[listener_key("http", lst)] = lst
+    start.add("cluster", cluster("base"))
+    start.add("backend", backend("base", "base-0", "10.0.0.1:80"))
+    shared = MemShared()
+    a_sozu, b_sozu = MemSozu(start.copy()), MemSozu(start.copy())
+    b_sozu.live.add("cluster", cluster("only-b"))
+    a = engine(tmp_path, "a", a_sozu, shared)
+    b_view = MemShared()  # what B read: the key was still empty when B read it
+    b = engine(tmp_path, "b", b_sozu, b_view)
+    ra, rb = await a.sync_once("startup"), await b.sync_once("startup")
+    assert ra.outcome == rb.outcome == "bootstrapped" and ra.generation == rb.generation == 1
+    shared.state, shared.meta = b_view.state, b_view.meta  # B's generation-1 push overwrote A's
+    b.shared = shared
+    added = []
+    for i in range(4):  # 16 objects, 80% of A's live state: the removal valve's territory
+        cid = f"d-app-{i}"
+        a_sozu.live.add("cluster", cluster(cid))
+        for j in range(3):
+            bk = backend(cid, f"{cid}-{j}", f"10.1.{i}.{j}:80")
+            a_sozu.live.add("backend", bk)
+        added.append(("cluster", cid))
+    mine = a_sozu.live.copy()
+    for _ in range(3):
+        for e in (a, b):
+            await e.sync_once("sozu_probe")
+    assert a_sozu.live == b_sozu.live == shared_state(shared)
+    assert all(k in a_sozu.live for k in mine.objects), "an object the operator added on A was removed"
+    assert ("cluster", "only-b") in a_sozu.live
+    for e in (a, b):
+        loaded = e.base.load(V2)
+        assert loaded is not None and loaded[0] == shared_state(shared)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "digest_mismatch", "deleted"])
+async def test_damaged_or_deleted_base_counts_as_none_union_not_removal(tmp_path: Path, damage: str) -> None:
+    start = fixture_state("01-populated")
+    shared = MemShared()
+    sozu = MemSozu(start.copy())
+    e = engine(tmp_path, "a", sozu, shared)
+    await e.sync_once()
+    await e.sync_once()
+    assert e.base.load(V2) is not None
+    # While sozud is down: the operator adds a cluster locally, another node removes a backend.
+    sozu.live.add("cluster", cluster("while-down"))
+    remote = shared_state(shared)
+    removed_key = next(k for k, _ in remote.of_kind("backend"))
+    del remote.objects[removed_key]
+    shared.state = write_state_file(remote)
+    if damage == "garbage":
+        e.base.state_path.write_bytes(b"{not a state\0")
+    elif damage == "digest_mismatch":
+        e.base.state_path.write_bytes(write_state_file(ConfigState(V2)))
+    else:
+        e.base.state_path.unlink()
+    restarted = engine(tmp_path, "a", sozu, shared)
+    r = await restarted.sync_once("startup")
+    assert ("cluster", "while-down") in sozu.live and ("cluster", "while-down") in shared_state(shared)
+    # without a base, a removal made elsewhere is not known as one: nothing is removed
+    assert removed_key in sozu.live and r.pushed
+    if damage != "deleted":
+        assert restarted.base.state_path.with_name("base.state.damaged").exists()
+    await restarted.sync_once("opensvc_change")
+    loaded = restarted.base.load(V2)
+    assert loaded is not None and loaded[0] == sozu.live
 
 
 async def test_local_change_reaches_a_peer_and_removals_too(tmp_path: Path) -> None:
@@ -119,7 +233,7 @@ async def test_local_change_reaches_a_peer_and_removals_too(tmp_path: Path) -> N
     a, b = engine(tmp_path, "a", a_sozu, shared), engine(tmp_path, "b", b_sozu, shared)
     await a.sync_once()  # bootstrap
     await a.sync_once()
-    await b.sync_once()  # no base: shared wins (equal anyway)
+    await b.sync_once()  # no base: the union (equal anyway)
     # A adds a cluster and removes a backend.
     a_sozu.live.add("cluster", cluster("new"))
     removed_key = next(k for k, _ in a_sozu.live.of_kind("backend"))

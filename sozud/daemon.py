@@ -154,7 +154,7 @@ class Daemon:
         self.syncs_attempted = 0
         self.last_report: SyncReport | None = None
         self.last_error: BaseException | None = None
-        self._last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
+        self.last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
 
     # --- triggers
 
@@ -271,7 +271,7 @@ class Daemon:
     def _record_success(self, report: SyncReport) -> None:
         self.last_report = report
         self.last_error = None
-        self._last_refusal = None
+        self.last_refusal = None
         self.status.action = None
         self._backoff.reset()
         st = self.status
@@ -314,8 +314,8 @@ class Daemon:
         st.action = _operator_action(error)
         if isinstance(error, UnsafePlanError):
             # A refusal repeats identically until something changes: report each distinct one once.
-            if str(error) != self._last_refusal:
-                self._last_refusal = str(error)
+            if str(error) != self.last_refusal:
+                self.last_refusal = str(error)
                 self.log.error(
                     "sync.refused",
                     reason=reasons,

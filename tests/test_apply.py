@@ -22,6 +22,7 @@ from sozud.state.codec import parse_state_file
 from sozud.state.live import read_live_report
 from sozud.state.model import ConfigState, ObjKey, object_address
 from sozud.state.plan import plan
+from sozud.testing import builders as build
 from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import Family, SozuVersion
 
@@ -334,3 +335,43 @@ def test_chunks_keep_order_and_size_and_leave_out_oversized_records() -> None:
 
 def _value(state: ConfigState, key: ObjKey) -> Message | None:
     return state.objects.get(key)
+
+
+# --- a change made while the plan is applied ----------------------------------------------------------
+
+
+class _OperatorDuringApply:
+    """A channel that lets an operator add a cluster to sozu right after the plan's first mutation."""
+
+    def __init__(self, ch: SozuChannel, fake: FakeSozu, version: SozuVersion) -> None:
+        self.ch, self.fake, self.done = ch, fake, False
+        self.cluster = build.cluster("operator-added")
+
+    @property
+    def version(self) -> SozuVersion | None:
+        return self.ch.version
+
+    @property
+    def epoch(self) -> int:
+        return self.ch.epoch
+
+    async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> object:
+        answer = await self.ch.request(req, timeout_s=timeout_s)
+        if not self.done and not req.WhichOneof("request_type").startswith(("query", "list", "save", "count")):
+            self.done = True
+            assert self.fake.state.dispatch(pb.Request(add_cluster=self.cluster)) is None
+        return answer
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_change_made_during_the_apply_is_not_reverted(workdir: str, version: str) -> None:
+    """Later rounds only finish the first plan: an object an operator added meanwhile stays."""
+    _, desired = fixture_state(version, "01-populated.state")
+    async with sozu(workdir, version) as (fake, ch):
+        op = _OperatorDuringApply(ch, fake, SozuVersion.parse(version))
+        report = await apply_plan(op, desired)
+        assert op.done and report.converged
+        after = (await read_live_report(ch, shared_dir=workdir)).state  # exact (SaveState)
+    assert ("cluster", "operator-added") in after, "the operator's concurrent change was reverted"
+    missing = [k for k, v in desired.objects.items() if after.objects.get(k) != v]
+    assert not missing, f"the plan itself was not finished: {missing}"

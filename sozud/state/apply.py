@@ -272,9 +272,20 @@ async def apply_plan(
         if extra:
             view = r.state.copy()
             view.objects.update(extra)
+        target = desired
+        if scope is not None:
+            # A re-plan only finishes what the first plan set out to do: any other difference appeared
+            # while we applied (an operator's request) and is left alone for the next sync to merge.
+            target = view.copy()
+            for k in scope:
+                v = desired.objects.get(k)
+                if v is None:
+                    target.objects.pop(k, None)
+                else:
+                    target.objects[k] = v
         return plan(
             view,
-            desired,
+            target,
             max_removal_ratio=max_removal_ratio,
             force=force,
             desired_is_complete=desired_is_complete,
@@ -283,7 +294,9 @@ async def apply_plan(
     report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
     live = initial if initial is not None else await read()
+    scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
     current = replan(live)
+    scope = _differing_keys(live.state, desired, assumed)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
     log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
@@ -344,6 +357,11 @@ async def apply_plan(
     if not report.converged and raise_on_failure:
         raise ConvergenceError(_convergence_message(report))
     return report
+
+
+def _differing_keys(live: ConfigState, desired: ConfigState, assumed: dict[ObjKey, Message]) -> set[ObjKey]:
+    view = {**live.objects, **assumed}
+    return {k for k in view.keys() | desired.objects.keys() if view.get(k) != desired.objects.get(k)}
 
 
 def _convergence_message(report: ApplyReport) -> str:

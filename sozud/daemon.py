@@ -29,7 +29,7 @@ import msgspec
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
-from sozud.errors import SozudError, UnsafePlanError
+from sozud.errors import SharedInFlightError, SozudError, UnsafePlanError
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
@@ -325,6 +325,8 @@ class Daemon:
                 )
             else:
                 self.log.debug("sync.refused_again", retry_in_s=round(delay, 2))
+        elif isinstance(error, SharedInFlightError):
+            self.log.info("sync.deferred", reason=reasons, error=str(error), retry_in_s=round(delay, 2))
         else:
             level = "error" if st.consecutive_failures > 3 else "warning"
             getattr(self.log, level)(

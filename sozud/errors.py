@@ -126,6 +126,11 @@ class LiveChangedError(StateError):
     sent; the next sync reads it again (a change made meanwhile is a local change, never reverted)."""
 
 
+class SharedInFlightError(StateError):
+    """The shared state key and its metadata key do not match (another node's write of the pair is
+    probably in progress): nothing was applied or pushed; the next sync reads the pair again."""
+
+
 class VersionMismatchError(StateError):
     """A state of one sozu family (0.15, or 1.x/2.x) was given where the other is running."""
 

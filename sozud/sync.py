@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 from google.protobuf.message import Message
 
-from sozud.errors import StateError, UnsafePlanError, VersionMismatchError
+from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore
 from sozud.state.codec import parse_state_file, write_state_file
@@ -45,6 +46,7 @@ from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
 
 META_FORMAT = 1
+HISTORY = 16  # states a node remembers as possible merge bases, and ancestors a meta lists
 
 
 # --- ports -----------------------------------------------------------------------------------------
@@ -98,6 +100,9 @@ class SharedMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     generation: int
     origin: str
     parent: str
+    # Digests of the states this one descends from, newest first (parent first), at most HISTORY:
+    # lets a reader tell a state derived from what it knows from one that overwrote it.
+    ancestors: list[str] = []
     digest: str
     records: int
     sozu_family: str
@@ -173,6 +178,9 @@ class EngineSettings:
     key: str = "state.json"
     max_removal_ratio: float = 0.5
     force: bool = False
+    # How long a shared state that does not match its metadata is taken for a write in progress (nothing
+    # done) before it is handled as truncated (fewer records: additions only) or edited by hand.
+    mismatch_grace_s: float = 5.0
 
 
 class SyncEngine:
@@ -187,6 +195,10 @@ class SyncEngine:
         self._seen_restarts: int | None = None
         # The last shared state parsed, by the sha-256 of its bytes: most syncs read an unchanged key.
         self._shared_cache: tuple[str, SozuVersion, ConfigState, str] | None = None
+        # The state/metadata mismatch being waited out, and since when (monotonic).
+        self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
+        # States this node's live held (bases, own pushes it applied), by digest: candidate merge bases.
+        self._history: OrderedDict[str, ConfigState] = OrderedDict()
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -211,7 +223,17 @@ class SyncEngine:
         complete = True
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
             shared, shared_digest = self._parse_shared(state_bytes, version)
+            if meta is not None and meta.digest != shared_digest and self._still_settling(shared_digest, meta):
+                # A state from one write and metadata from another (the pair is two keys, written one
+                # after the other, by any node): acting on it could take an older state for a newer one
+                # and propagate its "removals". Wait for the pair to settle.
+                raise SharedInFlightError(
+                    f"{self._source()} and its metadata key do not match yet (metadata written by "
+                    f"{meta.origin!r}, generation {meta.generation}): a write is probably in progress; "
+                    "nothing was applied or pushed, the next sync reads them again"
+                )
             if meta is not None and meta.digest != shared_digest:
+                # Still mismatched after the grace period: a truncated value, or a hand edit.
                 records = state_bytes.count(b"\0")
                 if records < meta.records:
                     complete = False
@@ -228,6 +250,9 @@ class SyncEngine:
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
         if base is not None:
+            self._remember(base)
+            if shared is not None and complete:
+                base, complete = self._merge_base(base, shared, meta)
             # What the live read cannot see is unknown, not removed: keep base's view of it.
             for k, v in base.objects.items():
                 if k not in live.objects and self.sozu.hides(k, v):
@@ -306,6 +331,9 @@ class SyncEngine:
             await self._push(merged, shared, meta, report)
 
         report.drift = drift(live_after, merged)
+        if report.drift == 0:
+            # live holds it: a state this node's live descends from, a merge base for later syncs
+            self._remember(merged)
         # --- move base forward when live and shared agree (never from our own push)
         if not report.pushed and report.drift == 0 and (base is None or not base.same_as(shared)):
             base_meta.generation = meta.generation if meta else 0
@@ -321,6 +349,45 @@ class SyncEngine:
         self._seen_restarts = restarts
         report.duration_s = time.monotonic() - started
         return report
+
+    def _remember(self, state: ConfigState) -> None:
+        digest = state.digest()
+        self._history[digest] = state
+        self._history.move_to_end(digest)
+        while len(self._history) > HISTORY:
+            self._history.popitem(last=False)
+
+    def _merge_base(self, base: ConfigState, shared: ConfigState, meta: SharedMeta | None) -> tuple[ConfigState, bool]:
+        """The merge base for ``shared`` and whether its removals may propagate.
+
+        Nodes push one after the other without locks, so a push can overwrite one it never read. A
+        removal is trusted only when ``shared`` descends from a state this node's live also descends
+        from: the newest of its ancestors that this node remembers is then the merge base. When shared
+        descends from nothing this node knows (it overwrote this node's last push, or is a new bootstrap),
+        what it lacks was never seen by its writer rather than removed: additions only, and the next push
+        restores the rest. A shared state without metadata (written by hand) is merged against base."""
+        if meta is None or shared.digest() == base.digest():
+            return base, True
+        for digest in [meta.parent, *meta.ancestors]:
+            known = self._history.get(digest)
+            if known is not None:
+                return known, True
+        self.log.warning(
+            "shared.diverged",
+            meta_origin=meta.origin,
+            generation=meta.generation,
+            action="it does not descend from a state this node knows: additions only, the next push restores the rest",
+        )
+        return base, False
+
+    def _still_settling(self, digest: str, meta: SharedMeta) -> bool:
+        """Whether a state/metadata mismatch is recent enough to be a write in progress: the same pair
+        (state digest, metadata generation and origin) seen mismatched for less than the grace period."""
+        pair = (digest, meta.digest, meta.generation, meta.origin)
+        now = time.monotonic()
+        if self._mismatch is None or self._mismatch[0] != pair:
+            self._mismatch = (pair, now)
+        return now - self._mismatch[1] < self.settings.mismatch_grace_s
 
     def _take_merge(self, result: MergeResult, report: SyncReport) -> ConfigState:
         report.conflicts = list(result.conflicts)
@@ -386,6 +453,11 @@ class SyncEngine:
             generation=(parent_meta.generation if parent_meta else 0) + 1,
             origin=self.settings.node,
             parent=parent.digest() if parent is not None else "",
+            ancestors=(
+                [parent.digest(), *(parent_meta.ancestors if parent_meta else [])][:HISTORY]
+                if parent is not None
+                else []
+            ),
             digest=state.digest(),
             records=data.count(b"\0"),
             sozu_family=version.family.value,

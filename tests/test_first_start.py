@@ -31,6 +31,7 @@ from sozud.versions import SozuVersion
 
 RUNS = int(os.environ.get("SOZUD_FIRST_START_RUNS", "200"))
 TIME_SCALE = float(os.environ.get("SOZUD_FIRST_START_TIME_SCALE", "0.1"))
+LOG_LEVEL = os.environ.get("SOZUD_FIRST_START_LOG_LEVEL", "warning")
 CONCURRENT_RUNS = int(os.environ.get("SOZUD_FIRST_START_CONCURRENCY", "10"))
 VERSIONS = ["2.1.0", "1.1.1", "0.15"]
 LISTENER = "127.0.0.1:18080"
@@ -100,7 +101,7 @@ def live_state(node: SimNode, version: str) -> ConfigState:
 
 
 async def run_scenario(sc: Scenario) -> None:
-    cluster = await SimCluster.create(sc.nodes, version=sc.version)
+    cluster = await SimCluster.create(sc.nodes, version=sc.version, settings={"log_level": LOG_LEVEL})
     try:
         for name, reqs in sc.initial.items():
             for r in reqs:
@@ -136,7 +137,9 @@ async def run_scenario(sc: Scenario) -> None:
                 n.name: sorted(str(k) for k in want.objects if k not in live_state(n, sc.version).objects)
                 for n in cluster.nodes
             }
-            raise AssertionError(f"seed {sc.seed} ({sc.version}, {sc.nodes}): not converged; missing {lost}") from None
+            raise AssertionError(
+                f"seed {sc.seed} ({sc.version}, {sc.nodes}): not converged in {cluster.root}; missing {lost}"
+            ) from None
         for n in cluster.nodes:
             assert n.daemon is not None
             refused = n.daemon.metrics.sync_failures.get(error="UnsafePlanError")

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from conftest import FIXTURES
 
-from sozud.errors import StateParseError, UnsafePlanError, VersionMismatchError
+from sozud.errors import SharedInFlightError, StateParseError, UnsafePlanError, VersionMismatchError
 from sozud.persist import BaseStore
 from sozud.proto import command_pb2 as pb
 from sozud.state.codec import parse_state_file, write_state_file
@@ -72,6 +72,32 @@ class MemShared:
     async def write(self, state: bytes, meta: bytes) -> None:
         self.state, self.meta = state, meta
         self.writes += 1
+
+
+def publish(
+    shared: MemShared,
+    state: ConfigState,
+    *,
+    origin: str = "elsewhere",
+    generation: int = 50,
+    parent: ConfigState | None = None,
+) -> None:
+    """Another node's complete write: the state and metadata that matches it (derived from ``parent``)."""
+    data = write_state_file(state)
+    shared.state = data
+    shared.meta = msgspec.json.encode(
+        SharedMeta(
+            generation=generation,
+            origin=origin,
+            parent=parent.digest() if parent is not None else "",
+            ancestors=[parent.digest()] if parent is not None else [],
+            digest=state.digest(),
+            records=data.count(b"\0"),
+            sozu_family=state.version.family.value,
+            sozu_version=str(state.version),
+            written_at=0.0,
+        )
+    )
 
 
 def engine(tmp_path: Path, name: str, sozu: MemSozu, shared: MemShared, **kw: object) -> SyncEngine:
@@ -207,7 +233,7 @@ async def test_damaged_or_deleted_base_counts_as_none_union_not_removal(tmp_path
     remote = shared_state(shared)
     removed_key = next(k for k, _ in remote.of_kind("backend"))
     del remote.objects[removed_key]
-    shared.state = write_state_file(remote)
+    publish(shared, remote)
     if damage == "garbage":
         e.base.state_path.write_bytes(b"{not a state\0")
     elif damage == "digest_mismatch":
@@ -300,6 +326,10 @@ async def test_truncated_shared_state_removes_nothing(tmp_path: Path) -> None:
     data = shared.state or b""
     cut = data[: data.index(b"\0", len(data) // 2) + 1]  # a prefix cut exactly at a record boundary
     shared.state = cut  # meta still promises all records
+    with pytest.raises(SharedInFlightError):  # first taken for a write in progress: nothing done
+        await e.sync_once("opensvc_change")
+    assert sozu.applies == 0 and shared.state == cut
+    e.settings.mismatch_grace_s = 0.0  # (the grace period has passed)
     r = await e.sync_once("opensvc_change")
     assert sozu.live == full, "a truncated shared state must not remove live objects"
     # the engine repairs the shared key from base + live (nothing was lost)
@@ -387,3 +417,94 @@ async def test_lost_configuration_without_reconnect_is_not_pushed(tmp_path: Path
     forced = engine(tmp_path, "b", sozu, shared, force=True)
     r = await forced.sync_once("manual")
     assert r.pushed and shared_state(shared) == fixture_state("00-initial")
+
+
+async def test_a_state_and_metadata_from_different_writes_are_not_acted_on(tmp_path: Path) -> None:
+    """A torn read (the state of an older write with the metadata of a newer one) would otherwise look
+    like a complete state whose missing objects were removed: nothing is applied or pushed until the pair
+    matches; the node's own objects are kept."""
+    start = fixture_state("01-populated")
+    shared = MemShared()
+    sozu = MemSozu(start.copy())
+    e = engine(tmp_path, "a", sozu, shared)
+    await e.sync_once()
+    await e.sync_once()  # base = start
+    newer = start.copy()
+    newer.add("cluster", cluster("newer"))
+    publish(shared, newer, origin="b", generation=7, parent=start)
+    older_state = shared_state_of(start)  # an older, complete state without "newer", and one backend less
+    older_state = older_state.copy()
+    removed_key = next(k for k, _ in older_state.of_kind("backend"))
+    del older_state.objects[removed_key]
+    shared.state = write_state_file(older_state)  # torn: meta says generation 7 with "newer"
+    writes = shared.writes
+    with pytest.raises(SharedInFlightError, match="do not match yet"):
+        await e.sync_once("opensvc_change")
+    assert sozu.live == start and sozu.applies == 0 and shared.writes == writes
+    publish(shared, newer, origin="b", generation=7, parent=start)  # the write completes
+    await e.sync_once("opensvc_change")
+    assert sozu.live == newer and removed_key in sozu.live
+
+
+def shared_state_of(state: ConfigState) -> ConfigState:
+    return parse_state_file(write_state_file(state), V2, source="copy")
+
+
+class StaleView(MemShared):
+    """A node's view of the key that still shows an older write (replication lag), writing through."""
+
+    def __init__(self, real: MemShared) -> None:
+        super().__init__()
+        self.real = real
+        self.state, self.meta = real.state, real.meta
+
+    async def write(self, state: bytes, meta: bytes) -> None:
+        await self.real.write(state, meta)
+        self.state, self.meta = state, meta
+
+
+async def test_a_push_that_overwrote_ours_does_not_remove_our_objects(tmp_path: Path) -> None:
+    """Lost update: A pushes its objects and reads them back; B, still seeing the older key, pushes its own
+    change derived from that older state and overwrites A's. A's objects are not "removed" by B (B never
+    saw them): the merge uses the newest state both descend from, and every change survives."""
+    start = fixture_state("01-populated")
+    shared = MemShared()
+    a_sozu, b_sozu = MemSozu(start.copy()), MemSozu(start.copy())
+    a, b = engine(tmp_path, "a", a_sozu, shared), engine(tmp_path, "b", b_sozu, shared)
+    for e in (a, a, b):
+        await e.sync_once()  # bootstrap, then both have base = start
+    b.shared = StaleView(shared)  # B's view stops here
+    a_sozu.live.add("cluster", cluster("from-a"))
+    removed_key = next(k for k, _ in a_sozu.live.of_kind("backend"))
+    del a_sozu.live.objects[removed_key]
+    await a.sync_once("sozu_probe")  # pushes
+    await a.sync_once("opensvc_change")  # reads it back: A's base now holds from-a
+    b_sozu.live.add("cluster", cluster("from-b"))
+    await b.sync_once("sozu_probe")  # pushes start + from-b over A's push
+    assert ("cluster", "from-a") not in shared_state(shared)
+    b.shared = shared
+    for e in (a, b, a, b):
+        await e.sync_once("opensvc_change")
+    for st in (a_sozu.live, b_sozu.live, shared_state(shared)):
+        assert ("cluster", "from-a") in st and ("cluster", "from-b") in st
+        assert removed_key not in st, "A's removal was undone"
+    assert a_sozu.live == b_sozu.live == shared_state(shared)
+
+
+async def test_a_push_from_a_node_with_no_common_state_is_additions_only(tmp_path: Path) -> None:
+    """The same overwrite when the two nodes share no known state (A's key was bootstrapped and then
+    replaced by a node that never read it): nothing A holds is removed, and A's next push restores it."""
+    start = fixture_state("01-populated")
+    shared = MemShared()
+    a_sozu = MemSozu(start.copy())
+    a = engine(tmp_path, "a", a_sozu, shared)
+    await a.sync_once()
+    a_sozu.live.add("cluster", cluster("from-a"))
+    await a.sync_once("sozu_probe")
+    await a.sync_once("opensvc_change")  # base = start + from-a
+    theirs = fixture_state("01-populated")
+    theirs.add("cluster", cluster("theirs"))
+    publish(shared, theirs, origin="b", generation=1)  # a fresh bootstrap elsewhere, no ancestry
+    r = await a.sync_once("opensvc_change")
+    assert ("cluster", "from-a") in a_sozu.live and ("cluster", "theirs") in a_sozu.live
+    assert r.pushed and ("cluster", "from-a") in shared_state(shared)

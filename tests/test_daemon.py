@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from sozud.config import Config
 from sozud.daemon import Daemon, run_daemon
@@ -145,5 +146,34 @@ async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
         await asyncio.wait_for(changed.wait(), timeout=30)
         # the change was not in the state that sync read; the probe loop must still see it as new
         await wait_until(lambda: b'"during"' in (cluster.shared_value() or b""), what="the change to be pushed")
+    finally:
+        await cluster.stop()
+
+
+async def test_a_refused_plan_is_reported_once_and_status_says_what_to_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cluster = await SimCluster.create(["a"])
+    node = cluster.node("a")
+    try:
+        await node.request(pb.Request(add_http_listener=build.http_listener("127.0.0.1:18080")))
+        for i in range(4):
+            await node.request(pb.Request(add_cluster=build.cluster(f"c{i}")))
+        await cluster.start()
+        d = node.daemon
+        assert d is not None
+        await wait_until(lambda: (node.dir / "state" / "base.state").exists(), what="a base")
+        for i in range(3):  # a local mass removal: pushing it is refused by the valve
+            await node.request(pb.Request(remove_cluster=f"c{i}"))
+        await wait_until(lambda: d.metrics.sync_failures.get(error="UnsafePlanError") >= 1, what="a refusal")
+        for _ in range(3):  # the same refusal again, several times
+            mark = d.syncs_attempted
+            d.trigger("test")
+            await wait_until(lambda mark=mark: d.syncs_attempted > mark, what="another sync")
+        assert d.metrics.sync_failures.get(error="UnsafePlanError") >= 4
+        err = capsys.readouterr().err
+        assert err.count('"sync.refused"') == 1, "a refusal that does not change must be reported once"
+        status = msgspec.json.decode((node.dir / "state" / "status.json").read_bytes())
+        assert "--force" in status["action"] and "max_removal_ratio" in status["last_error"]
     finally:
         await cluster.stop()

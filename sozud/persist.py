@@ -45,6 +45,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
 
 class BaseMeta(msgspec.Struct, kw_only=True):
     generation: int = 0
+    shared_id: str = ""  # the id of the push this base was read from (sozud.sync.SharedMeta.id)
     digest: str = ""
     sozu_version: str = ""
     saved_at: float = 0.0

@@ -29,6 +29,7 @@ another sozu family (0.15 vs 1.x vs 2.x: their state files differ) is refused: n
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -100,8 +101,10 @@ class SharedMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     generation: int
     origin: str
     parent: str
-    # Digests of the states this one descends from, newest first (parent first), at most HISTORY:
-    # lets a reader tell a state derived from what it knows from one that overwrote it.
+    # This push's id, and the ids of the pushes it descends from, newest first (parent first), at most
+    # HISTORY: a reader tells a state derived from one it knows from one that overwrote it (ids, not
+    # content digests: the same content pushed twice is two events).
+    id: str = ""
     ancestors: list[str] = []
     digest: str
     records: int
@@ -120,6 +123,7 @@ class SyncReport:
     requests_sent: int = 0
     requests_by_type: dict[str, int] = field(default_factory=dict)
     pushed: bool = False
+    pushed_id: str = ""  # the id of what this step pushed
     plan_digest: str = ""
     conflicts: list[Conflict] = field(default_factory=list)
     local_changes: int = 0
@@ -197,7 +201,7 @@ class SyncEngine:
         self._shared_cache: tuple[str, SozuVersion, ConfigState, str] | None = None
         # The state/metadata mismatch being waited out, and since when (monotonic).
         self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
-        # States this node's live held (bases, own pushes it applied), by digest: candidate merge bases.
+        # Pushes this node's live held (bases, own pushes once applied), by push id: candidate merge bases.
         self._history: OrderedDict[str, ConfigState] = OrderedDict()
 
     def _source(self) -> str:
@@ -249,10 +253,14 @@ class SyncEngine:
 
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
+        stored_base = base
+        if base is not None and base_meta.shared_id:
+            self._remember(base_meta.shared_id, base)
+        if shared is not None and complete and not reconnected:
+            # the metadata describes this state only when their digests agree
+            lineage = meta if meta is not None and meta.digest == shared_digest else None
+            base, complete = self._merge_base(base, lineage)
         if base is not None:
-            self._remember(base)
-            if shared is not None and complete:
-                base, complete = self._merge_base(base, shared, meta)
             # What the live read cannot see is unknown, not removed: keep base's view of it.
             for k, v in base.objects.items():
                 if k not in live.objects and self.sozu.hides(k, v):
@@ -331,11 +339,19 @@ class SyncEngine:
             await self._push(merged, shared, meta, report)
 
         report.drift = drift(live_after, merged)
-        if report.drift == 0:
-            # live holds it: a state this node's live descends from, a merge base for later syncs
-            self._remember(merged)
+        if report.drift == 0 and report.pushed_id:
+            # live holds our push: a state later pushes may descend from, a merge base for later syncs
+            self._remember(report.pushed_id, merged)
         # --- move base forward when live and shared agree (never from our own push)
-        if not report.pushed and report.drift == 0 and (base is None or not base.same_as(shared)):
+        shared_id = meta.id if meta is not None and meta.digest == shared.digest() else ""
+        if (
+            not report.pushed
+            and report.drift == 0
+            and (stored_base is None or not stored_base.same_as(shared) or base_meta.shared_id != shared_id)
+        ):
+            base_meta.shared_id = shared_id
+            if base_meta.shared_id:
+                self._remember(base_meta.shared_id, shared)
             base_meta.generation = meta.generation if meta else 0
             base_meta.sozu_version = str(version)
             base_meta.saved_at = time.time()
@@ -350,28 +366,31 @@ class SyncEngine:
         report.duration_s = time.monotonic() - started
         return report
 
-    def _remember(self, state: ConfigState) -> None:
-        digest = state.digest()
-        self._history[digest] = state
-        self._history.move_to_end(digest)
+    def _remember(self, shared_id: str, state: ConfigState) -> None:
+        self._history[shared_id] = state
+        self._history.move_to_end(shared_id)
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
 
-    def _merge_base(self, base: ConfigState, shared: ConfigState, meta: SharedMeta | None) -> tuple[ConfigState, bool]:
-        """The merge base for ``shared`` and whether its removals may propagate.
+    def _merge_base(self, base: ConfigState | None, meta: SharedMeta | None) -> tuple[ConfigState | None, bool]:
+        """The merge base for the shared state ``meta`` describes, and whether its removals may propagate.
 
-        Nodes push one after the other without locks, so a push can overwrite one it never read. A
-        removal is trusted only when ``shared`` descends from a state this node's live also descends
-        from: the newest of its ancestors that this node remembers is then the merge base. When shared
-        descends from nothing this node knows (it overwrote this node's last push, or is a new bootstrap),
-        what it lacks was never seen by its writer rather than removed: additions only, and the next push
-        restores the rest. A shared state without metadata (written by hand) is merged against base."""
-        if meta is None or shared.digest() == base.digest():
+        Nodes push one after the other without locks, so a push can overwrite one it never read. Each push
+        has an id and lists its ancestors' ids; this node remembers the pushes its live held (bases, and
+        its own pushes once applied). A removal is trusted only when shared descends from one of those:
+        the newest such ancestor is the merge base. With no lineage (no metadata, or written by an older
+        sozud) base is used as before. When shared descends from nothing this node knows (it overwrote this
+        node's last push, or is a fresh bootstrap), what it lacks was never seen by its writer rather than
+        removed: additions only, and the next push restores the rest. No base and nothing known: None (the
+        caller takes the union)."""
+        if meta is None or not meta.id:
             return base, True
-        for digest in [meta.parent, *meta.ancestors]:
-            known = self._history.get(digest)
+        for shared_id in [meta.id, *meta.ancestors]:
+            known = self._history.get(shared_id)
             if known is not None:
                 return known, True
+        if base is None:
+            return None, True
         self.log.warning(
             "shared.diverged",
             meta_origin=meta.origin,
@@ -452,10 +471,11 @@ class SyncEngine:
         meta = SharedMeta(
             generation=(parent_meta.generation if parent_meta else 0) + 1,
             origin=self.settings.node,
+            id=secrets.token_hex(8),
             parent=parent.digest() if parent is not None else "",
             ancestors=(
-                [parent.digest(), *(parent_meta.ancestors if parent_meta else [])][:HISTORY]
-                if parent is not None
+                [parent_meta.id, *parent_meta.ancestors][:HISTORY]
+                if parent is not None and parent_meta is not None and parent_meta.id
                 else []
             ),
             digest=state.digest(),
@@ -467,5 +487,6 @@ class SyncEngine:
         # The meta value is JSON on one line: end it with a newline (the agent expands single-line values).
         await self.shared.write(data, msgspec.json.encode(meta) + b"\n")
         report.pushed = True
+        report.pushed_id = meta.id
         report.generation = meta.generation
         report.origin = meta.origin

@@ -80,17 +80,20 @@ def publish(
     *,
     origin: str = "elsewhere",
     generation: int = 50,
-    parent: ConfigState | None = None,
+    descends: bool = True,
 ) -> None:
-    """Another node's complete write: the state and metadata that matches it (derived from ``parent``)."""
+    """Another node's complete write: the state and the metadata that matches it, derived from the key's
+    current value (``descends``) or from nothing (a fresh bootstrap)."""
+    current = msgspec.json.decode(shared.meta, type=SharedMeta) if shared.meta and descends else None
     data = write_state_file(state)
     shared.state = data
     shared.meta = msgspec.json.encode(
         SharedMeta(
             generation=generation,
             origin=origin,
-            parent=parent.digest() if parent is not None else "",
-            ancestors=[parent.digest()] if parent is not None else [],
+            id=f"{origin}-{generation}",
+            parent=current.digest if current is not None else "",
+            ancestors=[current.id, *current.ancestors] if current is not None else [],
             digest=state.digest(),
             records=data.count(b"\0"),
             sozu_family=state.version.family.value,
@@ -431,7 +434,7 @@ async def test_a_state_and_metadata_from_different_writes_are_not_acted_on(tmp_p
     await e.sync_once()  # base = start
     newer = start.copy()
     newer.add("cluster", cluster("newer"))
-    publish(shared, newer, origin="b", generation=7, parent=start)
+    publish(shared, newer, origin="b", generation=7)
     older_state = shared_state_of(start)  # an older, complete state without "newer", and one backend less
     older_state = older_state.copy()
     removed_key = next(k for k, _ in older_state.of_kind("backend"))
@@ -441,7 +444,7 @@ async def test_a_state_and_metadata_from_different_writes_are_not_acted_on(tmp_p
     with pytest.raises(SharedInFlightError, match="do not match yet"):
         await e.sync_once("opensvc_change")
     assert sozu.live == start and sozu.applies == 0 and shared.writes == writes
-    publish(shared, newer, origin="b", generation=7, parent=start)  # the write completes
+    publish(shared, newer, origin="b", generation=7)  # the write completes
     await e.sync_once("opensvc_change")
     assert sozu.live == newer and removed_key in sozu.live
 
@@ -504,7 +507,7 @@ async def test_a_push_from_a_node_with_no_common_state_is_additions_only(tmp_pat
     await a.sync_once("opensvc_change")  # base = start + from-a
     theirs = fixture_state("01-populated")
     theirs.add("cluster", cluster("theirs"))
-    publish(shared, theirs, origin="b", generation=1)  # a fresh bootstrap elsewhere, no ancestry
+    publish(shared, theirs, origin="b", generation=1, descends=False)  # a fresh bootstrap elsewhere
     r = await a.sync_once("opensvc_change")
     assert ("cluster", "from-a") in a_sozu.live and ("cluster", "theirs") in a_sozu.live
     assert r.pushed and ("cluster", "from-a") in shared_state(shared)

@@ -38,11 +38,12 @@ from typing import Any, Protocol
 import msgspec
 from google.protobuf.message import Message
 
+from sozud.decision import Branch, Decision, decide, drift
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore
 from sozud.state.codec import parse_state_file, write_state_file
-from sozud.state.merge import Conflict, MergeResult, merge
+from sozud.state.merge import Conflict
 from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
 
@@ -162,14 +163,19 @@ class SyncReport:
         }
 
 
-def drift(a: ConfigState, b: ConfigState) -> int:
-    """How many objects differ between two states (present in one only, or different)."""
-    n = 0
-    for k, v in a.objects.items():
-        w = b.objects.get(k)
-        if w is None or w != v:
-            n += 1
-    return n + sum(1 for k in b.objects if k not in a.objects)
+@dataclass
+class SyncInputs:
+    """What one step read: live (with what the read cannot see filled in), shared and its metadata, the
+    persisted base and the merge base chosen for shared."""
+
+    live: ConfigState
+    shared: ConfigState | None
+    meta: SharedMeta | None
+    lineage: SharedMeta | None  # ``meta`` when it describes ``shared`` (same digest)
+    complete: bool
+    base: ConfigState | None
+    base_meta: BaseMeta
+    merge_base: ConfigState | None
 
 
 # --- the engine ----------------------------------------------------------------------------------------
@@ -208,13 +214,39 @@ class SyncEngine:
         return f"opensvc {self.settings.object} key {self.settings.key}"
 
     async def sync_once(self, reason: str = "manual") -> SyncReport:
+        """One step: read live, shared and base, :func:`decide`, then apply, push and move base."""
         started = time.monotonic()
-        s = self.settings
+        restarts = self.sozu.restarts
+        restarted = self._seen_restarts is not None and restarts != self._seen_restarts
+        inputs = await self._read_inputs(restarted)
+        decision = decide(
+            live=inputs.live,
+            shared=inputs.shared,
+            base=inputs.merge_base,
+            complete=inputs.complete,
+            restarted=restarted,
+        )
+        report = SyncReport(reason=reason, outcome="in_sync")
+        report.generation = inputs.meta.generation if inputs.meta else 0
+        report.origin = inputs.meta.origin if inputs.meta else ""
+        report.conflicts = list(decision.conflicts)
+        report.local_changes = decision.local_changes
+        report.remote_changes = decision.remote_changes
+        report.notes.append(decision.note)
+        self._log_decision(decision, inputs)
+        if decision.branch is Branch.BOOTSTRAP:
+            await self._push(inputs.live, None, inputs.meta, report)
+            report.outcome = "bootstrapped"
+            self._remember(report.pushed_id, inputs.live)
+        elif decision.branch is not Branch.NOTHING:
+            await self._execute(decision, inputs, report)
+        self._seen_restarts = restarts
+        report.duration_s = time.monotonic() - started
+        return report
+
+    async def _read_inputs(self, restarted: bool) -> SyncInputs:
         live = await self.sozu.read_live()
         version = self.sozu.version
-        restarts = self.sozu.restarts
-        reconnected = self._seen_restarts is not None and restarts != self._seen_restarts
-
         state_bytes, meta_bytes = await self.shared.read()
         meta = self._parse_meta(meta_bytes)
         if meta is not None and meta.sozu_family != version.family.value:
@@ -225,100 +257,77 @@ class SyncEngine:
             )
         shared: ConfigState | None = None
         complete = True
+        lineage: SharedMeta | None = None  # the metadata, when it describes this very state
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
             shared, shared_digest = self._parse_shared(state_bytes, version)
-            if meta is not None and meta.digest != shared_digest and self._still_settling(shared_digest, meta):
-                # A state from one write and metadata from another (the pair is two keys, written one
-                # after the other, by any node): acting on it could take an older state for a newer one
-                # and propagate its "removals". Wait for the pair to settle.
-                raise SharedInFlightError(
-                    f"{self._source()} and its metadata key do not match yet (metadata written by "
-                    f"{meta.origin!r}, generation {meta.generation}): a write is probably in progress; "
-                    "nothing was applied or pushed, the next sync reads them again"
-                )
-            if meta is not None and meta.digest != shared_digest:
-                # Still mismatched after the grace period: a truncated value, or a hand edit.
-                records = state_bytes.count(b"\0")
-                if records < meta.records:
-                    complete = False
-                    self.log.warning(
-                        "shared.looks_truncated",
-                        records=records,
-                        meta_records=meta.records,
-                        meta_origin=meta.origin,
-                        action="additions only; no removal propagates from this state",
-                    )
-                else:
-                    self.log.info("shared.edited_outside_sozud", meta_origin=meta.origin)
-
+            if meta is not None and meta.digest == shared_digest:
+                lineage = meta
+            elif meta is not None:
+                complete = self._check_mismatch(state_bytes, shared_digest, meta)
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
-        stored_base = base
         if base is not None and base_meta.shared_id:
             self._remember(base_meta.shared_id, base)
-        if shared is not None and complete and not reconnected:
-            # the metadata describes this state only when their digests agree
-            lineage = meta if meta is not None and meta.digest == shared_digest else None
-            base, complete = self._merge_base(base, lineage)
-        if base is not None:
-            # What the live read cannot see is unknown, not removed: keep base's view of it.
-            for k, v in base.objects.items():
+        merge_base = base
+        if shared is not None and complete and not restarted:
+            merge_base, complete = self._merge_base(base, lineage)
+        if merge_base is not None:
+            # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
+            for k, v in merge_base.objects.items():
                 if k not in live.objects and self.sozu.hides(k, v):
                     live.objects[k] = v
-        report = SyncReport(reason=reason, outcome="in_sync")
-        report.generation = meta.generation if meta else 0
-        report.origin = meta.origin if meta else ""
+        return SyncInputs(live, shared, meta, lineage, complete, base, base_meta, merge_base)
 
-        # --- decide the merged state
-        if shared is None:
-            if len(live) == 0:
-                report.notes.append("no shared state and an empty live sozu: nothing to do")
-                self._seen_restarts = restarts
-                report.duration_s = time.monotonic() - started
-                return report
-            await self._push(live, None, meta, report)
-            report.outcome = "bootstrapped"
-            report.local_changes = len(live)
-            report.drift = 0
-            self._seen_restarts = restarts
-            report.duration_s = time.monotonic() - started
-            self.log.info("sync.bootstrapped", objects=len(live), generation=report.generation)
-            return report
-        if base is None:
-            # No base (first start, or a base file lost or damaged): nothing says what was removed, so
-            # nothing is. The union keeps every object of both sides (merge against an empty base: each
-            # side only adds); a key present on both sides with different values is a conflict resolved
-            # by the usual rule. Removals propagate again once a base is known.
-            result = merge(ConfigState(version), live, shared)
-            merged = self._take_merge(result, report)
-            report.notes.append("no base yet (first start): union of live and shared, nothing removed")
+    def _check_mismatch(self, state_bytes: bytes, digest: str, meta: SharedMeta) -> bool:
+        """A state whose digest is not its metadata's: wait while it may be a write in progress, then
+        tell truncated (False: additions only) from edited by hand (True)."""
+        if self._still_settling(digest, meta):
+            # A state from one write and metadata from another (the pair is two keys, written one after
+            # the other, by any node): acting on it could take an older state for a newer one and
+            # propagate its "removals". Wait for the pair to settle.
+            raise SharedInFlightError(
+                f"{self._source()} and its metadata key do not match yet (metadata written by "
+                f"{meta.origin!r}, generation {meta.generation}): a write is probably in progress; "
+                "nothing was applied or pushed, the next sync reads them again"
+            )
+        records = state_bytes.count(b"\0")
+        if records < meta.records:
+            self.log.warning(
+                "shared.looks_truncated",
+                records=records,
+                meta_records=meta.records,
+                meta_origin=meta.origin,
+                action="additions only; no removal propagates from this state",
+            )
+            return False
+        self.log.info("shared.edited_outside_sozud", meta_origin=meta.origin)
+        return True
+
+    def _log_decision(self, decision: Decision, inputs: SyncInputs) -> None:
+        live, shared = inputs.live, inputs.shared
+        for c in decision.conflicts:
+            self.log.warning("sync.conflict", **c.as_log())
+        if decision.branch is Branch.BOOTSTRAP:
+            self.log.info("sync.bootstrapped", objects=len(live))
+        elif decision.branch is Branch.UNION and shared is not None:
             self.log.info(
                 "sync.first_union",
                 live_only_objects=sum(1 for k in live.objects if k not in shared.objects),
                 shared_only_objects=sum(1 for k in shared.objects if k not in live.objects),
-                conflicts=len(result.conflicts),
+                conflicts=len(decision.conflicts),
             )
-        elif reconnected:
-            why = "sozu restarted"
-            merged = shared
-            report.notes.append(f"shared state wins: {why}")
-            report.remote_changes = drift(live, shared)
+        elif decision.branch is Branch.SHARED_WINS and shared is not None:
             dropped = sum(1 for k in live.objects if k not in shared.objects)
             if dropped:
-                self.log.info("sync.shared_wins", reason=why, live_only_objects=dropped)
-        else:
-            effective_shared = shared
-            if not complete:
-                effective_shared = shared.copy()
-                for k, v in base.objects.items():
-                    if k not in effective_shared.objects:
-                        effective_shared.objects[k] = v
-            merged = self._take_merge(merge(base, live, effective_shared), report)
+                self.log.info("sync.shared_wins", reason="sozu restarted", live_only_objects=dropped)
 
-        # --- apply to sozu
+    async def _execute(self, decision: Decision, inputs: SyncInputs, report: SyncReport) -> None:
+        """Apply the decision to sozu, push it, and move base forward when live and shared agree."""
+        merged, live, shared, meta = decision.desired, inputs.live, inputs.shared, inputs.meta
+        assert shared is not None
         live_after = live
         if not merged.same_as(live):
-            outcome = await self.sozu.apply(merged, force=s.force, desired_is_complete=complete)
+            outcome = await self.sozu.apply(merged, force=self.settings.force, desired_is_complete=decision.complete)
             report.requests_sent = outcome.requests_sent
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
@@ -327,9 +336,7 @@ class SyncEngine:
             for k, v in merged.objects.items():
                 if k not in live_after.objects and self.sozu.hides(k, v):
                     live_after.objects[k] = v
-
-        # --- push to OpenSVC
-        if not merged.same_as(shared):
+        if decision.push:
             if len(merged) == 0:
                 raise UnsafePlanError(
                     f"refusing to push an empty state to {self._source()} (it would wipe every node); "
@@ -337,34 +344,33 @@ class SyncEngine:
                 )
             self._check_push_removals(shared, merged)
             await self._push(merged, shared, meta, report)
-
         report.drift = drift(live_after, merged)
         if report.drift == 0 and report.pushed_id:
             # live holds our push: a state later pushes may descend from, a merge base for later syncs
             self._remember(report.pushed_id, merged)
-        # --- move base forward when live and shared agree (never from our own push)
-        shared_id = meta.id if meta is not None and meta.digest == shared.digest() else ""
-        if (
-            not report.pushed
-            and report.drift == 0
-            and (stored_base is None or not stored_base.same_as(shared) or base_meta.shared_id != shared_id)
-        ):
-            base_meta.shared_id = shared_id
-            if base_meta.shared_id:
-                self._remember(base_meta.shared_id, shared)
-            base_meta.generation = meta.generation if meta else 0
-            base_meta.sozu_version = str(version)
-            base_meta.saved_at = time.time()
-            self.base.save(shared, base_meta)
+        if not report.pushed and report.drift == 0:
+            self._move_base(inputs)
         report.outcome = {
             (False, False): "in_sync",
             (True, False): "applied",
             (False, True): "pushed",
             (True, True): "applied+pushed",
         }[(report.requests_sent > 0, report.pushed)]
-        self._seen_restarts = restarts
-        report.duration_s = time.monotonic() - started
-        return report
+
+    def _move_base(self, inputs: SyncInputs) -> None:
+        """Live equals shared: shared becomes the base (never from this node's own push)."""
+        shared, base, base_meta = inputs.shared, inputs.base, inputs.base_meta
+        assert shared is not None
+        shared_id = inputs.lineage.id if inputs.lineage is not None else ""
+        if base is not None and base.same_as(shared) and base_meta.shared_id == shared_id:
+            return
+        if shared_id:
+            self._remember(shared_id, shared)
+        base_meta.shared_id = shared_id
+        base_meta.generation = inputs.meta.generation if inputs.meta else 0
+        base_meta.sozu_version = str(self.sozu.version)
+        base_meta.saved_at = time.time()
+        self.base.save(shared, base_meta)
 
     def _remember(self, shared_id: str, state: ConfigState) -> None:
         self._history[shared_id] = state
@@ -407,14 +413,6 @@ class SyncEngine:
         if self._mismatch is None or self._mismatch[0] != pair:
             self._mismatch = (pair, now)
         return now - self._mismatch[1] < self.settings.mismatch_grace_s
-
-    def _take_merge(self, result: MergeResult, report: SyncReport) -> ConfigState:
-        report.conflicts = list(result.conflicts)
-        report.local_changes = result.local_changes
-        report.remote_changes = result.remote_changes
-        for c in result.conflicts:
-            self.log.warning("sync.conflict", **c.as_log())
-        return result.state
 
     def _load_base(self, version: SozuVersion) -> tuple[ConfigState, BaseMeta] | None:
         """The persisted base; a base that cannot be read or does not match its digest counts as none

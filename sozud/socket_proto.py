@@ -404,6 +404,14 @@ class SozuChannel:
         async with self._lock:
             await self._ensure_link(deadline=None)
 
+    def frame_size(self, req: pb.Request) -> int | None:
+        """The bytes ``req`` takes on the wire to the connected sozu version (None while it is unknown):
+        a plan checks every request against ``max_frame_bytes`` before it sends the first one."""
+        if self._version is None:
+            return None
+        framing = make_framing(self._version, socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
+        return len(framing.encode(req))
+
     async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> Reply:
         """Send ``req`` and wait for its final frame.
 

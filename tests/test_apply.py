@@ -375,3 +375,44 @@ async def test_a_change_made_during_the_apply_is_not_reverted(workdir: str, vers
     assert ("cluster", "operator-added") in after, "the operator's concurrent change was reverted"
     missing = [k for k, v in desired.objects.items() if after.objects.get(k) != v]
     assert not missing, f"the plan itself was not finished: {missing}"
+
+
+class _RefuseFrontendAdds:
+    """A channel whose sozu refuses every add_http_frontend outright (main state included)."""
+
+    def __init__(self, ch: SozuChannel) -> None:
+        self.ch = ch
+
+    @property
+    def version(self) -> SozuVersion | None:
+        return self.ch.version
+
+    @property
+    def epoch(self) -> int:
+        return self.ch.epoch
+
+    async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> object:
+        if req.WhichOneof("request_type") == "add_http_frontend" and req.add_http_frontend.tags.get("new") == "1":
+            raise SozuRequestError("refused for the test", request_kind="add_http_frontend")
+        return await self.ch.request(req, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_changed_frontend_whose_new_value_is_refused_gets_its_old_value_back(
+    workdir: str, version: str
+) -> None:
+    _, live = fixture_state(version, "01-populated.state")
+    desired = live.copy()
+    key, old = next((k, v) for k, v in live.objects.items() if k[0] == "http_frontend")
+    new = pb.RequestHttpFrontend()
+    new.CopyFrom(old)
+    new.tags["new"] = "1"
+    desired.objects[key] = new
+    async with sozu(workdir, version) as (_fake, ch):
+        await apply_plan(ch, live, raise_on_failure=False)
+        report = await apply_plan(_RefuseFrontendAdds(ch), desired, raise_on_failure=False)
+        after = (await read_live_report(ch, shared_dir=workdir)).state
+    assert not report.converged
+    assert after.objects.get(key) == old, "the route was lost: its old value must be put back"
+    restores = [s for s in report.steps if s.summary.startswith("restore")]
+    assert len(restores) == 1 and restores[0].ok, "restored once, and not tried again round after round"

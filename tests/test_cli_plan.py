@@ -217,3 +217,40 @@ async def test_unreachable_socket_is_one_clear_line(workdir: str, capsys: pytest
     assert rc == EXIT_ERROR and out == ""
     ours = [line for line in err.splitlines() if line.startswith("sozud plan:")]  # besides structured log lines
     assert len(ours) == 1 and sock in ours[0] and "connect" in ours[0]
+
+
+# --- a changed object whose replacement cannot be sent (issue 12: a lost route) -----------------------
+
+
+def _health_with_tags(version: str, n_tags: int, workdir: str) -> tuple[str, pb.RequestHttpFrontend]:
+    """01-populated with the /health frontend of example.test carrying ``n_tags`` tags, as a state file."""
+    from sozud.state.codec import write_state_file
+
+    desired = parse_state_file(Path(state(version, "01-populated")).read_bytes(), source="fixture")
+    health = next(
+        (k, v)
+        for k, v in desired.objects.items()
+        if k[0] == "http_frontend" and getattr(v, "hostname", "") == "example.test" and "/health" in str(v.path)
+    )
+    changed = pb.RequestHttpFrontend()
+    changed.CopyFrom(health[1])
+    for i in range(n_tags):
+        changed.tags[f"tag{i:06d}"] = "x" * 8
+    desired.objects[health[0]] = changed
+    path = os.path.join(workdir, "desired.state")
+    Path(path).write_bytes(write_state_file(desired))
+    return path, health[1]
+
+
+async def test_a_changed_frontend_whose_replacement_cannot_be_sent_is_not_removed(
+    workdir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    desired_path, original = _health_with_tags("2.1.0", 200_000, workdir)
+    async with simulator(workdir, "2.1.0", state("2.1.0", "01-populated")) as fake:
+        before = len(fake.requests)
+        rc, _, err = await run(["plan", "--desired", desired_path, "--socket", fake.socket_path, "--apply"], capsys)
+        sent = [r.WhichOneof("request_type") for r in fake.requests[before:]]
+        fronts = [f for f in fake.state.http_fronts.values() if f.hostname == "example.test"]
+    assert rc == EXIT_ERROR and "max_frame_bytes" in err
+    assert "remove_http_frontend" not in sent, "nothing may be removed when a request of the plan cannot be sent"
+    assert any(f == original for f in fronts), "the /health route was lost"

@@ -62,7 +62,7 @@ from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
 from sozud.redact import redact_text
 from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_report
-from sozud.state.model import ConfigState, ObjKey
+from sozud.state.model import ConfigState, ObjKey, add_request, describe
 from sozud.state.plan import Plan, PlanStep, plan
 from sozud.versions import Family, SozuVersion
 
@@ -295,7 +295,9 @@ async def apply_plan(
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
     live = initial if initial is not None else await read()
     scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
+    given_up: set[ObjKey] = set()  # changed objects whose new value sozu refused (old value restored)
     current = replan(live)
+    _preflight(ch, current)
     scope = _differing_keys(live.state, desired, assumed)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
@@ -317,10 +319,19 @@ async def apply_plan(
             current = replan(live)
             if current.is_empty:
                 break
+        _preflight(ch, current)
+        replaced: dict[ObjKey, Message] = {}  # what this round removed to re-add with other values
         for step in current.steps:
+            if step.action == "remove" and step.key in live.state.objects:
+                replaced[step.key] = live.state.objects[step.key]
             result = await _send_one(cch, step, round_no, live)
             report.steps.append(result)
             _track(assumed, step, result, desired)
+            if not result.ok and step.action == "add" and not result.main_accepted and step.key in replaced:
+                await _restore(cch, step.key, replaced[step.key], round_no, report)
+                given_up.add(step.key)
+                if scope is not None:
+                    scope.discard(step.key)  # not again: each try would take the route down for a moment
             if not result.ok:
                 progressed = result.main_accepted
                 log.warning(
@@ -338,7 +349,7 @@ async def apply_plan(
         live = await read()
         current = replan(live)
 
-    report.converged = current.is_empty
+    report.converged = current.is_empty and not given_up
     report.remaining = current
     report.live_after = live.state
     report.last_read = live
@@ -359,6 +370,34 @@ async def apply_plan(
     return report
 
 
+def _preflight(ch: SozuRequester, current: Plan) -> None:
+    """Refuse a plan holding a request sozu could never answer, before its first request is sent: a
+    changed object is removed before its new value is added, and that add must not be the one to fail."""
+    size_of = getattr(ch, "frame_size", None)
+    limit = getattr(ch, "max_frame_bytes", None)
+    if size_of is None or not isinstance(limit, int):
+        return
+    for i, step in enumerate(current.steps):
+        n = size_of(step.request)
+        if n is not None and n > limit:
+            raise StateError(
+                f"plan refused, nothing was sent: step {i} ({redact_text(step.summary)}) is a request of {n} "
+                f"bytes, more than max_frame_bytes={limit} (sozu would never answer it)"
+            )
+
+
+async def _restore(cch: _CountingChannel, key: ObjKey, old: Message, round_no: int, report: ApplyReport) -> None:
+    """A changed object was removed and its new value refused: put the old value back."""
+    summary = f"restore {describe(key)} (its new value was refused)"
+    result = await _send(cch, add_request(key, old), round_no, summary, key)
+    report.steps.append(result)
+    get_logger().error(
+        "sozu.apply_restored" if result.ok else "sozu.apply_restore_failed",
+        object=describe(key),
+        sozu_message=result.message,
+    )
+
+
 def _differing_keys(live: ConfigState, desired: ConfigState, assumed: dict[ObjKey, Message]) -> set[ObjKey]:
     view = {**live.objects, **assumed}
     return {k for k in view.keys() | desired.objects.keys() if view.get(k) != desired.objects.get(k)}
@@ -368,6 +407,9 @@ def _convergence_message(report: ApplyReport) -> str:
     remaining = report.remaining
     left = [] if remaining is None else remaining.steps
     first_left = f" (first: {serde.request_kind(left[0].request)} {left[0].summary})" if left else ""
+    restored = [s.summary for s in report.steps if s.summary.startswith("restore ")]
+    if restored and not left:
+        first_left = f"; {restored[0]}"
     failure = report.first_failure_text()
     why = f"; first failure: {failure}" if failure else ""
     return redact_text(

@@ -100,6 +100,10 @@ class Reply:
 
 # --- framing --------------------------------------------------------------------------------------------
 
+# PROCESSING frames kept per request (sozu sends a few), and the most accepted before giving up on a peer.
+MAX_PROCESSING_KEPT = 16
+MAX_PROCESSING_FRAMES = 10_000
+
 
 class Framing(Protocol):
     """Bytes <-> messages for one protocol family; errors name ``socket_path``."""
@@ -192,7 +196,7 @@ class JsonFraming:
         """One frame without its NUL."""
         try:
             value = msgspec.json.decode(chunk)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, RecursionError) as e:
             raise SozuProtocolError(
                 f"undecodable JSON frame ({len(chunk)} bytes): {e}", socket_path=self.socket_path
             ) from None
@@ -707,10 +711,22 @@ class SozuChannel:
         except OSError as e:
             raise SozuConnectionError(f"write failed: {e}", socket_path=self.socket_path) from None
         processing: list[pb.Response] = []
+        seen = 0
         while True:
             resp = await link.framing.read(link.reader)
             if resp.status == pb.PROCESSING:
-                processing.append(resp)
+                # sozu sends a few per request (one per stage or worker); keep the first ones only, and
+                # give up on a peer that never ends (memory stays bounded whatever the timeout).
+                seen += 1
+                if len(processing) < MAX_PROCESSING_KEPT:
+                    processing.append(resp)
+                if seen > MAX_PROCESSING_FRAMES:
+                    self._drop(link, "processing_flood")
+                    raise SozuProtocolError(
+                        f"more than {MAX_PROCESSING_FRAMES} PROCESSING frames for one request and no final answer "
+                        "(connection dropped, the next request reconnects)",
+                        socket_path=self.socket_path,
+                    )
                 continue
             return resp, processing
 

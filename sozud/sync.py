@@ -445,7 +445,7 @@ class SyncEngine:
             return None
         try:
             return msgspec.json.decode(meta_bytes, type=SharedMeta)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
             self.log.warning("shared.meta_unreadable", key=self.settings.key + " meta", error=str(e))
             return None
 

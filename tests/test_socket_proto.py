@@ -956,3 +956,36 @@ async def test_simulator_events_2x_duplicates(sock_dir: Path) -> None:
         await sub.aclose()
         collector.cancel()
         await asyncio.gather(collector, return_exceptions=True)
+
+
+def test_a_json_frame_nested_too_deeply_is_a_protocol_error() -> None:
+    framing = JsonFraming(socket_path="/run/t.sock", max_frame_bytes=100_000)
+    with pytest.raises(SozuProtocolError, match="t.sock"):
+        framing.decode_chunk(b'{"id":"x","status":"OK","content":' + b"[" * 1000 + b"]" * 1000 + b"}")
+
+
+async def test_an_endless_stream_of_processing_frames_is_bounded(sock_dir: Path) -> None:
+    """issue 12: a peer that sends PROCESSING frames forever made the client hold every one (GBs)."""
+    from sozud.socket_proto import MAX_PROCESSING_FRAMES, MAX_PROCESSING_KEPT
+
+    sent = 0
+
+    async def flood(req: pb.Request, conn: Conn) -> None:
+        nonlocal sent
+        frame = processing("Querying cluster..." + "x" * 200)
+        while sent < 3 * MAX_PROCESSING_FRAMES:  # then silence: a client without a bound times out instead
+            conn.send(frame)
+            sent += 1
+            if sent % 100 == 0:
+                await conn.writer.drain()
+        await asyncio.Event().wait()
+
+    async with running(sock_dir / "s", V2) as fake, SozuChannel(str(sock_dir / "s"), version=V2) as ch:
+        fake.script.append(flood)
+        with pytest.raises(SozuProtocolError, match="PROCESSING frames") as info:
+            await ch.request(pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), timeout_s=60)
+        assert str(sock_dir / "s") in str(info.value)
+        # and the connection is usable again afterwards (a new one)
+        reply = await ch.request(add_cluster("after"))
+        assert reply.response.status == pb.OK
+    assert sent > MAX_PROCESSING_FRAMES > MAX_PROCESSING_KEPT

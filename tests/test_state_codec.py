@@ -227,6 +227,9 @@ def _with_record(n: int, new: bytes, data: bytes = GOOD) -> bytes:
         (_with_record(4, GOOD.split(b"\0")[4].replace(b'"sticky_session":true,', b"")), 4, "missing required"),
         # a second copy of record 0: sozu's main state refuses a duplicate listener (load_state skips it)
         (_with_record(4, GOOD.split(b"\0")[0]), 4, "already exists"),
+        # a record nested 1,000 levels deep (issue 12: a RecursionError traceback)
+        (_with_record(3, b'{"id":"SAVE-3","content":' + b"[" * 1000 + b"]" * 1000 + b"}\n"), 3, "nested too deeply"),
+        (_with_record(3, b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"\n"), 3, "nested too deeply"),
     ],
 )
 def test_bad_files_are_refused_with_the_record(data: bytes, record: int | None, pattern: str) -> None:

@@ -96,6 +96,10 @@ def _decode(raw: bytes, source: str, n: int) -> Any:
         return _DECODER.decode(raw)
     except UnicodeDecodeError as e:
         raise StateParseError(f"invalid UTF-8 in a JSON string ({e.reason})", source=source, record=n) from None
+    except RecursionError:
+        raise StateParseError(
+            "JSON nested too deeply (no sozu record nests more than a few levels)", source=source, record=n
+        ) from None
     except msgspec.DecodeError as e:
         reason = str(e)
         if not raw.strip():

@@ -960,7 +960,7 @@ async def test_simulator_events_2x_duplicates(sock_dir: Path) -> None:
 
 def test_a_json_frame_nested_too_deeply_is_a_protocol_error() -> None:
     framing = JsonFraming(socket_path="/run/t.sock", max_frame_bytes=100_000)
-    with pytest.raises(SozuProtocolError, match="t.sock"):
+    with pytest.raises(SozuProtocolError, match=r"t\.sock"):
         framing.decode_chunk(b'{"id":"x","status":"OK","content":' + b"[" * 1000 + b"]" * 1000 + b"}")
 
 

@@ -9,6 +9,11 @@ Prints:
   every peer).
 
     uv run python bench/sync.py [--clusters 10000] [--changes 20] [--no-shared-dir]
+    uv run python bench/sync.py --wake-comparison [--clusters 100] [--changes 5]
+
+The simulated v2 agents replicate an API write at their monitor's next loop (``--monitor-interval-s``,
+15 s like the real agent) unless sozud wakes the monitor after its push; ``--wake-comparison`` measures
+change -> applied on the other nodes with and without that wake.
 """
 
 from __future__ import annotations
@@ -47,12 +52,23 @@ def writes(cluster: SimCluster) -> int:
     return sum(1 for n in cluster.nodes for r in n.agent.requests if r.key == cluster.key and r.action == "POST key")
 
 
-async def run(clusters: int, changes: int, shared_dir: bool) -> None:
+async def run(
+    clusters: int, changes: int, shared_dir: bool, *, wake: bool = True, monitor_interval_s: float = 15.0
+) -> tuple[float, float]:
+    if not wake:
+        from sozud.om_api import OMClient
+
+        async def no_wake(self: OMClient, obj: str, reason: str) -> bool:
+            return False
+
+        OMClient.wake_monitor = no_wake  # type: ignore[method-assign]
     version = SozuVersion(2, 1, 0)
     state = generated_state(version, clusters)
     data = write_state_file(state)
     settings = {"poll_interval_s": 0.02, "opensvc_poll_interval_s": 0.05, "request_timeout_s": 60.0}
-    cluster = await SimCluster.create(["a", "b", "c"], version=str(version), settings=settings)
+    cluster = await SimCluster.create(
+        ["a", "b", "c"], version=str(version), settings=settings, monitor_interval_s=monitor_interval_s
+    )
     if shared_dir:
         for n in cluster.nodes:
             n.config.shared_dir = str(n.dir)
@@ -131,6 +147,7 @@ async def run(clusters: int, changes: int, shared_dir: bool) -> None:
         " state parse and SaveState of every node runs one after the other, so the latency here is an upper"
         " bound; per-node costs (parse, plan, live read) are in bench/state.py."
     )
+    return p50, p99
 
 
 def main() -> None:
@@ -138,9 +155,33 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=10_000)
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--no-shared-dir", action="store_true", help="read the live state with one query per cluster")
+    parser.add_argument("--monitor-interval-s", type=float, default=15.0, help="the simulated agents' monitor loop")
+    parser.add_argument("--no-wake", action="store_true", help="do not wake the agent's monitor after a push")
+    parser.add_argument("--wake-comparison", action="store_true", help="measure with and without the wake")
     args = parser.parse_args()
     configure_logging("error", json=False)
-    asyncio.run(run(args.clusters, args.changes, not args.no_shared_dir))
+    shared_dir = not args.no_shared_dir
+    if not args.wake_comparison:
+        asyncio.run(
+            run(
+                args.clusters,
+                args.changes,
+                shared_dir,
+                wake=not args.no_wake,
+                monitor_interval_s=args.monitor_interval_s,
+            )
+        )
+        return
+    woken = asyncio.run(run(args.clusters, args.changes, shared_dir, monitor_interval_s=args.monitor_interval_s))
+    print()
+    plain = asyncio.run(
+        run(args.clusters, args.changes, shared_dir, wake=False, monitor_interval_s=args.monitor_interval_s)
+    )
+    title = f"change -> applied on b and c ({args.monitor_interval_s:g} s monitor loop)"
+    print(f"\n| {title:50} | {'p50 (s)':>8} | {'p99 (s)':>8} |")
+    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 10}|")
+    print(f"| {'sozud wakes the monitor after its push':50} | {woken[0]:>8.3f} | {woken[1]:>8.3f} |")
+    print(f"| {'no wake (replicated at the next monitor loop)':50} | {plain[0]:>8.3f} | {plain[1]:>8.3f} |")
 
 
 if __name__ == "__main__":

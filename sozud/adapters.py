@@ -184,3 +184,5 @@ class OpenSVCShared:
         await self.client.put_key(self.obj, self.key, state)
         await self.client.put_key(self.obj, self.meta_key, meta)
         self.writes += 1
+        # v2 replicates an API write at its monitor's next loop (10-15 s): ask for it now (never fails).
+        await self.client.wake_monitor(self.obj, "sozud wrote the shared sozu state")

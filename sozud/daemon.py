@@ -154,6 +154,7 @@ class Daemon:
         self.syncs_attempted = 0
         self.last_report: SyncReport | None = None
         self.last_error: BaseException | None = None
+        self._wake_counts: tuple[OMClient | None, int, int] = (None, 0, 0)
         self.last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
 
     # --- triggers
@@ -346,6 +347,7 @@ class Daemon:
     async def _after_sync(self) -> None:
         self.syncs_attempted += 1
         if self.components is not None:
+            self._count_wakes(self.components.om)
             # What this sync read, not a probe taken now: a change made during the sync must still
             # look new to the probe loop (None after an apply: the next probe triggers one more sync).
             self._last_probe = self.components.sozu.read_fingerprint
@@ -357,6 +359,15 @@ class Daemon:
                 self.log.warning("metrics.textfile_failed", path=self.config.metrics_textfile, error=str(e))
         async with self.sync_done:
             self.sync_done.notify_all()
+
+    def _count_wakes(self, om: OMClient) -> None:
+        """Carry the client's wake_monitor counts into the metrics (the client is rebuilt on reload)."""
+        if self._wake_counts[0] is not om:
+            self._wake_counts = (om, 0, 0)
+        _, wakes, failures = self._wake_counts
+        self.metrics.wakes.inc(om.wakes - wakes, outcome="ok")
+        self.metrics.wakes.inc(om.wake_failures - failures, outcome="failed")
+        self._wake_counts = (om, om.wakes, om.wake_failures)
 
     def _write_status(self) -> None:
         st = self.status

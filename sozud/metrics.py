@@ -72,6 +72,11 @@ class Metrics:
         self.reconnects = Metric("sozud_sozu_reconnects_total", "counter", "Re-connections to sozu's command socket.")
         self.generation = Metric("sozud_shared_generation", "gauge", "Generation of the shared state last seen.")
         self.sync_duration = Metric("sozud_last_sync_duration_seconds", "gauge", "Duration of the last sync step.")
+        self.wakes = Metric(
+            "sozud_opensvc_monitor_wakes_total",
+            "counter",
+            "Calls asking the OpenSVC v2 agent to replicate the shared state now (wake_monitor), by outcome.",
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -85,6 +90,7 @@ class Metrics:
             self.reconnects,
             self.generation,
             self.sync_duration,
+            self.wakes,
         ]
 
     def render(self) -> str:

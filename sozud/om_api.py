@@ -112,6 +112,8 @@ class OMClient:
         self.reconnect_max_s = self.settings.reconnect_max_s
         self._locks: dict[str, asyncio.Lock] = {}
         self._warned_private_keys: set[tuple[str, str]] = set()
+        self.wakes = 0  # wake_monitor calls the agent accepted
+        self.wake_failures = 0  # wake_monitor calls that failed (replication then waits for the loop)
 
     def __repr__(self) -> str:
         events = self.events_transport.name if self.events_transport else None
@@ -153,6 +155,25 @@ class OMClient:
         self.check_value(obj, key, value)
         async with self.lock(obj):
             await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value))
+
+    async def wake_monitor(self, obj: str, reason: str) -> bool:
+        """Ask the local agent to replicate ``obj`` now (v2: its monitor loop would take 10-15 s). Never
+        raises: a failure is logged and counted (``wake_failures``); replication then waits for the loop."""
+        try:
+            woken = await self.transport.wake_monitor(obj, reason)
+        except OpenSVCError as exc:
+            self.wake_failures += 1
+            _log().warning(
+                "opensvc.wake_failed",
+                transport=self.transport.name,
+                obj=obj,
+                error=str(exc),
+                action="replication waits for the agent's next monitor loop",
+            )
+            return False
+        if woken:
+            self.wakes += 1
+        return woken
 
     async def list_keys(self, obj: str) -> list[str]:
         """The object's key names, in the agent's order."""

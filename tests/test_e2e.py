@@ -285,3 +285,49 @@ async def test_once_reports_the_refused_request(tmp_path: Path, capsys: pytest.C
     assert rc == 1
     assert "add_cluster" in err and "refused-app" in err and "simulated worker failure" in err
     await sozu.stop()
+
+
+# --- waking the v2 agent's monitor (issue 13) ----------------------------------------------------------
+
+
+async def test_a_change_reaches_the_peers_without_waiting_for_the_agents_monitor_loop() -> None:
+    """The v2 agent replicates an API write at its monitor's next loop (10-15 s); sozud wakes it after
+    each push. The loop here never comes during the test: only the wake can carry the change."""
+    cluster = await SimCluster.create(["a", "b", "c"], monitor_interval_s=3600.0)
+    try:
+        await cluster.node("a").request(listener_req("2.1.0"))
+        await cluster.start()
+        await settled(cluster)
+        a = cluster.node("a")
+        await a.request(cluster_req("woken"))
+        await a.request(backend_req("woken", "woken-0", "10.0.0.9:80"))
+        for n in cluster.nodes:
+            await wait_until(lambda n=n: b'"woken"' in n.live_file(), what=f"the change to reach {n.name}")
+        wakes = [r for r in a.agent.requests if r.action == "POST wake_monitor"]
+        assert wakes and all(r.path == cluster.obj for r in wakes)
+        assert a.daemon is not None and a.daemon.metrics.wakes.get(outcome="ok") >= 1
+    finally:
+        await cluster.stop()
+
+
+async def test_a_failed_wake_is_counted_and_never_fails_the_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sozud._om.v2 import V2Transport
+    from sozud.errors import OpenSVCAuthError
+
+    async def refused(self: V2Transport, obj: str, reason: str) -> bool:
+        raise OpenSVCAuthError("operator role required", transport=self.name, obj=obj)
+
+    monkeypatch.setattr(V2Transport, "wake_monitor", refused)
+    cluster = await SimCluster.create(["a"], monitor_interval_s=3600.0)
+    try:
+        a = cluster.node("a")
+        await a.request(cluster_req("app"))
+        await cluster.start()
+        assert a.daemon is not None
+        d = a.daemon
+        await wait_until(lambda: cluster.shared_value() is not None and d.syncs_attempted >= 1, what="a push")
+        await wait_until(lambda: d.metrics.wakes.get(outcome="failed") >= 1, what="the failed wake counted")
+        assert d.metrics.sync_failures.get(error="OpenSVCAuthError") == 0
+        assert d.last_error is None
+    finally:
+        await cluster.stop()

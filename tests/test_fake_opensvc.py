@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from sozud.testing import fake_opensvc
 from sozud.testing._fake_opensvc_store import ObjectPath, eval_arithmetic, v2_decoded_text
+from sozud.testing.cluster import wait_until
 from sozud.testing.fake_opensvc import FakeAgent, FakeOpenSVCCluster, ProjectionStep
 
 SECRET = "0123456789abcdef0123456789abcdef-test-secret"
@@ -48,7 +49,8 @@ def run_root() -> Iterator[pathlib.Path]:
 
 @pytest.fixture
 def cluster() -> FakeOpenSVCCluster:
-    c = FakeOpenSVCCluster("demo", SECRET)
+    # API writes replicate at once here; the monitor loop that delays them has its own tests below
+    c = FakeOpenSVCCluster("demo", SECRET, monitor_interval_s=0)
     c.create_object(OBJ)
     return c
 
@@ -595,7 +597,7 @@ async def test_h2_events_with_httpx_and_selector(agents: tuple[FakeAgent, FakeAg
 
 
 async def test_replication_delay_and_settle(run_root: pathlib.Path) -> None:
-    c = FakeOpenSVCCluster("demo", SECRET, replication_delay_s=0.05)
+    c = FakeOpenSVCCluster("demo", SECRET, replication_delay_s=0.05, monitor_interval_s=0)
     c.create_object(OBJ)
     async with c.agent("vm1", run_root / "a") as a, c.agent("vm2", run_root / "b"):
         reply = await raw(
@@ -932,3 +934,44 @@ async def test_raw_node_option_relays(agents: tuple[FakeAgent, FakeAgent]) -> No
     message = {"action": "key", "method": "POST", "node": "vm2", "options": {"path": OBJ, "key": "k", "data": "x\n"}}
     assert await raw(a.lsnr_sock, message) == {"nodes": {"vm2": {"status": 0, "info": "key k value set"}}, "status": 0}
     assert a.requests == [("lsnr", "POST key", OBJ, "k")]
+
+
+# --- the v2 monitor loop: API writes wait for it, wake_monitor runs it now -----------------------------
+
+
+async def _raw_call(a: FakeAgent, message: dict[str, object]) -> dict[str, object]:
+    reader, writer = await asyncio.open_unix_connection(str(a.lsnr_sock))
+    writer.write(json.dumps(message).encode() + b"\0")
+    await writer.drain()
+    reply = json.loads((await reader.readuntil(b"\0"))[:-1])
+    writer.close()
+    assert isinstance(reply, dict)
+    return reply
+
+
+async def test_an_api_write_reaches_peers_at_the_monitor_loop_or_on_wake(run_root: pathlib.Path) -> None:
+    c = FakeOpenSVCCluster("demo", SECRET, monitor_interval_s=600)  # a loop that never comes in this test
+    c.create_object(OBJ)
+    c.create_object("igw/cfg/other")
+    async with c.agent("vm1", run_root / "a") as a, c.agent("vm2", run_root / "b"):
+        data = {"path": OBJ, "key": "k", "data": "v1\n"}
+        assert (await _raw_call(a, {"action": "key", "method": "POST", "options": data}))["status"] == 0
+        await c.settle()
+        assert c.value("vm1", OBJ, "k") == b"v1\n"
+        assert c.value("vm2", OBJ, "k") is None, "an API write must wait for the writer's monitor loop"
+        c.set_value("vm2", "igw/cfg/other", "cli", b"x\n")  # the CLI path replicates at once
+        await c.settle()
+        assert c.value("vm1", "igw/cfg/other", "cli") == b"x\n"
+        wake = {"path": OBJ, "reason": "test", "immediate": True}
+        assert await _raw_call(a, {"action": "wake_monitor", "method": "POST", "options": wake}) == {"status": 0}
+        await c.settle()
+        assert c.value("vm2", OBJ, "k") == b"v1\n"
+
+
+async def test_the_monitor_loop_replicates_by_itself(run_root: pathlib.Path) -> None:
+    c = FakeOpenSVCCluster("demo", SECRET, monitor_interval_s=0.2)
+    c.create_object(OBJ)
+    async with c.agent("vm1", run_root / "a") as a, c.agent("vm2", run_root / "b"):
+        data = {"path": OBJ, "key": "k", "data": "v1\n"}
+        assert (await _raw_call(a, {"action": "key", "method": "POST", "options": data}))["status"] == 0
+        await wait_until(lambda: c.value("vm2", OBJ, "k") == b"v1\n", what="the monitor loop to replicate")

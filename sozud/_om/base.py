@@ -161,6 +161,11 @@ class Transport(ABC):
         ``OpenSVCUnreachableError``) when the stream breaks; the caller reconnects."""
         raise OpenSVCError("this transport has no event stream", transport=self.name, obj=obj, key=key)
 
+    async def wake_monitor(self, obj: str, reason: str) -> bool:
+        """Ask the agent to replicate ``obj`` now rather than at its next monitor loop; False when this
+        agent needs no such call (om3: its config-file watcher publishes a change at once)."""
+        return False
+
     async def aclose(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections."""
 

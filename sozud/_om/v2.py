@@ -150,6 +150,15 @@ class V2Transport(Transport):
             )
         return list(data)
 
+    async def wake_monitor(self, obj: str, reason: str) -> bool:
+        """``POST wake_monitor``: the v2 agent replicates an object changed through the API only when its
+        monitor thread next loops (10-15 s later); this wakes it at once (opensvc handler
+        ``daemon/handlers/wakemonitor/post.py``: options path, reason, immediate; reply ``{"status": 0}``)."""
+        options = {"path": obj, "reason": reason, "immediate": True}
+        reply = await self.call("wake_monitor", "POST", options, obj=obj, key=None)
+        check_reply(reply, transport=self.name, obj=obj, key=None)
+        return True
+
     def check_value(self, obj: str, key: str, value: bytes) -> None:
         check_text_value(value, transport=self.name, obj=obj, key=key)
 

@@ -31,6 +31,8 @@ ROUTES: dict[tuple[str | None, str], str] = {
     (None, "set_key"): "set_key",
     ("GET", "object_keys"): "object_keys",
     ("GET", "whoami"): "whoami",
+    ("POST", "wake_monitor"): "wake_monitor",
+    (None, "wake_monitor"): "wake_monitor",
 }
 RAW_401 = {"status": 401, "error": "node None is not a cluster None node"}
 HTTP_401 = {"status": 401, "error": "Not Authorized"}
@@ -128,7 +130,7 @@ async def _read_modify_write(agent: FakeAgent, path: str, key: str, value: bytes
         del keys[key]
     else:
         keys[key] = value
-    await agent.cluster.commit(agent.nodename, path, keys)
+    await agent.cluster.commit(agent.nodename, path, keys, v2_api=True)
 
 
 async def _set_key(agent: FakeAgent, options: dict[str, Any]) -> Reply:
@@ -182,6 +184,9 @@ async def _run(agent: FakeAgent, operation: str, options: dict[str, Any], identi
             return await _del_key(agent, options)
         if operation == "object_keys":
             return await _object_keys(agent, options)
+        if operation == "wake_monitor":
+            agent.cluster.wake_monitor(agent.nodename)
+            return 200, {"status": 0}
         return 200, dict(identity)
     except _Failure as failure:
         return failure.reply

@@ -88,10 +88,11 @@ class SimCluster:
         version: str = "2.1.0",
         root: Path | None = None,
         replication_delay_s: float = 0.0,
+        monitor_interval_s: float = 15.0,
         settings: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
     ) -> SimCluster:
-        opensvc = FakeOpenSVCCluster(replication_delay_s=replication_delay_s)
+        opensvc = FakeOpenSVCCluster(replication_delay_s=replication_delay_s, monitor_interval_s=monitor_interval_s)
         cluster = cls(SozuVersion.parse(version), opensvc)
         if root is not None:
             cluster.root = root

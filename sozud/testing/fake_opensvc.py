@@ -38,7 +38,9 @@ Simulated (doc section in brackets):
 - Objects must exist (``create_object``) before keys can be set; the v2 API never creates them.
 - Replication [4.3, 5]: a write is visible on its node at once and on each peer after
   ``replication_delay_s`` (newest write wins the whole object file, like the real file install);
-  ``set_value`` is an out-of-band CLI write replicated the same way. When a change lands on a node:
+  ``set_value`` is an out-of-band CLI write replicated the same way. A write through the v2 API (raw or
+  HTTP/2) waits for its node's monitor loop (``monitor_interval_s``, 15 s by default like the real
+  agent's 10-15 s; 0 = at once) unless ``POST wake_monitor`` (reply ``{"status": 0}``) runs the loop now. When a change lands on a node:
   projections refreshed, then on peers an ``event`` ``service_config_installed`` (path, from), then a
   ``patch`` with ``updated`` and ``csum`` (MD5 of the rendered object file); om3 subscribers get
   ``ConfigFileUpdated`` then ``InstanceConfigUpdated`` (labels path, node).
@@ -203,6 +205,7 @@ class FakeOpenSVCCluster:
         replication_delay_s: float = 0.0,
         max_key_size: int = 1_000_000,
         write_latency_s: float = 0.0,
+        monitor_interval_s: float = 15.0,
     ) -> None:
         self.name = name
         self.secret = secret if secret is not None else _default_secret()
@@ -211,6 +214,12 @@ class FakeOpenSVCCluster:
         self.replication_delay_s = replication_delay_s
         self.max_key_size = max_key_size
         self.write_latency_s = write_latency_s
+        self.monitor_interval_s = monitor_interval_s
+        # v2 API writes waiting for their node's monitor loop: (node, path) -> object; and each node's
+        # pending loop tick, and the time its loop started (ticks are that plus multiples of the interval)
+        self._unreplicated: dict[tuple[str, str], ObjectState] = {}
+        self._ticks: dict[str, asyncio.Task[None]] = {}
+        self._loop_origin: dict[str, float] = {}
         self._kinds: dict[str, str] = {}
         self._latest: dict[str, ObjectState] = {}
         self._views: dict[str, dict[str, ObjectState]] = {}
@@ -331,10 +340,13 @@ class FakeOpenSVCCluster:
         task.add_done_callback(self._pending.discard)
         return task
 
-    def commit(self, nodename: str, path: str, keys: dict[str, bytes]) -> Awaitable[None]:
+    def commit(self, nodename: str, path: str, keys: dict[str, bytes], *, v2_api: bool = False) -> Awaitable[None]:
         """Replace ``nodename``'s copy of ``path`` with ``keys`` and replicate it.
 
-        Returns an awaitable that completes when the local landing (projections, events) is done.
+        A write through the v2 API (``v2_api``) reaches the peers only when that node's monitor loop next
+        runs (every ``monitor_interval_s``; 0 = at once), or right after a ``wake_monitor`` request; other
+        writes (the CLI's ``set_value``, om3) are replicated at once. Returns an awaitable that completes
+        when the local landing (projections, events) is done.
         """
         kind = self._kinds.get(path, "cfg")
         self._version += 1
@@ -344,6 +356,43 @@ class FakeOpenSVCCluster:
         if latest is None or latest.version < obj.version:
             self._latest[path] = obj.copy()
         local = self._land(nodename, path, obj, None)
+        if v2_api and self.monitor_interval_s > 0 and _loop_running():
+            self._unreplicated[(nodename, path)] = obj.copy()
+            if nodename not in self._ticks:
+                # not in _pending: settle() does not wait for a monitor loop 15 s away
+                self._ticks[nodename] = asyncio.get_running_loop().create_task(self._next_monitor_loop(nodename))
+            return local
+        self._replicate(nodename, path, obj)
+        return local
+
+    def wake_monitor(self, nodename: str) -> None:
+        """``POST wake_monitor`` on ``nodename``: its monitor loop runs now and replicates what waits."""
+        for (node, path), obj in list(self._unreplicated.items()):
+            if node == nodename:
+                del self._unreplicated[(node, path)]
+                self._replicate(node, path, obj)
+
+    def loop_started(self, nodename: str) -> None:
+        """An agent started: its monitor loop ticks from now on."""
+        self._loop_origin[nodename] = time.monotonic()
+
+    def loop_stopped(self, nodename: str) -> None:
+        """An agent stopped: its pending loop tick is dropped (what waits replicates after a restart)."""
+        tick = self._ticks.pop(nodename, None)
+        if tick is not None:
+            tick.cancel()
+
+    async def _next_monitor_loop(self, nodename: str) -> None:
+        origin = self._loop_origin.setdefault(nodename, time.monotonic())
+        elapsed = time.monotonic() - origin
+        ticks = int(elapsed // self.monitor_interval_s) + 1
+        try:
+            await asyncio.sleep(origin + ticks * self.monitor_interval_s - time.monotonic())
+        finally:
+            self._ticks.pop(nodename, None)
+        self.wake_monitor(nodename)
+
+    def _replicate(self, nodename: str, path: str, obj: ObjectState) -> None:
         for peer in list(self._views):
             if peer == nodename:
                 continue
@@ -352,7 +401,6 @@ class FakeOpenSVCCluster:
                     self._land(peer, path, obj, nodename)
             else:
                 self.spawn(self._replicate_later(peer, path, obj.copy(), nodename))
-        return local
 
     def _install(self, nodename: str, path: str, obj: ObjectState) -> bool:
         view = self._view(nodename)
@@ -447,6 +495,7 @@ class FakeAgent:
         """Listen on ``lsnr.sock``, ``h2.sock``, ``http.sock``, the raw TCP and the HTTPS ports."""
         if self._started:
             return
+        self.cluster.loop_started(self.nodename)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for sock in (self.lsnr_sock, self.h2_sock, self.om3_sock):
             with contextlib.suppress(FileNotFoundError):
@@ -489,6 +538,7 @@ class FakeAgent:
         if not self._started:
             return
         self._started = False
+        self.cluster.loop_stopped(self.nodename)
         for server in self._servers:
             server.close()
         self._close_connections()

@@ -251,6 +251,28 @@ async def test_a_changed_frontend_whose_replacement_cannot_be_sent_is_not_remove
         rc, _, err = await run(["plan", "--desired", desired_path, "--socket", fake.socket_path, "--apply"], capsys)
         sent = [r.WhichOneof("request_type") for r in fake.requests[before:]]
         fronts = [f for f in fake.state.http_fronts.values() if f.hostname == "example.test"]
-    assert rc == EXIT_ERROR and "max_frame_bytes" in err
+    assert rc == EXIT_ERROR and "desired.state, record" in err and "could never load it back" in err
     assert "remove_http_frontend" not in sent, "nothing may be removed when a request of the plan cannot be sent"
     assert any(f == original for f in fronts), "the /health route was lost"
+
+
+async def test_a_plan_with_a_request_over_the_frame_limit_sends_nothing(workdir: str) -> None:
+    """Below the record limit but above what the channel may send (a lower max_frame_bytes): the plan
+    is refused before its first request, so the changed frontend is not removed first."""
+    from sozud.errors import StateError
+    from sozud.state.apply import apply_plan
+
+    desired_path, original = _health_with_tags("2.1.0", 6_000, workdir)  # a record of ~150 kB
+    desired = parse_state_file(Path(desired_path).read_bytes(), source="desired")
+    async with simulator(workdir, "2.1.0", state("2.1.0", "01-populated")) as fake:
+        ch = SozuChannel(fake.socket_path, version=SozuVersion.parse("2.1.0"), max_frame_bytes=100_000)
+        try:
+            before = len(fake.requests)
+            with pytest.raises(StateError, match=r"plan refused, nothing was sent: .* max_frame_bytes=100000"):
+                await apply_plan(ch, desired)
+            sent = [r.WhichOneof("request_type") for r in fake.requests[before:]]
+        finally:
+            await ch.aclose()
+        fronts = [f for f in fake.state.http_fronts.values() if f.hostname == "example.test"]
+    assert not [k for k in sent if k.startswith(("add_", "remove_"))], f"requests were sent: {sent}"
+    assert any(f == original for f in fronts)

@@ -359,3 +359,24 @@ def test_certificate_fingerprints_match_the_fixture_list() -> None:
     listed = dict(line.split() for line in (FIXTURES / "certs/fingerprints.txt").read_text().splitlines() if line)
     for name, fp in listed.items():
         assert certificate_fingerprint(fixture_certificate(name)) == fp
+
+
+def test_a_record_sozu_could_not_load_back_is_refused_before_decoding() -> None:
+    """issue 12: a frontend with 400k tags cost seconds and ~1 GB to decode; sozu itself could never load
+    such a record (200,000-byte buffer), so the reader refuses it by size, naming the record."""
+    tags = ",".join(f'"t{i:06d}":"v"' for i in range(20_000))
+    big = (
+        b'{"id":"SAVE-3","content":{"request_type":{"ADD_CLUSTER":{"cluster_id":"x","answers":{'
+        + tags.encode()
+        + b"}}}}}\n"
+    )
+    assert len(big) > 190_000
+    with pytest.raises(StateParseError, match=r"record of \d+ bytes, more than 190000") as info:
+        parse_state_file(_with_record(3, big), V2_1_0, source="shared")
+    assert info.value.record == 3
+
+
+def test_a_state_over_the_size_limit_is_refused_first() -> None:
+    with pytest.raises(StateParseError, match="limit on a state file"):
+        parse_state_file(GOOD, V2_1_0, source="shared", max_state_bytes=len(GOOD) - 1)
+    assert len(parse_state_file(GOOD, V2_1_0, source="shared", max_state_bytes=len(GOOD))) > 0

@@ -74,6 +74,13 @@ __all__ = [
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
 
+# Limits on what a state file may hold (docs: README "Limits"). sozu's own load_state (and its saved_state
+# at start-up) reads records through a 200 000-byte buffer: a longer record could never be loaded back, and
+# a frontend that large makes sozu's query answers approach the 2 MB frame cap. Checked before decoding, so
+# a hostile file costs no more than reading it.
+MAX_RECORD_BYTES = 190_000
+MAX_STATE_BYTES = 256 * 1024 * 1024
+
 
 # --- reading ------------------------------------------------------------------------------------------
 
@@ -115,6 +122,8 @@ def parse_state_file(
     expect_records: int | None = None,
     expect_digest: str | None = None,
     allow_empty: bool = False,
+    max_record_bytes: int | None = MAX_RECORD_BYTES,
+    max_state_bytes: int | None = MAX_STATE_BYTES,
 ) -> ConfigState:
     """Parse a sozu state file into a :class:`ConfigState` (see the module docstring for the rules).
 
@@ -124,7 +133,13 @@ def parse_state_file(
     :meth:`ConfigState.digest` published by the writer) turn a truncated-at-a-boundary or altered
     file into a :class:`StateParseError`. An empty file is an error unless ``allow_empty`` (it is what
     a reader sees while sozu rewrites its file); with ``allow_empty`` and no version, 2.1.0 is assumed.
+    ``max_record_bytes`` / ``max_state_bytes`` (None: no limit, for what sozu itself saved) refuse a file
+    holding a record sozu could not load back, or too large a file, before anything is decoded.
     """
+    if max_state_bytes is not None and len(data) > max_state_bytes:
+        raise StateParseError(
+            f"state of {len(data)} bytes, more than the {max_state_bytes}-byte limit on a state file", source=source
+        )
     if not data:
         if not allow_empty:
             raise StateParseError("empty state file (0 bytes) where records are expected", source=source)
@@ -132,6 +147,15 @@ def parse_state_file(
         _check_expectations(state, 0, source, expect_records, expect_digest)
         return state
     raws = list(iter_records(data, source=source))
+    if max_record_bytes is not None:
+        for n, raw in raws:
+            if len(raw) > max_record_bytes:
+                raise StateParseError(
+                    f"record of {len(raw)} bytes, more than {max_record_bytes}: sozu reads state files through a "
+                    "200,000-byte buffer and could never load it back (a frontend with a huge tag map or name?)",
+                    source=source,
+                    record=n,
+                )
     values = [_decode(raw, source, n) for n, raw in raws]
     if version is None:
         version = detect_version(values, source=source)

@@ -258,7 +258,15 @@ async def _read_by_save_state(ch: SozuRequester, shared_dir: str, sozu_dir: str)
                 "(is shared_dir the same directory as sozu's shared_dir_sozu_path?)"
             ) from e
         # sozu answered after writing the whole file: an empty file is an empty sozu, not a partial one
-        state = parse_state_file(data, version, source=f"save_state {sozu_path}", allow_empty=True)
+        # what sozu itself holds is read whatever its size: a plan can then remove it
+        state = parse_state_file(
+            data,
+            version,
+            source=f"save_state {sozu_path}",
+            allow_empty=True,
+            max_record_bytes=None,
+            max_state_bytes=None,
+        )
     finally:
         try:
             os.unlink(local_path)

@@ -263,7 +263,7 @@ async def test_a_plan_with_a_request_over_the_frame_limit_sends_nothing(workdir:
     from sozud.state.apply import apply_plan
 
     desired_path, original = _health_with_tags("2.1.0", 6_000, workdir)  # a record of ~150 kB
-    desired = parse_state_file(Path(desired_path).read_bytes(), source="desired")
+    desired = parse_state_file(Path(desired_path).read_bytes(), source="desired")  # noqa: ASYNC240 - small file
     async with simulator(workdir, "2.1.0", state("2.1.0", "01-populated")) as fake:
         ch = SozuChannel(fake.socket_path, version=SozuVersion.parse("2.1.0"), max_frame_bytes=100_000)
         try:

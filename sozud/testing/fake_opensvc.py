@@ -40,10 +40,11 @@ Simulated (doc section in brackets):
   ``replication_delay_s`` (newest write wins the whole object file, like the real file install);
   ``set_value`` is an out-of-band CLI write replicated the same way. A write through the v2 API (raw or
   HTTP/2) waits for its node's monitor loop (``monitor_interval_s``, 15 s by default like the real
-  agent's 10-15 s; 0 = at once) unless ``POST wake_monitor`` (reply ``{"status": 0}``) runs the loop now. When a change lands on a node:
-  projections refreshed, then on peers an ``event`` ``service_config_installed`` (path, from), then a
-  ``patch`` with ``updated`` and ``csum`` (MD5 of the rendered object file); om3 subscribers get
-  ``ConfigFileUpdated`` then ``InstanceConfigUpdated`` (labels path, node).
+  agent's 10-15 s; 0 = at once) unless ``POST wake_monitor`` (reply ``{"status": 0}``) runs the loop
+  now. When a change lands on a node: projections refreshed, then on peers an ``event``
+  ``service_config_installed`` (path, from), then a ``patch`` with ``updated`` and ``csum`` (MD5 of the
+  rendered object file); om3 subscribers get ``ConfigFileUpdated`` then ``InstanceConfigUpdated``
+  (labels path, node).
 - Projection [5]: ``FakeAgent.project`` registers a file; it is rewritten in place (open with
   truncation, chunked writes, close; never renamed) when its value changes on that node, before a
   local ``POST`` returns, when a replicated change lands, and at agent start; unchanged content is not

@@ -9,8 +9,11 @@ the bad value came from.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +52,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token_file: str | None = None
     opensvc_poll_interval_s: float = 30.0
     projected_file: str | None = None
-    allow_private_keys_in_cfg: bool = True
+    allow_private_keys_in_cfg: bool = False
 
     # --- sync
     node: str = ""
@@ -74,30 +77,58 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             self.node = socket.gethostname()
         if not self.meta_key:
             self.meta_key = f"{self.key}.meta"
-        _check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
-        _check(self.opensvc_poll_interval_s > 0, "opensvc_poll_interval_s", "must be > 0")
-        _check(self.resync_interval_s > 0, "resync_interval_s", "must be > 0")
-        _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and low <= value <= high,
+                name,
+                f"{value!r} is outside the accepted range {low:g} to {high:g}",
+            )
         _check(0.0 <= self.max_removal_ratio <= 1.0, "max_removal_ratio", "must be between 0 and 1")
-        _check(self.debounce_ms >= 0, "debounce_ms", "must be >= 0")
         _check(self.max_wait_ms >= self.debounce_ms, "max_wait_ms", "must be >= debounce_ms")
-        _check(self.max_rounds >= 1, "max_rounds", "must be >= 1")
-        _check(self.retry_max_s > 0, "retry_max_s", "must be > 0")
+        for name in ("key", "meta_key"):
+            value = getattr(self, name)
+            _check(
+                bool(_KEY_NAME.fullmatch(value)),
+                name,
+                f"{value!r} is not a key name (1 to 255 letters, digits, '.', '_', '-', '/'; not starting with '.')",
+            )
         _check(self.meta_key != self.key, "meta_key", "must differ from key")
         parts = self.object.split("/")
         _check(
-            len(parts) == 3 and parts[1] in ("cfg", "sec") and all(parts),
+            len(parts) == 3 and parts[1] in ("cfg", "sec") and all(_NAME.fullmatch(p) for p in (parts[0], parts[2])),
             "object",
             f"{self.object!r} is not a NAMESPACE/cfg/NAME or NAMESPACE/sec/NAME path",
         )
         if self.metrics_address is not None:
             host, sep, port = self.metrics_address.rpartition(":")
-            _check(bool(sep and host and port.isdigit()), "metrics_address", "must be HOST:PORT")
+            _check(
+                bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535),
+                "metrics_address",
+                f"{self.metrics_address!r} is not HOST:PORT with a port from 0 to 65535",
+            )
+
+
+# Accepted ranges of the numeric settings: finite, and neither so small that a loop spins nor so large
+# that a wait never ends (a request timeout of inf made --once hang and run ignore SIGTERM).
+RANGES: dict[str, tuple[float, float]] = {
+    "request_timeout_s": (0.1, 3600.0),
+    "poll_interval_s": (0.01, 86400.0),
+    "opensvc_poll_interval_s": (0.01, 86400.0),
+    "resync_interval_s": (1.0, 7 * 86400.0),
+    "retry_max_s": (0.01, 86400.0),
+    "debounce_ms": (0, 600_000),
+    "max_wait_ms": (0, 3_600_000),
+    "max_rounds": (1, 100),
+}
+_KEY_NAME = re.compile(r"[A-Za-z0-9_\-/][A-Za-z0-9._\-/]{0,254}")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,61}[a-z0-9])?")
+MAX_CONFIG_BYTES = 1024 * 1024  # a sozud.toml is a few hundred bytes
 
 
 def _check(ok: bool, key: str, reason: str) -> None:
     if not ok:
-        raise ConfigError(f"configuration key {key!r}: {reason}")
+        raise ConfigError(f"configuration key {key!r}: {reason}", key=key)
 
 
 # One line of help per setting: --help, the README reference and tests read it from here.
@@ -115,7 +146,7 @@ FIELD_HELP: dict[str, str] = {
     "secret_file": "File holding the cluster secret for ``raw://`` and ``https://`` (o-secret).",
     "opensvc_poll_interval_s": "How often the shared key is read when no change notification arrives.",
     "projected_file": "The file the agent projects the key into (optional extra change trigger; never read as data).",
-    "allow_private_keys_in_cfg": "Whether a state holding TLS private keys may be written into a guest-readable ``cfg`` object.",
+    "allow_private_keys_in_cfg": "Whether a state holding TLS private keys may be written into a guest-readable ``cfg`` object (default: refused; use a ``sec`` object).",
     "node": "This node's name (default: the host name).",
     "state_dir": "Where sozud persists its base state and status.",
     "poll_interval_s": "How often the live sozu is probed for local changes (sozu >= 1.0 never rewrites its state file).",
@@ -168,13 +199,7 @@ def load_config(
     if file_path is None and Path(DEFAULT_CONFIG_PATH).exists():
         file_path = DEFAULT_CONFIG_PATH
     if file_path is not None:
-        try:
-            with open(file_path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {file_path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"configuration file {file_path}: {e}") from None
+        data = _read_toml(file_path)
         for k, v in data.items():
             if k not in FIELDS:
                 raise ConfigError(f"configuration file {file_path}: unknown key {k!r}")
@@ -194,7 +219,42 @@ def load_config(
     except msgspec.ValidationError as e:
         key = _key_from_msgspec(str(e))
         where = f" (from {origin[key]})" if key in origin else ""
-        raise ConfigError(f"configuration key {key!r}{where}: {e}") from None
+        raise ConfigError(f"configuration key {key!r}{where}: {e}", key=key) from None
+    except ConfigError as e:
+        if e.key is not None and e.key in origin:
+            raise ConfigError(f"{e} (from {origin[e.key]})", key=e.key) from None
+        raise
+
+
+def _read_toml(file_path: str) -> dict[str, Any]:
+    """The TOML file's table; only a regular file of at most MAX_CONFIG_BYTES, in UTF-8."""
+    try:
+        with open(file_path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"configuration file {file_path} is not a regular file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {file_path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"configuration file {file_path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"configuration file {file_path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"configuration file {file_path}: not UTF-8 (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {file_path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"configuration file {file_path}: nested too deeply") from None
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``SOZUD_*`` variables that name no setting (a misspelling is otherwise silently ignored)."""
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in FIELDS} | {ENV_PREFIX + "CONFIG"}
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 
 def _key_from_msgspec(message: str) -> str:

@@ -29,7 +29,13 @@ import msgspec
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
-from sozud.errors import SharedInFlightError, SozudError, UnsafePlanError
+from sozud.errors import (
+    SharedInFlightError,
+    SozudError,
+    StateParseError,
+    UnsafePlanError,
+    VersionMismatchError,
+)
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
@@ -312,7 +318,7 @@ class Daemon:
         st.consecutive_failures += 1
         self.metrics.sync_failures.inc(error=type(error).__name__)
         delay = self._backoff.next_delay_s()
-        st.action = _operator_action(error)
+        st.action = _operator_action(error, self.config)
         if isinstance(error, UnsafePlanError):
             # A refusal repeats identically until something changes: report each distinct one once.
             if str(error) != self.last_refusal:
@@ -494,8 +500,19 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def _operator_action(error: BaseException) -> str | None:
+def _operator_action(error: BaseException, config: Config) -> str | None:
     """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
+    shared = f"opensvc {config.object} key {config.key}"
+    unusable = (isinstance(error, StateParseError) and error.source == shared) or isinstance(
+        error, VersionMismatchError
+    )
+    if unusable:
+        return (
+            f"the shared state ({config.object} key {config.key}) cannot be used here (see last_error) and "
+            "sozud never overwrites it by itself: on a node whose sozu holds the right configuration, run "
+            "`sozud push --from-live` with the daemon's configuration (add --force if it removes many objects), "
+            "or write a valid state file with `sozud key put`"
+        )
     if isinstance(error, UnsafePlanError):
         return (
             "a plan or push was refused by the removal safety valve (max_removal_ratio) and is retried as "

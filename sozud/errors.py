@@ -35,6 +35,10 @@ class SozudError(Exception):
 class ConfigError(SozudError):
     """Invalid configuration; the message names the offending key and where it came from."""
 
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key  # the setting at fault, when there is one
+        super().__init__(message)
+
 
 # --- sozu command channel ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 sozud run [SETTINGS]            the daemon (systemd unit, OpenSVC app resource)
 sozud --once [SETTINGS]         one sync; exit 0 when in sync after it
 sozud status [--json]           what the daemon last did (reads STATE_DIR/status.json)
+sozud push --from-live          rewrite the shared state from this node's live sozu (repair)
 sozud query KIND --socket P     the live configuration of a sozu
 sozud plan ...                  the delta between two states, optionally applied
 sozud key get|put|list ...      read and write OpenSVC keys (debugging)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--state-dir", dest="state_dir", default=argparse.SUPPRESS, help="sozud's state directory")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=_cmd_status)
-    for module in ("query", "plan", "key", "demo"):
+    for module in ("push", "query", "plan", "key", "demo"):
         _register(module, sub)
     parser.set_defaults(func=None)
     return parser
@@ -105,11 +106,24 @@ def _configure_logging(config: Config) -> None:
     configure_logging(config.log_level, json=fmt)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from sozud.daemon import Daemon, run_daemon
+def _prepare(args: argparse.Namespace) -> Config:
+    """The configuration of a command that syncs: loaded, logging set up, its state directory usable."""
+    from sozud.config import unknown_env_names
+    from sozud.log import get_logger
+    from sozud.persist import check_state_dir
 
     config = _load(args)
     _configure_logging(config)
+    for name in unknown_env_names():
+        get_logger().warning("config.unknown_environment_variable", variable=name, action="ignored: no such setting")
+    check_state_dir(config.state_dir)
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sozud.daemon import Daemon, run_daemon
+
+    config = _prepare(args)
     daemon = Daemon(config, reload_config=lambda: _load(args))
     asyncio.run(run_daemon(daemon))
     return EXIT_OK
@@ -118,8 +132,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_once(args: argparse.Namespace) -> int:
     from sozud.daemon import build_components
 
-    config = _load(args)
-    _configure_logging(config)
+    config = _prepare(args)
 
     async def once() -> int:
         components = build_components(config)

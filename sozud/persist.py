@@ -43,6 +43,22 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+def check_state_dir(state_dir: str | Path) -> None:
+    """Fail at start, naming the setting, when sozud could not keep its base and status in ``state_dir``."""
+    from sozud.errors import ConfigError
+
+    path = Path(state_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sozud-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"configuration key 'state_dir': cannot write in {path}: {e.strerror or e}", key="state_dir"
+        ) from None
+
+
 class BaseMeta(msgspec.Struct, kw_only=True):
     generation: int = 0
     shared_id: str = ""  # the id of the push this base was read from (sozud.sync.SharedMeta.id)

@@ -372,6 +372,40 @@ class SyncEngine:
         base_meta.saved_at = time.time()
         self.base.save(shared, base_meta)
 
+    async def push_live(self) -> tuple[SyncReport, str]:
+        """Rewrite the shared state from this node's live sozu (the operator's repair of a shared key that
+        does not parse, or was written by another sozu family). The removal valve applies against the
+        current shared state when it parses (``settings.force`` overrides it). Returns the report and a
+        description of what was replaced."""
+        started = time.monotonic()
+        live = await self.sozu.read_live()
+        version = self.sozu.version
+        if len(live) == 0:
+            raise UnsafePlanError(
+                f"this node's sozu holds no object: refusing to push an empty state to {self._source()}"
+            )
+        state_bytes, meta_bytes = await self.shared.read()
+        meta = self._parse_meta(meta_bytes)
+        if meta is not None and meta.sozu_family != version.family.value:
+            meta = None  # another family's lineage means nothing here
+        shared: ConfigState | None = None
+        replaced = "no shared state"
+        if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
+            try:
+                shared, _ = self._parse_shared(state_bytes, version)
+                replaced = f"a shared state of {len(shared)} objects"
+            except StateError as e:
+                replaced = f"a shared state that does not parse ({e})"
+        if shared is not None:
+            self._check_push_removals(shared, live)
+        report = SyncReport(reason="push --from-live", outcome="pushed")
+        await self._push(live, shared, meta, report)
+        self._remember(report.pushed_id, live)
+        report.local_changes = len(live)
+        report.duration_s = time.monotonic() - started
+        self.log.warning("sync.pushed_from_live", objects=len(live), replaced=replaced, generation=report.generation)
+        return report, replaced
+
     def _remember(self, shared_id: str, state: ConfigState) -> None:
         self._history[shared_id] = state
         self._history.move_to_end(shared_id)

@@ -57,3 +57,90 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     wrong_type.write_text("debounce_ms = 'x'\n")
     with pytest.raises(ConfigError, match=r"'debounce_ms' \(from configuration file .*t.toml\)"):
         load_config(str(wrong_type), environ={})
+
+
+# --- issue 12: configurations that were accepted and should not be -------------------------------------
+
+
+def _run_once(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    from sozud.main import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("toml", "needles"),
+    [
+        ('metrics_address = "127.0.0.1:99999"\n', ["'metrics_address'", "configuration file"]),
+        ("request_timeout_s = inf\n", ["'request_timeout_s'", "configuration file", "range"]),
+        ("poll_interval_s = nan\n", ["'poll_interval_s'", "configuration file"]),
+        ("opensvc_poll_interval_s = 1e-300\n", ["'opensvc_poll_interval_s'", "range"]),
+        ("resync_interval_s = -inf\n", ["'resync_interval_s'"]),
+        ('key = ""\n', ["'key'", "configuration file", "not a key name"]),
+        ('key = "../x"\nmeta_key = "m"\n', ["'key'"]),
+        ('object = "igw/cfg/"\n', ["'object'"]),
+    ],
+)
+def test_bad_values_in_a_file_exit_2_naming_the_key_and_the_file(
+    tmp_path: Path,
+    toml: str,
+    needles: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    f = tmp_path / "sozud.toml"
+    f.write_text(toml)
+    rc, err = _run_once(["--once", "--config", str(f), "--state-dir", str(tmp_path / "st")], capsys, monkeypatch)
+    assert rc == 2, err
+    for needle in needles:
+        assert needle in err
+    assert str(f) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_non_utf8_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "sozud.toml"
+    f.write_bytes(b'socket = "/run/\xff\xfe.sock"\n')
+    rc, err = _run_once(["--once", "--config", str(f)], capsys, monkeypatch)
+    assert rc == 2 and "not UTF-8" in err and str(f) in err and "Traceback" not in err
+
+
+def test_a_config_that_is_not_a_regular_file_is_not_read(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SOZUD_CONFIG=/dev/zero read 6.3 GB in 6 s."""
+    monkeypatch.setenv("SOZUD_CONFIG", "/dev/zero")
+    rc, err = _run_once(["--once"], capsys, monkeypatch)
+    assert rc == 2 and "/dev/zero is not a regular file" in err
+
+
+def test_a_huge_config_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "sozud.toml"
+    f.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(str(f), environ={})
+
+
+def test_an_env_value_out_of_range_names_the_variable() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'poll_interval_s'.*range.*\(from environment variable SOZUD_POLL_INTERVAL_S\)"
+    ):
+        load_config(environ={"SOZUD_POLL_INTERVAL_S": "1e-300"})
+
+
+def test_an_unwritable_state_dir_fails_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc, err = _run_once(["--once", "--state-dir", str(blocker / "state")], capsys, monkeypatch)
+    assert rc == 2 and "'state_dir'" in err and str(blocker) in err
+
+
+def test_a_misspelled_sozud_variable_is_reported() -> None:
+    from sozud.config import unknown_env_names
+
+    env = {"SOZUD_POLL_INTERVAL": "5", "SOZUD_POLL_INTERVAL_S": "5", "SOZUD_CONFIG": "/x", "OTHER": "1"}
+    assert unknown_env_names(env) == ["SOZUD_POLL_INTERVAL"]

@@ -3,6 +3,7 @@ simulated OpenSVC store. Waits are deadlines on conditions, never sleeps."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import FIXTURES
 from sozud.errors import VersionMismatchError
 from sozud.main import main
 from sozud.proto import command_pb2 as pb
+from sozud.state.codec import parse_state_file
 from sozud.testing import builders as build
 from sozud.testing.cluster import SimCluster, mutation_count, wait_until
 from sozud.testing.fake_opensvc import FakeOpenSVCCluster
@@ -329,5 +331,123 @@ async def test_a_failed_wake_is_counted_and_never_fails_the_sync(monkeypatch: py
         await wait_until(lambda: d.metrics.wakes.get(outcome="failed") >= 1, what="the failed wake counted")
         assert d.metrics.sync_failures.get(error="OpenSVCAuthError") == 0
         assert d.last_error is None
+    finally:
+        await cluster.stop()
+
+
+# --- TLS private keys: never in a cfg object by default; a sec object carries them (issue 12) ----------
+
+
+def _tls_state() -> bytes:
+    return (FIXTURES / "sozu-2.1.0/states/01-populated.state").read_bytes()  # five certificates and keys
+
+
+async def test_certificates_are_synced_through_a_sec_object() -> None:
+    cluster = await SimCluster.create(["a", "b"], obj="igw/sec/sozu")
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        for n in cluster.nodes:
+            n.config.shared_dir = str(n.dir)  # exact live reads: this fixture holds objects queries cannot see
+        a.sozu.state.load_state_file(_tls_state(), source="fixture")
+        await cluster.start()
+
+        def same() -> bool:  # as states: the simulator's file order of certificates varies
+            live_b = parse_state_file(b.live_file(), source="b", allow_empty=True)
+            return live_b == parse_state_file(a.live_file(), source="a")
+
+        await wait_until(same, what="the certificates to reach b")
+        shared = cluster.opensvc.value("a", "igw/sec/sozu", cluster.key)
+        assert shared is not None and b"PRIVATE KEY" in shared
+        assert b"PRIVATE KEY" in b.live_file()
+    finally:
+        await cluster.stop()
+
+
+async def test_private_keys_are_never_written_to_a_cfg_object_by_default() -> None:
+    cluster = await SimCluster.create(["a"])
+    try:
+        a = cluster.node("a")
+        a.sozu.state.load_state_file(_tls_state(), source="fixture")
+        await cluster.start()
+        d = a.daemon
+        assert d is not None
+        await wait_until(lambda: d.metrics.sync_failures.get(error="OpenSVCRefusedError") >= 1, what="a refusal")
+        assert cluster.shared_value() is None, "nothing may be written to the cfg object"
+        assert d.status.last_error is not None and "sec object" in d.status.last_error
+        assert "MII" not in d.status.last_error
+    finally:
+        await cluster.stop()
+
+
+# --- an unusable shared key: status says what to do, `sozud push --from-live` repairs it (issue 12) -----
+
+
+def _settings_argv(node_config: object) -> list[str]:
+    from sozud.config import Config
+
+    assert isinstance(node_config, Config)
+    c = node_config
+    return [
+        *("--socket", c.socket, "--sozu-version", c.sozu_version, "--api", c.api or ""),
+        *("--object", c.object, "--key", c.key, "--node", c.node, "--state-dir", c.state_dir),
+        *("--log-level", "error"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"id":"SAVE-0","content":' + b"[" * 1000 + b"]" * 1000 + b"}\n\0",  # nested 1,000 deep
+        b'{"id":"SAVE-0","content":{"request_type":{"ADD_CLUS',  # a cut record
+        (FIXTURES / "sozu-0.15.19/states/01-populated.state").read_bytes(),  # 0.15 in a 2.x fleet
+    ],
+    ids=["deep", "cut", "foreign"],
+)
+async def test_an_unusable_shared_key_is_repaired_with_push_from_live(
+    bad: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = await SimCluster.create(["a", "b"])
+    try:
+        a, b = cluster.node("a"), cluster.node("b")
+        await a.request(listener_req("2.1.0"))
+        await a.request(cluster_req("app"))
+        await cluster.start()
+        await settled(cluster)
+        cluster.opensvc.set_value("a", cluster.obj, cluster.key, bad)
+        for n in cluster.nodes:
+            d = n.daemon
+            assert d is not None
+            await wait_until(lambda d=d: d.status.action is not None, what=f"{n.name} to report the bad key")
+            assert "sozud push --from-live" in d.status.action
+        # the cluster is blocked, nothing was applied from the bad key; the operator repairs from node a
+        await a.request(cluster_req("after-repair"))
+        rc = await asyncio.to_thread(main, ["push", "--from-live", *_settings_argv(a.config)])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert "pushed this node's live state" in out
+        await wait_until(lambda: b'"after-repair"' in b.live_file(), what="b to apply the repaired state")
+        assert b'"app"' in b.live_file()
+    finally:
+        await cluster.stop()
+
+
+async def test_push_from_live_keeps_the_removal_valve(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = await SimCluster.create(["a"])
+    try:
+        a = cluster.node("a")
+        await a.request(listener_req("2.1.0"))
+        for i in range(4):
+            await a.request(cluster_req(f"c{i}"))
+        await cluster.start()
+        await settled(cluster)
+        await a.stop_daemon()
+        for i in range(4):
+            await a.request(pb.Request(remove_cluster=f"c{i}"))
+        argv = ["push", "--from-live", *_settings_argv(a.config)]
+        assert await asyncio.to_thread(main, argv) == 3
+        assert "max_removal_ratio" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, [*argv, "--force"]) == 0
+        shared = cluster.shared_value()
+        assert shared is not None and b'"c0"' not in shared
     finally:
         await cluster.stop()

@@ -128,8 +128,8 @@ async def test_om3_like_transport_takes_any_bytes() -> None:
     assert await client.get_key(OBJ, KEY) == value
 
 
-async def test_private_key_in_cfg_warns_without_the_key() -> None:
-    client, transport = memory_client()
+async def test_private_key_in_cfg_warns_without_the_key_when_allowed() -> None:
+    client, transport = memory_client(allow_private_keys_in_cfg=True)
     value = b'{"certificate":"x","key":"' + PEM_KEY.replace(b"\n", b"\\n") + b'"}\n'
     with capture_logs() as logs:
         await client.put_key(OBJ, KEY, value)
@@ -139,8 +139,9 @@ async def test_private_key_in_cfg_warns_without_the_key() -> None:
     assert transport.writes == [(OBJ, KEY, value)]
 
 
-async def test_private_key_in_cfg_refused_when_not_allowed_but_sec_is_fine() -> None:
-    client, transport = memory_client(allow_private_keys_in_cfg=False)
+async def test_private_key_in_cfg_refused_by_default_but_sec_is_fine() -> None:
+    """issue 12: the default wrote five PEM keys into a guest-readable cfg object with one warning."""
+    client, transport = memory_client()
     with pytest.raises(OpenSVCRefusedError, match="private key") as info:
         await client.put_key(OBJ, KEY, PEM_KEY)
     assert "MIIEvQ" not in str(info.value)

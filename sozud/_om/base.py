@@ -59,7 +59,7 @@ class OMSettings(msgspec.Struct, kw_only=True):
     reconnect_max_s: float = 30.0
     events_max_idle_s: float = 300.0
     projected_file: str | None = None
-    allow_private_keys_in_cfg: bool = True
+    allow_private_keys_in_cfg: bool = False
     run_dir: str = "/var/lib/opensvc/lsnr"
 
     def __repr__(self) -> str:  # never show password or token

@@ -91,9 +91,10 @@ class SimCluster:
         monitor_interval_s: float = 15.0,
         settings: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
+        obj: str = "igw/cfg/sozu",
     ) -> SimCluster:
         opensvc = FakeOpenSVCCluster(replication_delay_s=replication_delay_s, monitor_interval_s=monitor_interval_s)
-        cluster = cls(SozuVersion.parse(version), opensvc)
+        cluster = cls(SozuVersion.parse(version), opensvc, obj=obj)
         if root is not None:
             cluster.root = root
         opensvc.create_object(cluster.obj)

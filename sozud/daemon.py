@@ -379,7 +379,7 @@ class Daemon:
         st = self.status
         c = self.components
         base_generation = None
-        with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
             meta_path = BaseStore(self.config.state_dir).meta_path
             base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
         doc: dict[str, Any] = {

@@ -106,7 +106,7 @@ class BaseStore:
             meta = msgspec.json.decode(self.meta_path.read_bytes(), type=BaseMeta)
         except FileNotFoundError:
             meta = BaseMeta()
-        except (OSError, msgspec.DecodeError, RecursionError) as e:
+        except (OSError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise StateError(f"cannot read base metadata {self.meta_path}: {e}") from None
         state = parse_state_file(data, version, source=str(self.state_path)) if data else ConfigState(version)
         if meta.digest and meta.digest != state.digest():
@@ -162,7 +162,7 @@ class StatusFile:
             value = msgspec.json.decode(self.path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, msgspec.DecodeError, RecursionError) as e:
+        except (OSError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise StateError(f"cannot read status file {self.path}: {e}") from None
         if not isinstance(value, dict):
             raise StateError(f"status file {self.path} does not hold a JSON object")

@@ -196,7 +196,7 @@ class JsonFraming:
         """One frame without its NUL."""
         try:
             value = msgspec.json.decode(chunk)
-        except (msgspec.DecodeError, RecursionError) as e:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise SozuProtocolError(
                 f"undecodable JSON frame ({len(chunk)} bytes): {e}", socket_path=self.socket_path
             ) from None

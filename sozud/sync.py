@@ -479,7 +479,7 @@ class SyncEngine:
             return None
         try:
             return msgspec.json.decode(meta_bytes, type=SharedMeta)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
             self.log.warning("shared.meta_unreadable", key=self.settings.key + " meta", error=str(e))
             return None
 

@@ -120,7 +120,7 @@ class H2Transport(V2Transport):
     def _reply(self, response: httpx.Response, *, obj: str, key: str | None) -> Any:
         try:
             reply = msgspec.json.decode(response.content)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             reply = None
         if response.status_code in (401, 403):
             error = reply.get("error") if isinstance(reply, dict) else response.text

@@ -31,7 +31,7 @@ EVENT_KIND = "InstanceConfigUpdated"
 def _problem(response: httpx.Response) -> str:
     try:
         body = msgspec.json.decode(response.content)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return describe(response.text)
     if isinstance(body, dict):
         parts = [str(body[k]) for k in ("title", "detail") if body.get(k)]
@@ -166,7 +166,7 @@ class Om3Transport(Transport):
         self._raise_for(response, obj=obj, key=None)
         try:
             body = msgspec.json.decode(response.content)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             body = None
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):

@@ -155,7 +155,7 @@ class _RawTransport(V2Transport):
 def _decode_json(frame: bytes, *, transport: str, obj: str | None, key: str | None) -> Any:
     try:
         return msgspec.json.decode(frame)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise OpenSVCRefusedError(
             f"reply is not JSON: {describe(frame[:200])}", transport=transport, obj=obj, key=key
         ) from None
@@ -210,7 +210,7 @@ def unseal(frame: bytes, *, key: bytes, max_bytes: int = MAX_REPLY_BYTES) -> byt
     """The clear message inside one envelope (without its ``\\0``). Raises SealError."""
     try:
         envelope = msgspec.json.decode(frame)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise SealError("not a JSON envelope") from None
     if not isinstance(envelope, dict):
         raise SealError("envelope is not a JSON object")

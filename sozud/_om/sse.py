@@ -58,7 +58,7 @@ async def json_events(response: httpx.Response, *, transport: str, obj: str) -> 
         async for event in parse_sse(response.aiter_lines()):
             try:
                 payload = msgspec.json.decode(event.data)
-            except (msgspec.DecodeError, RecursionError):
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
                 payload = None
             yield event, payload
     except SSETooLarge as exc:

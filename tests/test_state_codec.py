@@ -380,3 +380,13 @@ def test_a_state_over_the_size_limit_is_refused_first() -> None:
     with pytest.raises(StateParseError, match="limit on a state file"):
         parse_state_file(GOOD, V2_1_0, source="shared", max_state_bytes=len(GOOD) - 1)
     assert len(parse_state_file(GOOD, V2_1_0, source="shared", max_state_bytes=len(GOOD))) > 0
+
+
+def test_a_frontend_with_a_1mb_hostname_is_refused() -> None:
+    """issue 12: such a frontend was applied, after which sozu's answers outgrew the frame limit."""
+    records = GOOD.split(b"\0")[:-1]
+    n, front = next((i, r) for i, r in enumerate(records) if b"ADD_HTTP_FRONTEND" in r)
+    big = front.replace(b'"hostname":"', b'"hostname":"' + b"h" * 1_000_000, 1)
+    with pytest.raises(StateParseError, match="more than 190000") as info:
+        parse_state_file(_with_record(n, big), V2_1_0, source="desired")
+    assert info.value.record == n

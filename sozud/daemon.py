@@ -126,6 +126,7 @@ class DaemonStatus:
     requests_total: Counter[str] = field(default_factory=Counter)
     pushes_total: int = 0
     action: str | None = None  # what an operator must do about the last failure, when sozud cannot
+    last_error_type: str | None = None
 
 
 class Daemon:
@@ -280,6 +281,7 @@ class Daemon:
         self.last_error = None
         self.last_refusal = None
         self.status.action = None
+        self.status.last_error_type = None
         self._backoff.reset()
         st = self.status
         st.last_success_at = time.time()
@@ -315,6 +317,7 @@ class Daemon:
         st = self.status
         st.last_outcome = "failed"
         st.last_error = str(error)
+        st.last_error_type = type(error).__name__
         st.consecutive_failures += 1
         self.metrics.sync_failures.inc(error=type(error).__name__)
         delay = self._backoff.next_delay_s()
@@ -392,6 +395,7 @@ class Daemon:
             "last_reason": st.last_reason,
             "last_error": st.last_error,
             "action": st.action,
+            "last_error_type": st.last_error_type,
             "consecutive_failures": st.consecutive_failures,
             "drift": st.drift,
             "base_generation": base_generation,

@@ -2,7 +2,7 @@
 
 sozud run [SETTINGS]            the daemon (systemd unit, OpenSVC app resource)
 sozud --once [SETTINGS]         one sync; exit 0 when in sync after it
-sozud status [--json]           what the daemon last did (reads STATE_DIR/status.json)
+sozud status [--json|--check|--info|--cluster]  what the daemon last did; OpenSVC check/info; per node
 sozud push --from-live          rewrite the shared state from this node's live sozu (repair)
 sozud query KIND --socket P     the live configuration of a sozu
 sozud plan ...                  the delta between two states, optionally applied
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import typing
@@ -75,12 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[settings], help="run the daemon (until SIGTERM; SIGHUP reloads)")
     run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
     run.set_defaults(func=_cmd_run)
-    st = sub.add_parser("status", help="show what the daemon last did (reads STATE_DIR/status.json)")
-    st.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
-    st.add_argument("--state-dir", dest="state_dir", default=argparse.SUPPRESS, help="sozud's state directory")
-    st.add_argument("--json", action="store_true", help="print JSON")
-    st.set_defaults(func=_cmd_status)
-    for module in ("push", "query", "plan", "key", "demo"):
+    for module in ("status", "push", "query", "plan", "key", "demo"):
         _register(module, sub)
     parser.set_defaults(func=None)
     return parser
@@ -161,21 +155,6 @@ def _cmd_once(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
     return asyncio.run(once())
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from sozud.persist import StatusFile
-
-    config = _load(args)
-    status = StatusFile(config.state_dir).read()
-    if status is None:
-        print(f"sozud: no status yet in {config.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
-        return EXIT_ERROR
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return EXIT_OK
-    print(format_status(status))
-    return EXIT_OK
 
 
 def _ago(ts: Any) -> str:

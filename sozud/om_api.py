@@ -156,6 +156,12 @@ class OMClient:
         async with self.lock(obj):
             await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value))
 
+    async def resource_status(self, path: str, rid: str) -> dict[str, tuple[str, str]]:
+        """Per node, the status of resource ``rid`` of ``path`` and its last status-log line, as the agent
+        reports it (``om mon`` data); nodes without that instance are left out."""
+        data = await self._retrying("daemon_status", path, None, lambda: self.transport.daemon_status(path))
+        return parse_resource_status(data, path, rid)
+
     async def wake_monitor(self, obj: str, reason: str) -> bool:
         """Ask the local agent to replicate ``obj`` now (v2: its monitor loop would take 10-15 s). Never
         raises: a failure is logged and counted (``wake_failures``); replication then waits for the loop."""
@@ -488,6 +494,31 @@ class KeyPusher:
 
 
 # --- construction from a URL ---------------------------------------------------------------------
+
+
+def parse_resource_status(data: Any, path: str, rid: str) -> dict[str, tuple[str, str]]:
+    """``monitor.nodes.<node>.services.status.<path>.resources.<rid>`` of v2 daemon status data: (status,
+    last log line) per node. Anything else in the reply is ignored; a malformed entry reads as n/a."""
+    out: dict[str, tuple[str, str]] = {}
+    monitor = data.get("monitor") if isinstance(data, dict) else None
+    nodes = monitor.get("nodes") if isinstance(monitor, dict) else None
+    if not isinstance(nodes, dict):
+        return out
+    for node, ndata in nodes.items():
+        services = ndata.get("services") if isinstance(ndata, dict) else None
+        status = services.get("status") if isinstance(services, dict) else None
+        instance = status.get(path) if isinstance(status, dict) else None
+        resources = instance.get("resources") if isinstance(instance, dict) else None
+        res = resources.get(rid) if isinstance(resources, dict) else None
+        if not isinstance(res, dict):
+            continue
+        state = res.get("status")
+        log = res.get("log")
+        last = log[-1] if isinstance(log, list) and log else ""
+        if isinstance(last, dict):
+            last = last.get("message", "")
+        out[str(node)] = (state if isinstance(state, str) else "n/a", str(last)[:500])
+    return out
 
 
 def _socket_path(url: str, scheme: str) -> str:

@@ -11,6 +11,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -160,6 +161,10 @@ class Transport(ABC):
         then once per event that says ``obj`` may have changed. Ends with an ``OpenSVCError`` (usually
         ``OpenSVCUnreachableError``) when the stream breaks; the caller reconnects."""
         raise OpenSVCError("this transport has no event stream", transport=self.name, obj=obj, key=key)
+
+    async def daemon_status(self, selector: str) -> Any:
+        """The agent's cluster status data for the objects ``selector`` names (v2 ``GET daemon_status``)."""
+        raise OpenSVCError("this transport cannot read the agent's cluster status", transport=self.name, obj=selector)
 
     async def wake_monitor(self, obj: str, reason: str) -> bool:
         """Ask the agent to replicate ``obj`` now rather than at its next monitor loop; False when this

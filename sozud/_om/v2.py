@@ -150,6 +150,12 @@ class V2Transport(Transport):
             )
         return list(data)
 
+    async def daemon_status(self, selector: str) -> Any:
+        reply = await self.call("daemon_status", "GET", {"selector": selector}, obj=selector, key=None)
+        if isinstance(reply, dict) and "status" in reply and "monitor" not in reply:
+            return check_reply(reply, transport=self.name, obj=selector, key=None)
+        return reply
+
     async def wake_monitor(self, obj: str, reason: str) -> bool:
         """``POST wake_monitor``: the v2 agent replicates an object changed through the API only when its
         monitor thread next loops (10-15 s later); this wakes it at once (opensvc handler

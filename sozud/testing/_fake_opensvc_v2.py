@@ -31,6 +31,8 @@ ROUTES: dict[tuple[str | None, str], str] = {
     (None, "set_key"): "set_key",
     ("GET", "object_keys"): "object_keys",
     ("GET", "whoami"): "whoami",
+    ("GET", "daemon_status"): "daemon_status",
+    (None, "daemon_status"): "daemon_status",
     ("POST", "wake_monitor"): "wake_monitor",
     (None, "wake_monitor"): "wake_monitor",
 }
@@ -184,6 +186,8 @@ async def _run(agent: FakeAgent, operation: str, options: dict[str, Any], identi
             return await _del_key(agent, options)
         if operation == "object_keys":
             return await _object_keys(agent, options)
+        if operation == "daemon_status":
+            return 200, agent.cluster.daemon_status(options.get("selector"))
         if operation == "wake_monitor":
             agent.cluster.wake_monitor(agent.nodename)
             return 200, {"status": 0}

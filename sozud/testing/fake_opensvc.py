@@ -92,6 +92,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fnmatch
 import os
 import pathlib
 import secrets
@@ -221,6 +222,7 @@ class FakeOpenSVCCluster:
         self._unreplicated: dict[tuple[str, str], ObjectState] = {}
         self._ticks: dict[str, asyncio.Task[None]] = {}
         self._loop_origin: dict[str, float] = {}
+        self._resources: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # node -> path -> rid -> status
         self._kinds: dict[str, str] = {}
         self._latest: dict[str, ObjectState] = {}
         self._views: dict[str, dict[str, ObjectState]] = {}
@@ -365,6 +367,28 @@ class FakeOpenSVCCluster:
             return local
         self._replicate(nodename, path, obj)
         return local
+
+    def set_resource_status(self, nodename: str, path: str, rid: str, status: str, log: list[str]) -> None:
+        """What node ``nodename``'s monitor reports of resource ``rid`` of ``path`` (status and status log),
+        as the real agent does from the resource's check (an app's check output, with ``status_log``)."""
+        self._resources.setdefault(nodename, {}).setdefault(path, {})[rid] = {
+            "status": status,
+            "label": rid,
+            "log": list(log),
+        }
+
+    def daemon_status(self, selector: object) -> dict[str, Any]:
+        """The ``monitor`` part of v2 ``GET daemon_status``: per node, the instance status of the objects
+        ``selector`` names (a path, or all), with the resources set by :meth:`set_resource_status`."""
+        nodes: dict[str, Any] = {}
+        for node in sorted(self._views):
+            status = {
+                path: {"resources": dict(resources)}
+                for path, resources in self._resources.get(node, {}).items()
+                if not isinstance(selector, str) or not selector or fnmatch.fnmatchcase(path, selector)
+            }
+            nodes[node] = {"services": {"status": status}}
+        return {"monitor": {"nodes": nodes}}
 
     def wake_monitor(self, nodename: str) -> None:
         """``POST wake_monitor`` on ``nodename``: its monitor loop runs now and replicates what waits."""

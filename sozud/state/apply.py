@@ -567,7 +567,14 @@ async def _send_batches(
                 report.batches.append(
                     BatchResult(index, first, len(chunk), len(data), False, f"no answer in time ({e})")
                 )
-                log.warning("sozu.apply_batch_timeout", chunk=index, steps=len(chunk))
+                log.warning(
+                    "sozu.apply_batch_timeout",
+                    chunk=index,
+                    steps=len(chunk),
+                    hint="sozu answers no load_state of this size when max_command_buffer_size is small (the "
+                    "published template's 163840 overflows its worker channels): raise it to 2000000 in sozu's "
+                    "config.toml; sozud goes on one request at a time",
+                )
                 return
         finally:
             try:

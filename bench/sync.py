@@ -49,7 +49,8 @@ def generated_state(version: SozuVersion, clusters: int) -> ConfigState:
 
 
 def writes(cluster: SimCluster) -> int:
-    return sum(1 for n in cluster.nodes for r in n.agent.requests if r.key == cluster.key and r.action == "POST key")
+    keys = (cluster.key, cluster.key + ".manifest")  # one manifest write per push (sharded layout)
+    return sum(1 for n in cluster.nodes for r in n.agent.requests if r.key in keys and r.action == "POST key")
 
 
 async def run(

@@ -36,13 +36,15 @@ from sozud.errors import (
     UnsafePlanError,
     VersionMismatchError,
 )
+from sozud.layout import ShardedShared
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 from sozud.persist import BaseMeta, BaseStore, StatusFile
 from sozud.sdnotify import Notifier
 from sozud.socket_proto import SozuChannel
-from sozud.sync import EngineSettings, SyncEngine, SyncReport
+from sozud.state.codec import MAX_STATE_BYTES
+from sozud.sync import EngineSettings, SharedPort, SyncEngine, SyncReport
 from sozud.versions import SozuVersion
 
 
@@ -72,7 +74,7 @@ class Components:
     channel: SozuChannel
     om: OMClient
     sozu: SozuAdapter
-    shared: OpenSVCShared
+    shared: SharedPort
     engine: SyncEngine
 
     async def aclose(self) -> None:
@@ -93,7 +95,11 @@ def build_components(config: Config) -> Components:
         max_rounds=config.max_rounds,
         max_removal_ratio=config.max_removal_ratio,
     )
-    shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
+    shared: SharedPort
+    if config.layout == "sharded":
+        shared = ShardedShared(om, config.object, config.key, config.meta_key, max_state_bytes=MAX_STATE_BYTES)
+    else:
+        shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
     engine = SyncEngine(
         sozu,
         shared,
@@ -104,6 +110,7 @@ def build_components(config: Config) -> Components:
             key=config.key,
             max_removal_ratio=config.max_removal_ratio,
             force=config.force,
+            boot_state_file=config.boot_state_file,
         ),
     )
     return Components(config, channel, om, sozu, shared, engine)
@@ -507,7 +514,7 @@ class Daemon:
 def _operator_action(error: BaseException, config: Config) -> str | None:
     """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
     shared = f"opensvc {config.object} key {config.key}"
-    unusable = (isinstance(error, StateParseError) and error.source == shared) or isinstance(
+    unusable = (isinstance(error, StateParseError) and error.source.startswith(shared)) or isinstance(
         error, VersionMismatchError
     )
     if unusable:

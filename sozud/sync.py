@@ -33,6 +33,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -41,7 +42,7 @@ from google.protobuf.message import Message
 from sozud.decision import Branch, Decision, decide, drift
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
-from sozud.persist import BaseMeta, BaseStore
+from sozud.persist import BaseMeta, BaseStore, atomic_write
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.merge import Conflict
 from sozud.state.model import ConfigState, ObjKey
@@ -191,6 +192,9 @@ class EngineSettings:
     # How long a shared state that does not match its metadata is taken for a write in progress (nothing
     # done) before it is handled as truncated (fewer records: additions only) or edited by hand.
     mismatch_grace_s: float = 5.0
+    # A plain state file kept equal to the state sozu runs once in sync (sozu's saved_state: a restarted
+    # sozu boots from it, since the shared state itself is sharded in OpenSVC).
+    boot_state_file: str | None = None
 
 
 class SyncEngine:
@@ -209,6 +213,7 @@ class SyncEngine:
         self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
         # Pushes this node's live held (bases, own pushes once applied), by push id: candidate merge bases.
         self._history: OrderedDict[str, ConfigState] = OrderedDict()
+        self._boot_digest: str | None = None  # the state last written to the boot state file
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -238,6 +243,7 @@ class SyncEngine:
             await self._push(inputs.live, None, inputs.meta, report)
             report.outcome = "bootstrapped"
             self._remember(report.pushed_id, inputs.live)
+            self._write_boot_file(inputs.live)
         elif decision.branch is not Branch.NOTHING:
             await self._execute(decision, inputs, report)
         self._seen_restarts = restarts
@@ -350,12 +356,28 @@ class SyncEngine:
             self._remember(report.pushed_id, merged)
         if not report.pushed and report.drift == 0:
             self._move_base(inputs)
+        if report.drift == 0:
+            self._write_boot_file(merged)
         report.outcome = {
             (False, False): "in_sync",
             (True, False): "applied",
             (False, True): "pushed",
             (True, True): "applied+pushed",
         }[(report.requests_sent > 0, report.pushed)]
+
+    def _write_boot_file(self, state: ConfigState) -> None:
+        path = self.settings.boot_state_file
+        if path is None:
+            return
+        digest = state.digest()
+        if digest == self._boot_digest:
+            return
+        try:
+            atomic_write(Path(path), write_state_file(state), mode=0o600)
+        except OSError as e:
+            self.log.warning("sync.boot_state_file_failed", path=path, error=e.strerror or str(e))
+            return
+        self._boot_digest = digest
 
     def _move_base(self, inputs: SyncInputs) -> None:
         """Live equals shared: shared becomes the base (never from this node's own push)."""
@@ -384,12 +406,18 @@ class SyncEngine:
             raise UnsafePlanError(
                 f"this node's sozu holds no object: refusing to push an empty state to {self._source()}"
             )
-        state_bytes, meta_bytes = await self.shared.read()
+        try:
+            state_bytes, meta_bytes = await self.shared.read()
+        except StateError as e:  # the layout itself is unreadable (a mangled manifest or shard)
+            state_bytes, meta_bytes = None, None
+            unreadable: str | None = str(e)
+        else:
+            unreadable = None
         meta = self._parse_meta(meta_bytes)
         if meta is not None and meta.sozu_family != version.family.value:
             meta = None  # another family's lineage means nothing here
         shared: ConfigState | None = None
-        replaced = "no shared state"
+        replaced = "no shared state" if unreadable is None else f"a shared state that cannot be read ({unreadable})"
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
             try:
                 shared, _ = self._parse_shared(state_bytes, version)

@@ -64,7 +64,8 @@ def writes_to_key(cluster: SimCluster) -> int:
         1
         for n in cluster.nodes
         for r in n.agent.requests
-        if r.key == cluster.key and r.action in ("POST key", "set_key", "PUT data/key", "POST data/key")
+        if r.key in (cluster.key, cluster.key + ".manifest")
+        and r.action in ("POST key", "set_key", "PUT data/key", "POST data/key")
     )
 
 
@@ -356,8 +357,9 @@ async def test_certificates_are_synced_through_a_sec_object() -> None:
             return live_b == parse_state_file(a.live_file(), source="a")
 
         await wait_until(same, what="the certificates to reach b")
-        shared = cluster.opensvc.value("a", "igw/sec/sozu", cluster.key)
+        shared = cluster.shared_value()
         assert shared is not None and b"PRIVATE KEY" in shared
+        assert cluster.opensvc.value("a", "igw/sec/sozu", cluster.key + ".manifest") is not None
         assert b"PRIVATE KEY" in b.live_file()
     finally:
         await cluster.stop()
@@ -390,30 +392,31 @@ def _settings_argv(node_config: object) -> list[str]:
     return [
         *("--socket", c.socket, "--sozu-version", c.sozu_version, "--api", c.api or ""),
         *("--object", c.object, "--key", c.key, "--node", c.node, "--state-dir", c.state_dir),
-        *("--log-level", "error"),
+        *("--log-level", "error", "--layout", c.layout),
     ]
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("layout", "key_suffix", "bad"),
     [
-        b'{"id":"SAVE-0","content":' + b"[" * 1000 + b"]" * 1000 + b"}\n\0",  # nested 1,000 deep
-        b'{"id":"SAVE-0","content":{"request_type":{"ADD_CLUS',  # a cut record
-        (FIXTURES / "sozu-0.15.19/states/01-populated.state").read_bytes(),  # 0.15 in a 2.x fleet
+        ("plain", "", b'{"id":"SAVE-0","content":' + b"[" * 1000 + b"]" * 1000 + b"}\n\0"),  # nested 1,000 deep
+        ("plain", "", b'{"id":"SAVE-0","content":{"request_type":{"ADD_CLUS'),  # a cut record
+        ("plain", "", (FIXTURES / "sozu-0.15.19/states/01-populated.state").read_bytes()),  # 0.15 in a 2.x fleet
+        ("sharded", ".manifest", b'{"format":2,"shards":' + b"[" * 1000 + b"\n"),  # a mangled manifest
     ],
-    ids=["deep", "cut", "foreign"],
+    ids=["deep", "cut", "foreign", "manifest"],
 )
 async def test_an_unusable_shared_key_is_repaired_with_push_from_live(
-    bad: bytes, capsys: pytest.CaptureFixture[str]
+    layout: str, key_suffix: str, bad: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cluster = await SimCluster.create(["a", "b"])
+    cluster = await SimCluster.create(["a", "b"], settings={"layout": layout})
     try:
         a, b = cluster.node("a"), cluster.node("b")
         await a.request(listener_req("2.1.0"))
         await a.request(cluster_req("app"))
         await cluster.start()
         await settled(cluster)
-        cluster.opensvc.set_value("a", cluster.obj, cluster.key, bad)
+        cluster.opensvc.set_value("a", cluster.obj, cluster.key + key_suffix, bad)
         for n in cluster.nodes:
             d = n.daemon
             assert d is not None

@@ -89,6 +89,7 @@ def test_sozud_accepts_the_app_commands() -> None:
         args = build_parser().parse_args(argv[1:])
         if action == "start":
             assert args.object == "igw/sec/sozu" and args.shared_dir == "/run/sozu"
+            assert args.boot_state_file == "/run/sozu/state.json"
         else:
             assert getattr(args, action)
     assert app["retcodes"] == "0:up 1:down 2:warn" and app["status_log"] == "true"
@@ -113,10 +114,10 @@ def test_the_sozu_configuration_matches_the_template(setting: str) -> None:
     config = tomllib.loads(SOZU_CONFIG.read_text())
     t = _parse(OURS)
     if setting == "saved_state":
-        # the state is projected from the sec object under /certs, which container#1 mounts at /certs/
-        assert config["saved_state"] == "/certs/state.json"
-        assert t["volume#cfg"]["secrets"] == "{name}/*:/certs/"
-        assert "{name}-cfg/certs:/certs/" in shlex.split(t["container#1"]["volume_mounts"])
+        # sozud writes the boot file on the host's /run/sozu, which container#1 mounts at the same path
+        assert config["saved_state"] == "/run/sozu/state.json"
+        assert "--boot-state-file /run/sozu/state.json" in t["app#sozud"]["start"]
+        assert "/run/sozu:/run/sozu" in shlex.split(t["container#1"]["volume_mounts"])
     elif setting == "automatic_state_save":
         assert config["automatic_state_save"] is False
     else:

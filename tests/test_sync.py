@@ -511,3 +511,20 @@ async def test_a_push_from_a_node_with_no_common_state_is_additions_only(tmp_pat
     r = await a.sync_once("opensvc_change")
     assert ("cluster", "from-a") in a_sozu.live and ("cluster", "theirs") in a_sozu.live
     assert r.pushed and ("cluster", "from-a") in shared_state(shared)
+
+
+async def test_the_boot_state_file_follows_what_sozu_runs(tmp_path: Path) -> None:
+    """sozu's saved_state: with the shared state sharded in OpenSVC, sozud keeps a plain file for it."""
+    boot = tmp_path / "run" / "state.json"
+    start = fixture_state("01-populated")
+    shared = MemShared()
+    sozu = MemSozu(start.copy())
+    e = engine(tmp_path, "a", sozu, shared, boot_state_file=str(boot))
+    await e.sync_once()
+    assert parse_state_file(boot.read_bytes(), V2, source="boot") == start
+    sozu.live.add("cluster", cluster("later"))
+    await e.sync_once("sozu_probe")
+    assert ("cluster", "later") in parse_state_file(boot.read_bytes(), V2, source="boot")
+    mtime = boot.stat().st_mtime_ns
+    await e.sync_once("opensvc_change")  # nothing changed: the file is not rewritten
+    assert boot.stat().st_mtime_ns == mtime

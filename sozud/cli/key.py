@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from", dest="from_file", metavar="FILE", help="put: read the value from FILE (default stdin)"
     )
+    parser.add_argument(
+        "--assemble",
+        action="store_true",
+        help="get: KEY is the shared state's key (state.json): print it as one plain sozu state file, from "
+        "its shards and manifest (sharded layout) or the plain key, for `sozu state load`",
+    )
     parser.add_argument("--cluster-name", metavar="NAME", help="raw://: cluster name (default: from cluster.conf)")
     parser.add_argument("--secret-file", metavar="FILE", help="raw://, https://: file holding the cluster secret")
     parser.add_argument(
@@ -111,6 +117,8 @@ async def run_key(args: argparse.Namespace) -> int:
             raise _UsageError(f"key {args.action}: a KEY is required")
         if args.action == "list" and args.key:
             raise _UsageError("key list: takes no KEY")
+        if args.assemble and args.action != "get":
+            raise _UsageError(f"key {args.action}: --assemble is only for get")
         if args.action != "put" and args.from_file:
             raise _UsageError(f"key {args.action}: --from is only for put")
         settings = _settings(args)
@@ -121,7 +129,18 @@ async def run_key(args: argparse.Namespace) -> int:
     try:
         client = client_from_url(args.api, settings)
         try:
-            if args.action == "get":
+            if args.action == "get" and args.assemble:
+                from sozud.layout import ShardedShared
+                from sozud.state.codec import MAX_STATE_BYTES
+
+                port = ShardedShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
+                state, _ = await port.read()
+                if state is None:
+                    print(f"sozud: {args.object} holds no shared state under {args.key}", file=sys.stderr)
+                    return EXIT_FAILURE
+                sys.stdout.buffer.write(state)
+                sys.stdout.buffer.flush()
+            elif args.action == "get":
                 got = await client.get_key(args.object, args.key)
                 if got is None:
                     print(f"sozud: {args.object} has no key {args.key}", file=sys.stderr)

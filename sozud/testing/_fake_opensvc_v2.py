@@ -126,6 +126,9 @@ async def _read_modify_write(agent: FakeAgent, path: str, key: str, value: bytes
         await asyncio.sleep(agent.cluster.write_latency_s)
     if agent.write_barrier is not None:
         await agent.write_barrier()
+    if agent.load.cost.enabled:  # the agent rewrites and re-processes the whole object (cost model)
+        size = sum(len(k) + len(v) for k, v in keys.items()) + (len(value) if value is not None else 0)
+        await agent.load.write(size)
     if value is None:
         if key not in keys:
             return
@@ -383,15 +386,24 @@ async def serve_raw(
     identity = dict(_UXSOCK_IDENTITY)
     if encrypted:
         identity["auth"] = "secret"
-    reply = await call(
-        agent,
-        transport,
-        method,
-        action,
-        options,
-        identity=identity,
-        relay=relay if isinstance(relay, str) else None,
-    )
+
+    async def answer() -> tuple[int, dict[str, Any]]:
+        await agent.load.before_request()
+        return await call(
+            agent,
+            transport,
+            method,
+            action,
+            options,
+            identity=identity,
+            relay=relay if isinstance(relay, str) else None,
+        )
+
+    if agent.load.cost.serialise_raw:
+        async with agent.load.raw_lock:  # the real raw listener serves one request at a time
+            reply = await answer()
+    else:
+        reply = await answer()
     await reply_and_close(reply[1])
 
 

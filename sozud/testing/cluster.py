@@ -21,6 +21,7 @@ from typing import Any
 from sozud.config import Config
 from sozud.daemon import Daemon
 from sozud.proto import command_pb2 as pb
+from sozud.testing._fake_opensvc_cost import AgentCost
 from sozud.testing.fake_opensvc import FakeAgent, FakeOpenSVCCluster
 from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import STORED_REQUESTS, SozuVersion
@@ -92,8 +93,11 @@ class SimCluster:
         settings: dict[str, Any] | None = None,
         versions: dict[str, str] | None = None,
         obj: str = "igw/cfg/sozu",
+        cost: AgentCost | None = None,
     ) -> SimCluster:
-        opensvc = FakeOpenSVCCluster(replication_delay_s=replication_delay_s, monitor_interval_s=monitor_interval_s)
+        opensvc = FakeOpenSVCCluster(
+            replication_delay_s=replication_delay_s, monitor_interval_s=monitor_interval_s, cost=cost
+        )
         cluster = cls(SozuVersion.parse(version), opensvc, obj=obj)
         if root is not None:
             cluster.root = root
@@ -150,7 +154,24 @@ class SimCluster:
         await self.stop()
 
     def shared_value(self, node: str | None = None) -> bytes | None:
-        return self.opensvc.value(node or self.nodes[0].name, self.obj, self.key)
+        """The shared state as a plain state file, as ``node`` (default: the first) holds it: reassembled
+        from the sharded layout's manifest and shards, else the plain key."""
+        import msgspec
+
+        from sozud.layout import Manifest, assemble, decode_shard
+        from sozud.state.codec import MAX_STATE_BYTES
+
+        name = node or self.nodes[0].name
+        manifest = self.opensvc.value(name, self.obj, self.key + ".manifest")
+        if manifest is None:
+            return self.opensvc.value(name, self.obj, self.key)
+        files = []
+        for ref in msgspec.json.decode(manifest, type=Manifest).shards:
+            value = self.opensvc.value(name, self.obj, ref.key)
+            if value is None:
+                return None
+            files.append(decode_shard(value, source=ref.key, max_bytes=MAX_STATE_BYTES))
+        return assemble(files)
 
 
 async def wait_until(

@@ -107,6 +107,7 @@ from sozud.errors import OpenSVCError, OpenSVCNotFoundError, OpenSVCRefusedError
 from sozud.log import configure_logging, get_logger
 from sozud.testing import _fake_opensvc_om3 as om3
 from sozud.testing import _fake_opensvc_v2 as v2
+from sozud.testing._fake_opensvc_cost import AgentCost, AgentLoad
 from sozud.testing._fake_opensvc_crypto import ClusterCA, TlsFiles
 from sozud.testing._fake_opensvc_h2 import H2ServerConnection
 from sozud.testing._fake_opensvc_store import ObjectState, csum, parse_path, v2_decoded_text
@@ -208,6 +209,7 @@ class FakeOpenSVCCluster:
         max_key_size: int = 1_000_000,
         write_latency_s: float = 0.0,
         monitor_interval_s: float = 15.0,
+        cost: AgentCost | None = None,
     ) -> None:
         self.name = name
         self.secret = secret if secret is not None else _default_secret()
@@ -217,6 +219,7 @@ class FakeOpenSVCCluster:
         self.max_key_size = max_key_size
         self.write_latency_s = write_latency_s
         self.monitor_interval_s = monitor_interval_s
+        self.cost = cost or AgentCost()  # what a write costs each agent (sozud/testing/_fake_opensvc_cost.py)
         # v2 API writes waiting for their node's monitor loop: (node, path) -> object; and each node's
         # pending loop tick, and the time its loop started (ticks are that plus multiples of the interval)
         self._unreplicated: dict[tuple[str, str], ObjectState] = {}
@@ -485,6 +488,7 @@ class FakeAgent:
         self.cluster = cluster
         self.nodename = nodename
         self.run_dir = run_dir
+        self.load = AgentLoad(cluster.cost)
         self.lsnr_sock = run_dir / "lsnr.sock"
         self.h2_sock = run_dir / "h2.sock"
         self.om3_sock = run_dir / "http.sock"

@@ -1,0 +1,248 @@
+"""How the shared state is laid out in the OpenSVC object: compressed shards and a manifest.
+
+The v2 agent keeps every key of an object in one file and, after each write, re-reads, checksums,
+re-projects and replicates the whole object: its cost grows with the object's total size (a 10.8 MB key
+took 2.2 s to write and kept the agent busy for ~11 s). So the state is not one plain key any more:
+
+- ``<key>.s00`` ... ``<key>.s15``: shards. The state file's records are split by a hash of each record's
+  content (listener records, which must come first and in order, all go to shard 0), renumbered within
+  their shard, zlib-compressed and base64-encoded (the v2 API carries text; every value ends with a
+  newline). A one-object change rewrites one or two shards, each about 1/16 of the compressed state.
+- ``<key>.manifest``: written last; the shards' keys and digests and sozud's metadata (generation,
+  origin, lineage). A reader takes the manifest, reads only the shards whose digest it has not seen, and
+  checks each against the manifest: a shard from another write than its manifest (a torn read) is a
+  write in progress (``SharedInFlightError``), never a state.
+
+Reassembled, the shards in order are a plain sozu state file (listeners first, records renumbered), what
+``sozud key get --assemble`` prints for ``sozu state load``.
+
+The first layout (one plain key ``<key>`` and its metadata ``<key>.meta``) is still read: when there is no
+manifest yet (the object was written by an earlier sozud, or by the old watch script), or when that plain
+key carries a newer generation than the manifest (a node not yet switched wrote it). The first push from
+this layout then writes shards and a manifest (``shared.migrated``); the plain key is left for earlier
+sozud versions until the operator removes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+import zlib
+from typing import Protocol
+
+import msgspec
+
+from sozud.errors import SharedInFlightError, StateParseError
+from sozud.log import get_logger
+
+SHARDS = 16
+LAYOUT_FORMAT = 2
+_ID = re.compile(rb'^\{"id":"[^"]*",')
+_LISTENER = re.compile(rb'^\{"id":"[^"]*","content":\{"request_type":\{"[A-Z_]*LISTENER"')
+
+
+class KeyStore(Protocol):
+    """What the layout needs of the OpenSVC client: one object's keys."""
+
+    async def get_key(self, obj: str, key: str) -> bytes | None: ...
+
+    async def put_key(self, obj: str, key: str, value: bytes) -> None: ...
+
+    async def wake_monitor(self, obj: str, reason: str) -> bool: ...
+
+    def check_value(self, obj: str, key: str, value: bytes) -> None: ...
+
+
+class ShardRef(msgspec.Struct, frozen=True):
+    key: str
+    digest: str  # sha-256 of the stored (encoded) value
+    records: int
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    format: int = LAYOUT_FORMAT
+    shards: list[ShardRef]
+    meta: msgspec.Raw  # sozud's metadata (sozud.sync.SharedMeta), kept as its own JSON
+
+
+# --- pure functions -----------------------------------------------------------------------------------
+
+
+def _renumber(records: list[bytes]) -> bytes:
+    return b"".join(_ID.sub(b'{"id":"SAVE-%d",' % i, r, count=1) + b"\0" for i, r in enumerate(records))
+
+
+def split_state(data: bytes, shards: int = SHARDS) -> list[bytes]:
+    """The state file ``data`` as ``shards`` state files (each renumbered from SAVE-0)."""
+    parts: list[list[bytes]] = [[] for _ in range(shards)]
+    for raw in data.split(b"\0")[:-1]:
+        if _LISTENER.match(raw):
+            parts[0].append(raw)
+            continue
+        body = _ID.sub(b"", raw, count=1)
+        index = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "big") % shards
+        parts[index].append(raw)
+    return [_renumber(p) for p in parts]
+
+
+def assemble(shard_files: list[bytes]) -> bytes:
+    """Shard state files, in order, as one plain state file (renumbered)."""
+    records = [r for data in shard_files for r in data.split(b"\0")[:-1]]
+    return _renumber(records)
+
+
+def encode_shard(data: bytes) -> bytes:
+    text = base64.b64encode(zlib.compress(data, 6))
+    return b"\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + b"\n"
+
+
+def decode_shard(value: bytes, *, source: str, max_bytes: int) -> bytes:
+    try:
+        raw = base64.b64decode(b"".join(value.split()), validate=True)
+        d = zlib.decompressobj()
+        out = d.decompress(raw, max_bytes + 1)
+    except (ValueError, zlib.error) as e:
+        raise StateParseError(f"not a compressed shard: {e}", source=source) from None
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise StateParseError(f"shard expands beyond {max_bytes} bytes", source=source)
+    return out
+
+
+def digest(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()
+
+
+# --- the port -------------------------------------------------------------------------------------------
+
+
+class ShardedShared:
+    """:class:`~sozud.sync.SharedPort` over an OpenSVC object in the sharded layout (see the module doc).
+
+    Keeps the shards it last read or wrote (by digest), so a read costs the manifest plus the shards that
+    changed, and a write sends only the shards that differ from the manifest it last saw, then the manifest.
+    """
+
+    def __init__(self, client: KeyStore, obj: str, key: str, meta_key: str, *, max_state_bytes: int) -> None:
+        self.client = client
+        self.obj = obj
+        self.key = key
+        self.meta_key = meta_key
+        self.manifest_key = f"{key}.manifest"
+        self.max_state_bytes = max_state_bytes
+        self.writes = 0
+        self.bytes_written = 0
+        self._shards: dict[str, bytes] = {}  # stored-value digest -> decoded shard state file
+        self._last: Manifest | None = None
+        self._from_plain = False
+        self._mismatch: tuple[ShardRef, float] | None = None
+        self.mismatch_grace_s = 5.0
+        self.log = get_logger(obj=obj, key=key)
+
+    def _source(self, key: str) -> str:
+        return f"opensvc {self.obj} key {key}"
+
+    async def read(self) -> tuple[bytes | None, bytes | None]:
+        manifest_value = await self.client.get_key(self.obj, self.manifest_key)
+        plain_meta = await self.client.get_key(self.obj, self.meta_key)
+        manifest = self._parse_manifest(manifest_value) if manifest_value and manifest_value.strip() else None
+        if manifest is None or _generation(plain_meta) > _generation(bytes(manifest.meta)):
+            # the first layout: no manifest yet, or a node still on it wrote after the last manifest
+            self._from_plain = True
+            return await self.client.get_key(self.obj, self.key), plain_meta
+        self._from_plain = False
+        files = []
+        for ref in manifest.shards:
+            cached = self._shards.get(ref.digest)
+            if cached is None:
+                value = await self.client.get_key(self.obj, ref.key) or b""
+                if digest(value) != ref.digest:
+                    self._mismatched(ref)
+                cached = decode_shard(
+                    value, source=f"{self._source(self.key)} ({ref.key})", max_bytes=self.max_state_bytes
+                )
+                self._shards[ref.digest] = cached
+            files.append(cached)
+        self._keep_only(manifest)
+        self._last = manifest
+        return assemble(files), bytes(manifest.meta)
+
+    async def write(self, state: bytes, meta: bytes) -> None:
+        # the policy on values (no private key in a cfg object) applies to the state, not to its
+        # compressed shards, which would hide the keys from the check
+        self.client.check_value(self.obj, self.key, state)
+        shard_files = split_state(state)
+        refs: list[ShardRef] = []
+        previous = {r.key: r.digest for r in self._last.shards} if self._last is not None else {}
+        for i, data in enumerate(shard_files):
+            value = encode_shard(data)
+            ref = ShardRef(key=f"{self.key}.s{i:02d}", digest=digest(value), records=data.count(b"\0"))
+            if previous.get(ref.key) != ref.digest:
+                await self.client.put_key(self.obj, ref.key, value)
+                self.bytes_written += len(value)
+            self._shards[ref.digest] = data
+            refs.append(ref)
+        manifest = Manifest(shards=refs, meta=msgspec.Raw(meta.strip()))
+        encoded = msgspec.json.encode(manifest) + b"\n"
+        await self.client.put_key(self.obj, self.manifest_key, encoded)
+        self.bytes_written += len(encoded)
+        # v2 replicates an API write at its monitor's next loop (10-15 s): ask for it now (never fails).
+        await self.client.wake_monitor(self.obj, "sozud wrote the shared sozu state")
+        if self._from_plain:
+            self.log.info("shared.migrated", layout="sharded", shards=len(refs), plain_key_kept=self.key)
+            self._from_plain = False
+        self._last = manifest
+        self._keep_only(manifest)
+        self.writes += 1
+
+    def _mismatched(self, ref: ShardRef) -> None:
+        """A shard that is not the one its manifest lists: a write in progress for a while (nothing is
+        done, the next sync reads again), then a shard edited by hand (the shared state is unusable)."""
+        now = time.monotonic()
+        if self._mismatch is None or self._mismatch[0] != ref:
+            self._mismatch = (ref, now)
+        if now - self._mismatch[1] < self.mismatch_grace_s:
+            raise SharedInFlightError(
+                f"{self._source(ref.key)} is not the one {self.manifest_key} lists (a write in progress?); "
+                "nothing was applied or pushed, the next sync reads them again"
+            )
+        raise StateParseError(
+            f"shard {ref.key} has not matched its manifest for {self.mismatch_grace_s:g} s (edited by hand?)",
+            source=self._source(self.key),
+        )
+
+    def _parse_manifest(self, value: bytes) -> Manifest:
+        try:
+            manifest = msgspec.json.decode(value, type=Manifest)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+            reason = f"{self.manifest_key} is not a manifest: {e}"
+            raise StateParseError(reason, source=self._source(self.key)) from None
+        if manifest.format != LAYOUT_FORMAT or not manifest.shards or len(manifest.shards) > 4096:
+            raise StateParseError(
+                f"manifest format {manifest.format} with {len(manifest.shards)} shards is not one this sozud reads",
+                source=self._source(self.key),
+            )
+        prefix = f"{self.key}.s"
+        for ref in manifest.shards:
+            if not ref.key.startswith(prefix):
+                raise StateParseError(
+                    f"shard key {ref.key!r} outside {prefix}*", source=self._source(self.manifest_key)
+                )
+        return manifest
+
+    def _keep_only(self, manifest: Manifest) -> None:
+        wanted = {r.digest for r in manifest.shards}
+        for d in [d for d in self._shards if d not in wanted]:
+            del self._shards[d]
+
+
+def _generation(meta: bytes | None) -> int:
+    if not meta:
+        return -1
+    try:
+        value = msgspec.json.decode(meta)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return -1
+    generation = value.get("generation") if isinstance(value, dict) else None
+    return generation if isinstance(generation, int) else -1

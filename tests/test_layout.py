@@ -1,0 +1,162 @@
+"""The sharded shared-state layout (sozud/layout.py): shards and manifest, torn reads, the first layout
+still read and migrated, bytes written per change, the private-key policy on the whole state."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FIXTURES
+from structlog.testing import capture_logs
+
+from sozud._om.base import OMSettings
+from sozud._om.memory import MemoryTransport
+from sozud.errors import OpenSVCRefusedError, SharedInFlightError, StateParseError
+from sozud.layout import SHARDS, ShardedShared, assemble, split_state
+from sozud.om_api import OMClient
+from sozud.state.codec import parse_state_file, write_state_file
+from sozud.testing import builders as build
+
+FILES = sorted(FIXTURES.glob("sozu-*/states/*.state"))
+OBJ = "igw/sec/sozu"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.parent.name}/{p.name}" for p in FILES])
+def test_split_then_assemble_is_the_same_state(path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(path, Path)
+    data = path.read_bytes()
+    shards = split_state(data)
+    assert len(shards) == SHARDS
+    assert sum(s.count(b"\0") for s in shards) == data.count(b"\0")
+    assert b"LISTENER" not in b"".join(shards[1:]), "listener records all go to shard 0 (they come first)"
+    assert parse_state_file(assemble(shards), source="assembled") == parse_state_file(data, source="original")
+
+
+def _generated(clusters: int, *, weight: int = 100) -> bytes:
+    from sozud.state.model import ConfigState, listener_key
+    from sozud.versions import SozuVersion
+
+    state = ConfigState(SozuVersion(2, 1, 0))
+    lst = build.http_listener("127.0.0.1:8080")
+    state.objects[listener_key("http", lst)] = lst
+    for i in range(clusters):
+        cid = f"app-{i:05d}"
+        state.add("cluster", build.cluster(cid))
+        state.add(
+            "backend",
+            build.backend(cid, f"{cid}-0", f"10.0.{i // 256 % 256}.{i % 256}:80", weight=weight if i == 7 else 100),
+        )
+        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:8080", f"{cid}.example.test"))
+    return write_state_file(state)
+
+
+def test_a_one_object_change_touches_at_most_two_shards() -> None:
+    before, after = split_state(_generated(500)), split_state(_generated(500, weight=7))
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert 1 <= len(changed) <= 2
+
+
+def _client(transport: MemoryTransport) -> OMClient:
+    return OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=5.0))
+
+
+def _port(transport: MemoryTransport) -> ShardedShared:
+    return ShardedShared(_client(transport), OBJ, "state.json", "state.json.meta", max_state_bytes=256 << 20)
+
+
+async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    port = _port(transport)
+    data = _generated(300)
+    await port.write(data, b'{"generation":1}\n')
+    first = len(transport.writes)
+    assert first == SHARDS + 1 and transport.writes[-1][1] == "state.json.manifest"
+    reader = _port(transport)
+    state, meta = await reader.read()
+    assert parse_state_file(state or b"", source="read") == parse_state_file(data, source="written")
+    assert meta == b'{"generation":1}'
+    await port.write(_generated(300, weight=7), b'{"generation":2}\n')
+    rewritten = [k for _, k, _ in transport.writes[first:]]
+    assert rewritten[-1] == "state.json.manifest" and 2 <= len(rewritten) <= 3
+    before = len(transport.calls)
+    await reader.read()  # reads the manifest, the plain meta, and the changed shards only
+    gets = [c for c in transport.calls[before:] if c[0] == "get"]
+    assert len(gets) <= 4
+
+
+async def test_a_shard_from_another_write_is_a_write_in_progress_then_an_error() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    await _port(transport).write(_generated(50), b'{"generation":1}\n')
+    transport.objects[OBJ]["state.json.s05"] = b"bm90IGl0\n"
+    reader = _port(transport)
+    with pytest.raises(SharedInFlightError):
+        await reader.read()
+    reader.mismatch_grace_s = 0.0
+    with pytest.raises(StateParseError, match=r"s05 has not matched its manifest"):
+        await reader.read()
+
+
+async def test_the_first_layout_is_read_and_migrated_once() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    plain = (FIXTURES / "sozu-2.1.0/states/02-mid.state").read_bytes()
+    transport.objects[OBJ]["state.json"] = plain
+    transport.objects[OBJ]["state.json.meta"] = b'{"generation":4}\n'
+    port = _port(transport)
+    state, meta = await port.read()
+    assert state == plain and meta == b'{"generation":4}\n'
+    with capture_logs() as logs:
+        await port.write(plain, b'{"generation":5}\n')
+        await port.write(plain, b'{"generation":6}\n')
+    assert [e["event"] for e in logs].count("shared.migrated") == 1
+    assert transport.objects[OBJ]["state.json"] == plain, "the plain key stays for sozud versions still on it"
+    state, meta = await _port(transport).read()
+    assert meta == b'{"generation":6}' and parse_state_file(state or b"", source="s") == parse_state_file(
+        plain, source="p"
+    )
+    # a node still on the first layout writes after the migration: its newer generation is read
+    transport.objects[OBJ]["state.json.meta"] = b'{"generation":9}\n'
+    state, meta = await _port(transport).read()
+    assert meta == b'{"generation":9}\n' and state == plain
+
+
+async def test_private_keys_are_checked_on_the_state_not_on_its_compressed_shards() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object("igw/cfg/sozu")
+    port = ShardedShared(_client(transport), "igw/cfg/sozu", "state.json", "state.json.meta", max_state_bytes=1 << 20)
+    with_keys = (FIXTURES / "sozu-2.1.0/states/01-populated.state").read_bytes()
+    assert b"PRIVATE KEY" in with_keys
+    with pytest.raises(OpenSVCRefusedError, match="private key"):
+        await port.write(with_keys, b'{"generation":1}\n')
+    assert transport.writes == []
+
+
+async def test_key_get_assemble_prints_a_plain_state_file(
+    tmp_path: object, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    import asyncio
+    from pathlib import Path
+
+    from sozud.main import main
+    from sozud.om_api import client_from_url
+    from sozud.testing.fake_opensvc import FakeOpenSVCCluster
+
+    assert isinstance(tmp_path, Path)
+    cluster = FakeOpenSVCCluster(monitor_interval_s=0)
+    cluster.create_object(OBJ)
+    data = (FIXTURES / "sozu-2.1.0/states/02-mid.state").read_bytes()
+    async with cluster.agent("n1", tmp_path / "a") as agent:
+        api = f"unix://{agent.lsnr_sock}"
+        client = client_from_url(api, OMSettings(retry_attempts=1))
+        try:
+            await ShardedShared(client, OBJ, "state.json", "state.json.meta", max_state_bytes=1 << 20).write(
+                data, b'{"generation":1}\n'
+            )
+        finally:
+            await client.aclose()
+        assert cluster.value("n1", OBJ, "state.json") is None
+        rc = await asyncio.to_thread(main, ["key", "get", OBJ, "state.json", "--assemble", "--api", api])
+    out = capsysbinary.readouterr().out
+    assert rc == 0 and parse_state_file(out, source="printed") == parse_state_file(data, source="written")

@@ -1,0 +1,73 @@
+"""The sharded layout end to end, on simulated agents that cost what the real v2 agent costs (issue 11).
+
+1,000 clusters (one backend and one HTTP frontend each) in the first layout (one plain key), three nodes:
+the state is migrated, a change on node a reaches b and c, and no sync fails. The agents' cost is the
+real one scaled by three (REAL_V2 x 3, so a 1 MB object costs what a 3 MB one cost on the real agent):
+with the plain key every write then takes ~0.7 s and leaves the agent slow for ~3 s. ``SOZUD_LAYOUT_E2E
+_CLUSTERS=10000`` runs the same scenario at the real cost on 10,000 clusters (minutes).
+"""
+
+from __future__ import annotations
+
+import os
+
+from structlog.testing import capture_logs
+
+from sozud.proto import command_pb2 as pb
+from sozud.state.codec import write_state_file
+from sozud.state.model import ConfigState, listener_key
+from sozud.testing import builders as build
+from sozud.testing._fake_opensvc_cost import REAL_V2, AgentCost
+from sozud.testing.cluster import SimCluster, wait_until
+from sozud.versions import SozuVersion
+
+CLUSTERS = int(os.environ.get("SOZUD_LAYOUT_E2E_CLUSTERS", "1000"))
+SCALE = float(os.environ.get("SOZUD_LAYOUT_E2E_COST_SCALE", "3"))  # x REAL_V2: a 1 MB object costs like 3 MB
+
+
+def _state(clusters: int) -> bytes:
+    state = ConfigState(SozuVersion(2, 1, 0))
+    lst = build.http_listener("127.0.0.1:18080")
+    state.objects[listener_key("http", lst)] = lst
+    for i in range(clusters):
+        cid = f"app-{i:05d}"
+        state.add("cluster", build.cluster(cid))
+        state.add("backend", build.backend(cid, f"{cid}-0", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:8000"))
+        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:18080", f"{cid}.example.com"))
+    return write_state_file(state)
+
+
+async def test_a_large_state_is_migrated_and_a_change_reaches_the_others_on_a_slow_agent() -> None:
+    cost = AgentCost(
+        write_s_per_mb=REAL_V2.write_s_per_mb * SCALE,
+        busy_s_per_mb=REAL_V2.busy_s_per_mb * SCALE,
+        busy_request_s_per_mb=REAL_V2.busy_request_s_per_mb * SCALE,
+        serialise_raw=True,
+    )
+    settings = {"request_timeout_s": 30.0, "shared_dir": None}
+    cluster = await SimCluster.create(["a", "b", "c"], settings=settings, cost=cost)
+    data = _state(CLUSTERS)
+    try:
+        for n in cluster.nodes:
+            n.config.shared_dir = str(n.dir)  # one SaveState per live read
+            n.sozu.state.load_state_file(data, source="bench")
+        cluster.opensvc.set_value("a", cluster.obj, cluster.key, data)  # the first layout, as the old way wrote it
+        await cluster.opensvc.settle()
+        with capture_logs() as logs:
+            await cluster.start()
+            a = cluster.node("a")
+            await a.request(pb.Request(add_cluster=build.cluster("after-migration")))
+            for n in cluster.nodes:
+                await wait_until(
+                    lambda n=n: "after-migration" in n.sozu.state.clusters, timeout_s=300, what=f"{n.name} to get it"
+                )
+        events = [e["event"] for e in logs]
+        assert "shared.migrated" in events
+        failed = [e for e in logs if e["event"] == "sync.failed"]
+        assert not failed, f"syncs failed: {[e.get('error') for e in failed][:3]}"
+        manifest = cluster.opensvc.value("a", cluster.obj, cluster.key + ".manifest")
+        assert manifest is not None
+        shared = cluster.shared_value()
+        assert shared is not None and b"after-migration" in shared
+    finally:
+        await cluster.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 from google.protobuf.message import Message
 
+from sozud import serde
 from sozud.errors import ConvergenceError, SozuRequestError, UnsafePlanError
 from sozud.proto import command_pb2 as pb
 from sozud.serde import parse_address
 from sozud.socket_proto import SozuChannel
-from sozud.state.apply import MAX_RECORD_BYTES, _chunks, apply_plan, encode_records
+from sozud.state.apply import MAX_RECORD_BYTES, _chunks, apply_plan, batch_chunks, encode_records
 from sozud.state.codec import parse_state_file
 from sozud.state.live import read_live_report
 from sozud.state.model import ConfigState, ObjKey, object_address
@@ -416,3 +418,33 @@ async def test_a_changed_frontend_whose_new_value_is_refused_gets_its_old_value_
     assert after.objects.get(key) == old, "the route was lost: its old value must be put back"
     restores = [s for s in report.steps if s.summary.startswith("restore")]
     assert len(restores) == 1 and restores[0].ok, "restored once, and not tried again round after round"
+
+
+# --- what one load_state chunk queues to a worker (sozu-command-protocol.md §11.10) ---------------------
+
+PUBLISHED_MAX_COMMAND_BUFFER = 163_840  # max_command_buffer_size of the published OpenSVC template's config.toml
+
+
+def _queued_to_worker(record: bytes, version: SozuVersion) -> int:
+    """Bytes one record occupies in sozu's main→worker channel: 1.x/2.x forward the request as a
+    length-prefixed (8 bytes) protobuf WorkerRequest, 0.15 forwards the JSON record itself."""
+    if version.family is Family.V0_15:
+        return len(record)
+    doc = json.loads(record.rstrip(b"\n\0"))
+    req = serde.from_json(pb.Request, doc["content"], version)
+    return len(pb.WorkerRequest(id=doc["id"], content=req).SerializeToString()) + 8
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_batch_chunk_fits_the_published_command_buffer_cap(version: str) -> None:
+    """10 000 objects as in §11.10: every chunk the batch apply sends must queue well under 163 840 bytes
+    per worker (with that cap, one load_state of the whole file is never answered)."""
+    desired = generated(version, 2500)
+    steps = plan(ConfigState(desired.version), desired).steps
+    v = desired.version
+    chunks = batch_chunks([s.request for s in steps], v)
+    assert sum(len(c) for _, c in chunks) == len(steps)
+    whole = sum(_queued_to_worker(r, v) for _, c in chunks for r in c)
+    assert whole > PUBLISHED_MAX_COMMAND_BUFFER  # the case of §11.10: one chunk would overflow
+    worst = max(sum(_queued_to_worker(r, v) for r in c) for _, c in chunks)
+    assert worst <= PUBLISHED_MAX_COMMAND_BUFFER // 2

@@ -28,10 +28,13 @@ queue is capped by sozu's ``max_command_buffer_size`` (default 2 000 000 bytes) 
 sozu kill its workers and never answer (§11.10). Chunks are cut on the size of *our JSON records*,
 which is larger than what sozu queues: 1.x/2.x send protobuf to workers (the fixtures' 10 000-object
 file is 3.2 MB of JSON and fits the 2 MB default), 0.15 sends the same JSON plus a short id. The
-default ``chunk_bytes`` of 400 000 keeps a chunk at or below a fifth of the default cap, leaving room
-for sozu's own ids, framing and whatever else is queued; lower it with a lower
-``max_command_buffer_size``. A record above ``MAX_RECORD_BYTES`` (``load_state`` reads through a
-200 000-byte buffer, §3.8) is never batched: it is sent on its own.
+default ``chunk_bytes`` of 400 000 keeps a chunk at or below a fifth of the default cap. Chunks are also
+cut on what they queue per worker (``QUEUE_BUDGET_BYTES``, 65 536: the protobuf ``WorkerRequest`` plus its
+8-byte length for 1.x/2.x, the JSON record for 0.15), 40% of the 163 840-byte cap of the published
+OpenSVC template's ``config.toml``: with that cap a 400 000-byte chunk queued up to ~123 000 bytes on
+2.x and ~400 000 on 0.15, and a 10 000-object file in one piece is never answered.
+A record above ``MAX_RECORD_BYTES`` (``load_state`` reads through a 200 000-byte buffer, §3.8) is never
+batched: it is sent on its own.
 
 With a shared directory, live reads use one ``save_state`` (exact, see ``sozud.state.live``). Without,
 some objects cannot be seen (backends of removed clusters, certificates no worker serves): objects of
@@ -69,15 +72,20 @@ from sozud.versions import Family, SozuVersion
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "MAX_RECORD_BYTES",
+    "QUEUE_BUDGET_BYTES",
     "ApplyReport",
     "BatchResult",
     "StepResult",
     "apply_plan",
+    "batch_chunks",
     "encode_records",
 ]
 
 DEFAULT_CHUNK_BYTES = 400_000
 MAX_RECORD_BYTES = 190_000  # load_state's 200 000-byte read buffer, minus a margin
+# What one chunk may queue to each worker: 40% of the 163 840-byte max_command_buffer_size that the
+# published OpenSVC template's config.toml sets (§11.10), so chunks fit that cap as well as the default.
+QUEUE_BUDGET_BYTES = 65_536
 DEFAULT_LOAD_STATE_TIMEOUT_S = 120.0  # sozu has no timeout of its own for load_state
 
 
@@ -506,23 +514,50 @@ def encode_records(requests: Sequence[pb.Request], version: SozuVersion, *, firs
     return out
 
 
-def _chunks(records: Sequence[bytes], chunk_bytes: int) -> list[tuple[int, list[bytes]]]:
-    """Consecutive runs of records, each at most ``chunk_bytes`` (a lone bigger record is left out)."""
+def batch_chunks(
+    requests: Sequence[pb.Request],
+    version: SozuVersion,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    queue_budget: int = QUEUE_BUDGET_BYTES,
+) -> list[tuple[int, list[bytes]]]:
+    """The state-file chunks batch mode sends, cut on both the file size and what each queues to a worker."""
+    records = encode_records(requests, version)
+    if version.family is Family.V0_15:
+        queued = [len(r) for r in records]  # 0.15 forwards the JSON record
+    else:  # 1.x/2.x forward a length-prefixed protobuf WorkerRequest
+        queued = [
+            len(pb.WorkerRequest(id=f"SOZUD-{i}", content=req).SerializeToString()) + 8
+            for i, req in enumerate(requests)
+        ]
+    return _chunks(records, chunk_bytes, queued, queue_budget)
+
+
+def _chunks(
+    records: Sequence[bytes],
+    chunk_bytes: int,
+    queued: Sequence[int] | None = None,
+    queue_budget: int | None = None,
+) -> list[tuple[int, list[bytes]]]:
+    """Consecutive runs of records, each at most ``chunk_bytes`` (a lone bigger record is left out) and,
+    with ``queued`` (per-record bytes queued to a worker), at most ``queue_budget`` queued bytes."""
     chunks: list[tuple[int, list[bytes]]] = []
     current: list[bytes] = []
-    start, size = 0, 0
+    start, size, load = 0, 0, 0
     for i, rec in enumerate(records):
+        q = queued[i] if queued is not None else 0
         if len(rec) > MAX_RECORD_BYTES or len(rec) > chunk_bytes:
             # never batched: close the current chunk; the record goes one by one after the batches
             if current:
                 chunks.append((start, current))
-            start, current, size = i + 1, [], 0
+            start, current, size, load = i + 1, [], 0, 0
             continue
-        if current and size + len(rec) > chunk_bytes:
+        over_budget = queue_budget is not None and load + q > queue_budget
+        if current and (size + len(rec) > chunk_bytes or over_budget):
             chunks.append((start, current))
-            start, current, size = i, [], 0
+            start, current, size, load = i, [], 0, 0
         current.append(rec)
         size += len(rec)
+        load += q
     if current:
         chunks.append((start, current))
     return chunks
@@ -541,8 +576,7 @@ async def _send_batches(
     if version is None:
         raise StateError("apply_plan: the channel's sozu version is unknown (connect first)")
     log = get_logger()
-    records = encode_records([s.request for s in steps], version)
-    for index, (first, chunk) in enumerate(_chunks(records, chunk_bytes)):
+    for index, (first, chunk) in enumerate(batch_chunks([s.request for s in steps], version, chunk_bytes)):
         name = f".sozud-apply-{os.getpid()}-{secrets.token_hex(8)}-{index}.state"
         local_path = os.path.join(shared_dir, name)
         sozu_path = os.path.join(sozu_dir, name)

@@ -182,10 +182,11 @@ class FakeSozu:
     ``version``: ``"2.1.0"``, ``"1.1.1"``, ``"0.15"``, ... ``workers``: simulated worker count.
     ``worker_timeout_s``: the stall of a request that starts while another connection has one in
     progress. ``max_command_buffer_size``: 2.x frame cap (larger declared lengths wedge the
-    connection, larger answers close it). ``config_state``: state-file bytes standing for the TOML
-    configuration, applied at every (re)start. ``saved_state``: a state file loaded after it at every
-    (re)start when it exists. ``automatic_state_save`` (0.15 only): path rewritten in place after every
-    mutation the main state accepts. ``cwd``: where relative save/load paths resolve.
+    connection, larger answers close it); 1.x/2.x: a ``load_state`` queuing more than that to each worker
+    is never answered (its records stay in the main state, §11.10). ``config_state``: state-file bytes
+    standing for the TOML configuration, applied at every (re)start. ``saved_state``: a state file loaded
+    after it at every (re)start when it exists. ``automatic_state_save`` (0.15 only): path rewritten in
+    place after every mutation the main state accepts. ``cwd``: where relative save/load paths resolve.
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class FakeSozu:
         self.workers = workers
         self.worker_timeout_s = worker_timeout_s
         self.max_command_buffer_size = max_command_buffer_size
+        self.load_state_overflows = 0  # load_state requests left unanswered (worker channels overflowed)
         self.config_state = config_state
         self.saved_state = saved_state
         self.automatic_state_save = automatic_state_save
@@ -800,7 +802,7 @@ class FakeSozu:
         if not self._is_015:
             self._answer(conn, pb.PROCESSING, f"Parsing state file from {path}...")
             self._answer(conn, pb.PROCESSING, "Applying state file...")
-        ok = errors = 0
+        ok = errors = queued = 0
         broken = False
         removed: list[tuple[str, pb.SocketAddress]] = []
         records = iter(iter_state_records(data, self.version, source=path))
@@ -819,10 +821,16 @@ class FakeSozu:
             result = self.state.apply(req)
             if result.error is not None:
                 continue  # refused by the main state: skipped, not counted
+            queued += self._queued_bytes(req)
             worker_errors = self._worker_errors_for_record(result)
             errors += len(worker_errors)
             ok += self.workers - len(worker_errors)
             removed.extend(result.removed_backends)
+        if not self._is_015 and queued > self.max_command_buffer_size:
+            # §11.10: the main→worker channels overflow; sozu keeps the main state, relaunches its workers
+            # (which start from it) and never answers the request.
+            self.load_state_overflows += 1
+            return
         if self.version.family is Family.V2:
             self._pending_events.append(pb.Event(kind=pb.STATE_LOADED))
         self._backend_events(removed)  # each worker reports its whole batch in turn
@@ -843,6 +851,11 @@ class FakeSozu:
             self._answer(conn, pb.FAILURE, f"loading state: {ok} ok messages, {errors} errors")
         else:
             self._answer(conn, pb.OK, f"Successfully loaded state from path {path}, {ok} ok messages, 0 errors")
+
+    @staticmethod
+    def _queued_bytes(req: pb.Request) -> int:
+        """What one applied record queues to each worker (1.x/2.x: a length-prefixed WorkerRequest)."""
+        return len(pb.WorkerRequest(id="LOAD-0000", content=req).SerializeToString()) + 8
 
     def _worker_errors_for_record(self, result: DispatchResult) -> dict[int, str]:
         error = result.worker_error

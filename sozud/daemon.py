@@ -169,6 +169,7 @@ class Daemon:
         self.last_report: SyncReport | None = None
         self.last_error: BaseException | None = None
         self._wake_counts: tuple[OMClient | None, int, int] = (None, 0, 0)
+        self._latency_seen: dict[tuple[int, str], tuple[int, float]] = {}
         self.last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
 
     # --- triggers
@@ -384,6 +385,11 @@ class Daemon:
         self.metrics.wakes.inc(om.wakes - wakes, outcome="ok")
         self.metrics.wakes.inc(om.wake_failures - failures, outcome="failed")
         self._wake_counts = (om, om.wakes, om.wake_failures)
+        for operation, (count, total) in om.latency.items():
+            seen_count, seen_total = self._latency_seen.get((id(om), operation), (0, 0.0))
+            self.metrics.agent_requests.inc(count - seen_count, operation=operation)
+            self.metrics.agent_seconds.inc(total - seen_total, operation=operation)
+            self._latency_seen[(id(om), operation)] = (count, total)
 
     def _write_status(self) -> None:
         st = self.status

@@ -72,6 +72,14 @@ class Metrics:
         self.reconnects = Metric("sozud_sozu_reconnects_total", "counter", "Re-connections to sozu's command socket.")
         self.generation = Metric("sozud_shared_generation", "gauge", "Generation of the shared state last seen.")
         self.sync_duration = Metric("sozud_last_sync_duration_seconds", "gauge", "Duration of the last sync step.")
+        self.agent_seconds = Metric(
+            "sozud_opensvc_request_seconds_total",
+            "counter",
+            "Time spent waiting for the OpenSVC agent's answers, by operation (get, put, list, daemon_status).",
+        )
+        self.agent_requests = Metric(
+            "sozud_opensvc_requests_total", "counter", "Requests the OpenSVC agent answered, by operation."
+        )
         self.wakes = Metric(
             "sozud_opensvc_monitor_wakes_total",
             "counter",
@@ -91,6 +99,8 @@ class Metrics:
             self.generation,
             self.sync_duration,
             self.wakes,
+            self.agent_seconds,
+            self.agent_requests,
         ]
 
     def render(self) -> str:

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +76,9 @@ _T = TypeVar("_T")
 _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
+SLOW_REQUEST_S = 1.0  # an agent request at least this long is logged (opensvc.slow_request)
+
+
 def _log() -> Any:
     # Looked up at each use: a logger bound at import time would ignore configure_logging() (stderr,
     # redaction) done later by the command line.
@@ -112,6 +116,7 @@ class OMClient:
         self.reconnect_max_s = self.settings.reconnect_max_s
         self._locks: dict[str, asyncio.Lock] = {}
         self._warned_private_keys: set[tuple[str, str]] = set()
+        self.latency: dict[str, tuple[int, float]] = {}  # operation -> (answered requests, total seconds)
         self.wakes = 0  # wake_monitor calls the agent accepted
         self.wake_failures = 0  # wake_monitor calls that failed (replication then waits for the loop)
 
@@ -185,13 +190,30 @@ class OMClient:
         """The object's key names, in the agent's order."""
         return await self._retrying("list", obj, None, lambda: self.transport.list_keys(obj))
 
+    def _observe(self, operation: str, obj: str, key: str | None, seconds: float) -> None:
+        """Agent latency per operation (count, total seconds), and a log line when the agent is slow."""
+        count, total = self.latency.get(operation, (0, 0.0))
+        self.latency[operation] = (count + 1, total + seconds)
+        if seconds >= SLOW_REQUEST_S:
+            _log().info(
+                "opensvc.slow_request",
+                operation=operation,
+                obj=obj,
+                key_name=key,
+                duration_ms=round(seconds * 1000, 1),
+                transport=self.transport.name,
+            )
+
     async def _retrying(self, operation: str, obj: str, key: str | None, call: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``call``, again after a backoff delay while the agent is unreachable (``retry_attempts``)."""
         backoff = Backoff(initial_s=0.1, max_s=2.0)
         attempts = max(1, self.settings.retry_attempts)
         for attempt in range(1, attempts + 1):
+            started = time.monotonic()
             try:
-                return await call()
+                result = await call()
+                self._observe(operation, obj, key, time.monotonic() - started)
+                return result
             except OpenSVCUnreachableError as exc:
                 if attempt == attempts:
                     raise

@@ -65,6 +65,9 @@ async def test_a_large_state_is_migrated_and_a_change_reaches_the_others_on_a_sl
         assert "shared.migrated" in events
         failed = [e for e in logs if e["event"] == "sync.failed"]
         assert not failed, f"syncs failed: {[e.get('error') for e in failed][:3]}"
+        d = cluster.node("a").daemon
+        assert d is not None and d.metrics.agent_requests.get(operation="put") >= 2  # a shard and the manifest
+        assert d.metrics.agent_seconds.get(operation="put") > 0, "the agent's latency is measured"
         manifest = cluster.opensvc.value("a", cluster.obj, cluster.key + ".manifest")
         assert manifest is not None
         shared = cluster.shared_value()

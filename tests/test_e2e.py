@@ -359,7 +359,6 @@ async def test_certificates_are_synced_through_a_sec_object() -> None:
         await wait_until(same, what="the certificates to reach b")
         shared = cluster.shared_value()
         assert shared is not None and b"PRIVATE KEY" in shared
-        assert cluster.opensvc.value("a", "igw/sec/sozu", cluster.key + ".manifest") is not None
         assert b"PRIVATE KEY" in b.live_file()
     finally:
         await cluster.stop()

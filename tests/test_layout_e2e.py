@@ -44,7 +44,7 @@ async def test_a_large_state_is_migrated_and_a_change_reaches_the_others_on_a_sl
         busy_request_s_per_mb=REAL_V2.busy_request_s_per_mb * SCALE,
         serialise_raw=True,
     )
-    settings = {"request_timeout_s": 30.0, "shared_dir": None}
+    settings = {"request_timeout_s": 30.0, "shared_dir": None, "layout": "sharded"}
     cluster = await SimCluster.create(["a", "b", "c"], settings=settings, cost=cost)
     data = _state(CLUSTERS)
     try:

@@ -26,25 +26,14 @@ from sozud.adapters import OpenSVCShared
 from sozud.layout import ShardedShared
 from sozud.om_api import OMClient
 from sozud.state.codec import write_state_file
-from sozud.state.model import ConfigState, listener_key
 from sozud.testing import builders as build
 from sozud.testing._fake_opensvc_cost import MB, REAL_V2
-from sozud.versions import SozuVersion
 
 OBJ = "igw/sec/sozu"
 
 
 def state_file(clusters: int, weight: int) -> bytes:
-    state = ConfigState(SozuVersion(2, 1, 0))
-    lst = build.http_listener("127.0.0.1:8080")
-    state.objects[listener_key("http", lst)] = lst
-    for i in range(clusters):
-        cid = f"app-{i:06d}"
-        state.add("cluster", build.cluster(cid))
-        addr = f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8000"
-        state.add("backend", build.backend(cid, f"{cid}-0", addr, weight=weight if i == clusters // 2 else 100))
-        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:8080", f"{cid}.example.com"))
-    return write_state_file(state)
+    return write_state_file(build.fleet_state(clusters, changed_weight=weight))
 
 
 def object_bytes(transport: MemoryTransport) -> int:

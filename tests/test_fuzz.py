@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
+from test_sync import MemShared, MemSozu
 
 from sozud.errors import SozudError, SozuError, StateError
 from sozud.persist import BaseStore
@@ -33,8 +34,7 @@ from sozud.proto import command_pb2 as pb
 from sozud.socket_proto import SozuChannel
 from sozud.state.codec import parse_state_file
 from sozud.state.live import read_live_report
-from sozud.state.model import ConfigState
-from sozud.sync import ApplyOutcome, EngineSettings, SyncEngine
+from sozud.sync import EngineSettings, SyncEngine
 from sozud.versions import SozuVersion
 
 SCALE = max(1, int(os.environ.get("SOZUD_FUZZ_SCALE", "1")))
@@ -112,35 +112,6 @@ def test_mutated_state_files_parse_or_fail_cleanly_in_bounded_memory(path: Path)
     assert outcomes["refused"] > 0
 
 
-class _Sozu:
-    def __init__(self, live: ConfigState) -> None:
-        self.live, self.restarts, self.version, self.applies = live, 0, live.version, 0
-
-    async def read_live(self) -> ConfigState:
-        return self.live.copy()
-
-    def hides(self, key: object, value: object) -> bool:
-        return False
-
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
-        self.applies += 1
-        self.live = desired.copy()
-        return ApplyOutcome(1, {}, "", self.live.copy())
-
-
-class _Shared:
-    def __init__(self) -> None:
-        self.state: bytes | None = None
-        self.meta: bytes | None = None
-        self.writes = 0
-
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        return self.state, self.meta
-
-    async def write(self, state: bytes, meta: bytes) -> None:
-        self.state, self.meta, self.writes = state, meta, self.writes + 1
-
-
 async def test_a_shared_state_that_does_not_parse_changes_nothing_live() -> None:
     root = Path(tempfile.mkdtemp(prefix="szf"))
     try:
@@ -154,7 +125,7 @@ async def test_a_shared_state_that_does_not_parse_changes_nothing_live() -> None
                 continue  # a valid state: applying it is the engine's job, not a fault
             except StateError:
                 pass
-            sozu, shared = _Sozu(live.copy()), _Shared()
+            sozu, shared = MemSozu(live.copy()), MemShared()
             engine = SyncEngine(sozu, shared, BaseStore(root / str(seed)), EngineSettings(node="f"))  # type: ignore[arg-type]
             await engine.sync_once()  # bootstrap, then base
             await engine.sync_once()

@@ -33,21 +33,7 @@ def test_split_then_assemble_is_the_same_state(path: object) -> None:
 
 
 def _generated(clusters: int, *, weight: int = 100) -> bytes:
-    from sozud.state.model import ConfigState, listener_key
-    from sozud.versions import SozuVersion
-
-    state = ConfigState(SozuVersion(2, 1, 0))
-    lst = build.http_listener("127.0.0.1:8080")
-    state.objects[listener_key("http", lst)] = lst
-    for i in range(clusters):
-        cid = f"app-{i:05d}"
-        state.add("cluster", build.cluster(cid))
-        state.add(
-            "backend",
-            build.backend(cid, f"{cid}-0", f"10.0.{i // 256 % 256}.{i % 256}:80", weight=weight if i == 7 else 100),
-        )
-        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:8080", f"{cid}.example.test"))
-    return write_state_file(state)
+    return write_state_file(build.fleet_state(clusters, changed_weight=weight))
 
 
 def test_a_one_object_change_touches_at_most_two_shards() -> None:

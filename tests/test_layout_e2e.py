@@ -15,26 +15,16 @@ from structlog.testing import capture_logs
 
 from sozud.proto import command_pb2 as pb
 from sozud.state.codec import write_state_file
-from sozud.state.model import ConfigState, listener_key
 from sozud.testing import builders as build
 from sozud.testing._fake_opensvc_cost import REAL_V2, AgentCost
 from sozud.testing.cluster import SimCluster, wait_until
-from sozud.versions import SozuVersion
 
 CLUSTERS = int(os.environ.get("SOZUD_LAYOUT_E2E_CLUSTERS", "1000"))
 SCALE = float(os.environ.get("SOZUD_LAYOUT_E2E_COST_SCALE", "3"))  # x REAL_V2: a 1 MB object costs like 3 MB
 
 
 def _state(clusters: int) -> bytes:
-    state = ConfigState(SozuVersion(2, 1, 0))
-    lst = build.http_listener("127.0.0.1:18080")
-    state.objects[listener_key("http", lst)] = lst
-    for i in range(clusters):
-        cid = f"app-{i:05d}"
-        state.add("cluster", build.cluster(cid))
-        state.add("backend", build.backend(cid, f"{cid}-0", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:8000"))
-        state.add("http_frontend", build.http_frontend(cid, "127.0.0.1:18080", f"{cid}.example.com"))
-    return write_state_file(state)
+    return write_state_file(build.fleet_state(clusters, listener="127.0.0.1:18080"))
 
 
 async def test_a_large_state_is_migrated_and_a_change_reaches_the_others_on_a_slow_agent() -> None:

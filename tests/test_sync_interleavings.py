@@ -12,37 +12,17 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_sync import MemSozu
 
 from sozud.persist import BaseStore
 from sozud.state.codec import parse_state_file
 from sozud.state.model import ConfigState, ObjKey
-from sozud.sync import ApplyOutcome, EngineSettings, SyncEngine
+from sozud.sync import EngineSettings, SyncEngine
 from sozud.testing import builders as build
 from sozud.versions import SozuVersion
 
 V2 = SozuVersion(2, 1, 0)
 NODES = 3
-
-
-class Sozu:
-    """A sozu that applies a desired state wholesale; operators change ``live`` directly."""
-
-    def __init__(self, live: ConfigState) -> None:
-        self.live = live
-        self.restarts = 0
-        self.version = V2
-
-    async def read_live(self) -> ConfigState:
-        return self.live.copy()
-
-    def hides(self, key: object, value: object) -> bool:
-        return False
-
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
-        if not desired_is_complete:
-            assert all(k in desired.objects for k in self.live.objects), "removal from an incomplete state"
-        self.live = desired.copy()
-        return ApplyOutcome(1, {"mixed": 1}, "digest", self.live.copy())
 
 
 @dataclass
@@ -94,7 +74,7 @@ async def test_every_node_converges_and_no_addition_is_lost(ops: list[tuple[obje
     store = Store()
     added: dict[ObjKey, int] = {}  # object -> the node whose operator added it
     removed: set[ObjKey] = set()
-    sozus: list[Sozu] = []
+    sozus: list[MemSozu] = []
     for n in range(NODES):
         live = ConfigState(V2)
         live.add("cluster", build.cluster("everywhere"))  # never removed: no state is ever empty
@@ -102,7 +82,7 @@ async def test_every_node_converges_and_no_addition_is_lost(ops: list[tuple[obje
             c = build.cluster(f"init-{n}-{i}")
             live.add("cluster", c)
             added[("cluster", c.cluster_id)] = n
-        sozus.append(Sozu(live))
+        sozus.append(MemSozu(live))
 
     def new_engine(n: int) -> SyncEngine:
         return SyncEngine(sozus[n], View(store, n), BaseStore(root / str(n)), SETTINGS(n))  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sozud.proto import command_pb2 as pb
 from sozud.serde import parse_address
+from sozud.state.model import ConfigState
 from sozud.versions import Family, SozuVersion
 
 
@@ -64,3 +65,28 @@ def http_frontend(cluster_id: str, address: str, hostname: str, *, path: str = "
         path=pb.PathRule(kind=pb.PREFIX, value=path),
         position=pb.TREE,
     )
+
+
+def fleet_state(
+    clusters: int,
+    *,
+    listener: str = "127.0.0.1:8080",
+    version: SozuVersion | None = None,
+    changed_weight: int | None = None,
+) -> ConfigState:
+    """A routing state of ``clusters`` clusters, each with one backend and one HTTP frontend on one HTTP
+    listener (the shape of the benchmarks); ``changed_weight`` gives the middle cluster's backend that
+    weight (a one-backend change)."""
+    from sozud.state.model import listener_key
+
+    state = ConfigState(version or SozuVersion(2, 1, 0))
+    lst = http_listener(listener, version=version)
+    state.objects[listener_key("http", lst)] = lst
+    for i in range(clusters):
+        cid = f"app-{i:06d}"
+        state.add("cluster", cluster(cid))
+        addr = f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8000"
+        weight = changed_weight if changed_weight is not None and i == clusters // 2 else 100
+        state.add("backend", backend(cid, f"{cid}-0", addr, weight=weight))
+        state.add("http_frontend", http_frontend(cid, listener, f"{cid}.example.com"))
+    return state

@@ -319,3 +319,31 @@ async def test_shared_dir_seen_elsewhere_by_sozu(workdir: str) -> None:
         assert fake.requests[-1].save_state.startswith(sozu_side + os.sep)
         assert read.state == await saved(ch, workdir)
     assert os.listdir(local) == []
+
+
+async def test_a_probe_split_by_a_sozu_restart_is_taken_again(workdir: str) -> None:
+    """The counts of a sozu that restarts between the probe's two requests, labelled with the new
+    connection's epoch, hid the restart (the engine then merged an empty sozu as a mass removal)."""
+    from sozud.state.live import probe
+    from sozud.testing import builders as build
+
+    async with sozu(workdir, "2.1.0") as (fake, ch):
+        await ch.request(pb.Request(add_cluster=build.cluster("before")))
+
+        class Restarting:
+            version, restarted = ch.version, False
+
+            @property
+            def epoch(self) -> int:
+                return ch.epoch
+
+            async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> object:
+                answer = await ch.request(req, timeout_s=timeout_s)
+                if req.WhichOneof("request_type") == "count_requests" and not self.restarted:
+                    self.restarted = True
+                    await fake.restart(empty=True)
+                return answer
+
+        fp = await probe(Restarting())
+        assert fp.epoch == ch.epoch == 2
+        assert not any(k == "AddCluster" for k, _ in fp.request_counts), "counts of the sozu that restarted"

@@ -133,10 +133,14 @@ async def probe(ch: SozuRequester) -> Fingerprint:
     runs, and a restart changes the epoch. It can report a change that changed nothing (a refused
     request is counted on 1.x/2.x; a request that re-adds an identical object too).
     """
-    counts = await _ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
-    hashes = await _main_entry(ch, pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
-    # The epoch of the connection that answered (a request may reconnect first); a reconnection between
-    # the two requests only makes this fingerprint differ from every earlier one, which is safe.
+    for _ in range(3):
+        counts = await _ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
+        epoch = ch.epoch  # of the connection that answered (a request may reconnect first)
+        hashes = await _main_entry(ch, pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
+        if ch.epoch == epoch:
+            break
+        # A reconnection between the two requests: the counts may come from a sozu that has since
+        # restarted. Labelled with the new epoch they would hide that restart; ask again.
     return Fingerprint(
         epoch=ch.epoch,
         request_counts=tuple(sorted(counts.request_counts.map.items())),

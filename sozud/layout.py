@@ -2,7 +2,9 @@
 
 The v2 agent keeps every key of an object in one file and, after each write, re-reads, checksums,
 re-projects and replicates the whole object: its cost grows with the object's total size (a 10.8 MB key
-took 2.2 s to write and kept the agent busy for ~11 s). So the state is not one plain key any more:
+took 2.2 s to write and kept the agent busy for ~11 s). With ``layout = "sharded"`` (experimental, not the
+default: two nodes pushing at once can leave a manifest listing a shard the other overwrote, see README)
+the state is not one plain key:
 
 - ``<key>.s00`` ... ``<key>.s15``: shards. The state file's records are split by a hash of each record's
   content (listener records, which must come first and in order, all go to shard 0), renumbered within

@@ -19,7 +19,7 @@ from typing import Any
 
 from sozud.errors import ConfigError, SozudError
 from sozud.log import configure_logging
-from sozud.om_api import OMSettings, client_from_url, read_secret_file
+from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -106,6 +106,17 @@ def _read_value(args: argparse.Namespace) -> bytes:
         raise _UsageError(f"--from {args.from_file}: cannot read: {exc.strerror or exc}") from None
 
 
+async def _assembled(client: OMClient, args: argparse.Namespace) -> bytes | None:
+    """The shared state under ``args.key`` as one plain state file: from its shards and manifest
+    (sharded layout) or the plain key (``sozud.layout``)."""
+    from sozud.layout import ShardedShared
+    from sozud.state.codec import MAX_STATE_BYTES
+
+    port = ShardedShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
+    state, _ = await port.read()
+    return state
+
+
 async def run_key(args: argparse.Namespace) -> int:
     """Run ``sozud key``; returns the exit status.
 
@@ -129,19 +140,8 @@ async def run_key(args: argparse.Namespace) -> int:
     try:
         client = client_from_url(args.api, settings)
         try:
-            if args.action == "get" and args.assemble:
-                from sozud.layout import ShardedShared
-                from sozud.state.codec import MAX_STATE_BYTES
-
-                port = ShardedShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
-                state, _ = await port.read()
-                if state is None:
-                    print(f"sozud: {args.object} holds no shared state under {args.key}", file=sys.stderr)
-                    return EXIT_FAILURE
-                sys.stdout.buffer.write(state)
-                sys.stdout.buffer.flush()
-            elif args.action == "get":
-                got = await client.get_key(args.object, args.key)
+            if args.action == "get":
+                got = await _assembled(client, args) if args.assemble else await client.get_key(args.object, args.key)
                 if got is None:
                     print(f"sozud: {args.object} has no key {args.key}", file=sys.stderr)
                     return EXIT_FAILURE

@@ -344,12 +344,11 @@ def _value(state: ConfigState, key: ObjKey) -> Message | None:
 # --- a change made while the plan is applied ----------------------------------------------------------
 
 
-class _OperatorDuringApply:
-    """A channel that lets an operator add a cluster to sozu right after the plan's first mutation."""
+class _Wrapped:
+    """A channel passed through to a real one; subclasses change what ``request`` does."""
 
-    def __init__(self, ch: SozuChannel, fake: FakeSozu, version: SozuVersion) -> None:
-        self.ch, self.fake, self.done = ch, fake, False
-        self.cluster = build.cluster("operator-added")
+    def __init__(self, ch: SozuChannel) -> None:
+        self.ch = ch
 
     @property
     def version(self) -> SozuVersion | None:
@@ -358,6 +357,15 @@ class _OperatorDuringApply:
     @property
     def epoch(self) -> int:
         return self.ch.epoch
+
+
+class _OperatorDuringApply(_Wrapped):
+    """A channel that lets an operator add a cluster to sozu right after the plan's first mutation."""
+
+    def __init__(self, ch: SozuChannel, fake: FakeSozu, version: SozuVersion) -> None:
+        super().__init__(ch)
+        self.fake, self.done = fake, False
+        self.cluster = build.cluster("operator-added")
 
     async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> object:
         answer = await self.ch.request(req, timeout_s=timeout_s)
@@ -381,19 +389,8 @@ async def test_a_change_made_during_the_apply_is_not_reverted(workdir: str, vers
     assert not missing, f"the plan itself was not finished: {missing}"
 
 
-class _RefuseFrontendAdds:
+class _RefuseFrontendAdds(_Wrapped):
     """A channel whose sozu refuses every add_http_frontend outright (main state included)."""
-
-    def __init__(self, ch: SozuChannel) -> None:
-        self.ch = ch
-
-    @property
-    def version(self) -> SozuVersion | None:
-        return self.ch.version
-
-    @property
-    def epoch(self) -> int:
-        return self.ch.epoch
 
     async def request(self, req: pb.Request, *, timeout_s: float | None = None) -> object:
         if req.WhichOneof("request_type") == "add_http_frontend" and req.add_http_frontend.tags.get("new") == "1":

@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sozud._om.base import OMSettings
 from sozud._om.memory import MemoryTransport
-from sozud.adapters import OpenSVCShared
-from sozud.layout import ShardedShared
+from sozud.layout import OpenSVCShared
 from sozud.om_api import OMClient
 from sozud.state.codec import write_state_file
 from sozud.testing import builders as build
@@ -45,10 +44,8 @@ async def measure(port_kind: str, before: bytes, after: bytes) -> tuple[int, flo
     transport = MemoryTransport(carries_text=True)
     transport.create_object(OBJ)
     client = OMClient(transport, OMSettings(retry_attempts=1))
-    if port_kind == "plain":
-        port: OpenSVCShared | ShardedShared = OpenSVCShared(client, OBJ, "state.json", "state.json.meta")
-    else:
-        port = ShardedShared(client, OBJ, "state.json", "state.json.meta", max_state_bytes=1 << 30)
+    sharded = port_kind != "plain"
+    port = OpenSVCShared(client, OBJ, "state.json", "state.json.meta", max_state_bytes=1 << 30, sharded=sharded)
     await port.write(before, b'{"generation":1}\n')
     mark = len(transport.writes)
     await port.write(after, b'{"generation":2}\n')

@@ -7,9 +7,8 @@ from collections import Counter
 
 from google.protobuf.message import Message
 
-from sozud.errors import LiveChangedError
+from sozud.errors import LiveChangedError, SozuError
 from sozud.log import get_logger
-from sozud.om_api import OMClient
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
 from sozud.state.live import Fingerprint, LiveRead, probe, read_live_report
@@ -53,6 +52,7 @@ class SozuAdapter:
         # changed after it is not in that state, so the daemon compares later probes against this one.
         self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
+        self._restart_unverified = False  # the connection was lost before the counters after an apply were seen
         self.log = get_logger(socket=channel.socket_path)
         self.requests_by_type: Counter[str] = Counter()
         self._lock = asyncio.Lock()
@@ -75,11 +75,23 @@ class SozuAdapter:
         last = self._last_fingerprint
         if last is not None and fp.epoch != last.epoch:
             before, now = dict(last.request_counts), dict(fp.request_counts)
-            if sum(now.values()) < sum(before.values()) or any(now.get(k, 0) < v for k, v in before.items()):
+            went_back = sum(now.values()) < sum(before.values()) or any(now.get(k, 0) < v for k, v in before.items())
+            if went_back or self._restart_unverified:
+                self._restart_unverified = False
                 self.restarts += 1
                 self.log.warning("sozu.restarted", epoch=fp.epoch, action="the shared state wins for the next sync")
         self._last_fingerprint = fp
         return fp
+
+    async def _observe_after_apply(self) -> None:
+        """Take the counters again once an apply is done: they now include its requests, so a sozu that
+        restarts right after (before any probe) still shows counters that went backwards. When that
+        probe fails the connection went with it: the next re-connection counts as a restart."""
+        try:
+            self._observe(await probe(self.channel))
+        except SozuError:
+            self._restart_unverified = True
+            raise
 
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
@@ -137,6 +149,7 @@ class SozuAdapter:
                 desired_is_complete=desired_is_complete,
                 initial=self._last_read,
             )
+            await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)
             self.requests_by_type.update(by_type)
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
@@ -161,28 +174,3 @@ class SozuAdapter:
                 live_after=live_after.copy(),
                 failures=failures,
             )
-
-
-class OpenSVCShared:
-    """:class:`~sozud.sync.SharedPort` over an :class:`~sozud.om_api.OMClient`."""
-
-    def __init__(self, client: OMClient, obj: str, key: str, meta_key: str) -> None:
-        self.client = client
-        self.obj = obj
-        self.key = key
-        self.meta_key = meta_key
-        self.writes = 0
-
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        state = await self.client.get_key(self.obj, self.key)
-        meta = await self.client.get_key(self.obj, self.meta_key)
-        return state, meta
-
-    async def write(self, state: bytes, meta: bytes) -> None:
-        # One write at a time per object (the client serialises too): state first, then its metadata;
-        # a reader that sees the new state with the old metadata treats it as edited outside sozud.
-        await self.client.put_key(self.obj, self.key, state)
-        await self.client.put_key(self.obj, self.meta_key, meta)
-        self.writes += 1
-        # v2 replicates an API write at its monitor's next loop (10-15 s): ask for it now (never fails).
-        await self.client.wake_monitor(self.obj, "sozud wrote the shared sozu state")

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from sozud.adapters import OpenSVCShared, SozuAdapter
+from sozud.adapters import SozuAdapter
 from sozud.backoff import Backoff
 from sozud.config import Config
 from sozud.errors import (
@@ -36,7 +36,7 @@ from sozud.errors import (
     UnsafePlanError,
     VersionMismatchError,
 )
-from sozud.layout import ShardedShared
+from sozud.layout import OpenSVCShared
 from sozud.log import get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
@@ -96,10 +96,14 @@ def build_components(config: Config) -> Components:
         max_removal_ratio=config.max_removal_ratio,
     )
     shared: SharedPort
-    if config.layout == "sharded":
-        shared = ShardedShared(om, config.object, config.key, config.meta_key, max_state_bytes=MAX_STATE_BYTES)
-    else:
-        shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
+    shared = OpenSVCShared(
+        om,
+        config.object,
+        config.key,
+        config.meta_key,
+        max_state_bytes=MAX_STATE_BYTES,
+        sharded=config.layout == "sharded",
+    )
     engine = SyncEngine(
         sozu,
         shared,

@@ -50,6 +50,7 @@ def decide(
     base: ConfigState | None,
     complete: bool = True,
     restarted: bool = False,
+    repair: bool = False,
 ) -> Decision:
     """What one sync step should make live and shared hold. Pure: no I/O, inputs are not modified.
 
@@ -57,6 +58,8 @@ def decide(
     :meth:`SyncEngine._merge_base`), None when there is none; ``complete`` is False when removals from
     ``shared`` must not propagate (truncated, or not descended from anything this node knows): shared is
     then merged with the base's objects added back. ``restarted``: sozu restarted since the last step.
+    ``repair``: shared's layout must be rewritten (torn shards, a plain key from an older sozud): the
+    merged state is pushed even when it equals shared.
     """
     if shared is None:
         if len(live) == 0:
@@ -66,7 +69,7 @@ def decide(
         # Nothing says what was removed, so nothing is: a merge against an empty base (each side only
         # adds); a key both sides hold with different values is a conflict resolved by the usual rule.
         result = merge(ConfigState(live.version), live, shared)
-        return _from_merge(Branch.UNION, result, shared, complete, "no merge base: union of live and shared")
+        return _from_merge(Branch.UNION, result, shared, complete, repair, "no merge base: union of live and shared")
     if restarted:
         return Decision(
             Branch.SHARED_WINS,
@@ -82,15 +85,17 @@ def decide(
         for k, v in base.objects.items():
             if k not in effective.objects:
                 effective.objects[k] = v
-    return _from_merge(Branch.MERGE, merge(base, live, effective), shared, complete, "three-way merge")
+    return _from_merge(Branch.MERGE, merge(base, live, effective), shared, complete, repair, "three-way merge")
 
 
-def _from_merge(branch: Branch, result: MergeResult, shared: ConfigState, complete: bool, note: str) -> Decision:
+def _from_merge(
+    branch: Branch, result: MergeResult, shared: ConfigState, complete: bool, repair: bool, note: str
+) -> Decision:
     return Decision(
         branch,
         result.state,
         complete,
-        not result.state.same_as(shared),
+        repair or not result.state.same_as(shared),
         tuple(result.conflicts),
         result.local_changes,
         result.remote_changes,

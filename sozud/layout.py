@@ -67,6 +67,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     format: int = LAYOUT_FORMAT
     shards: list[ShardRef]
     meta: msgspec.Raw  # sozud's metadata (sozud.sync.SharedMeta), kept as its own JSON
+    # sha-256 of the plain metadata key's value when this manifest was written ("" when absent): a plain
+    # metadata value that differs was written later, by a node writing the plain layout
+    plain_meta: str | None = None
 
 
 # --- pure functions -----------------------------------------------------------------------------------
@@ -119,26 +122,36 @@ def digest(value: bytes) -> str:
 # --- the port -------------------------------------------------------------------------------------------
 
 
-class ShardedShared:
-    """:class:`~sozud.sync.SharedPort` over an OpenSVC object in the sharded layout (see the module doc).
+class OpenSVCShared:
+    """:class:`~sozud.sync.SharedPort` over an OpenSVC object holding the shared state (see the module doc).
 
-    Keeps the shards it last read or wrote (by digest), so a read costs the manifest plus the shards that
-    changed, and a write sends only the shards that differ from the manifest it last saw, then the manifest.
+    Reads either layout (the newest: a manifest, or a plain key written after it); writes the sharded
+    layout, or the plain key with ``sharded=False`` (``layout = "plain"``, e.g. while nodes that read only
+    the plain key remain). A read costs the manifest, the plain metadata and the shards whose digest was
+    not fetched and checked before; a write sends only the shards whose stored value differs (as last
+    read), then the manifest.
     """
 
-    def __init__(self, client: KeyStore, obj: str, key: str, meta_key: str, *, max_state_bytes: int) -> None:
+    def __init__(
+        self, client: KeyStore, obj: str, key: str, meta_key: str, *, max_state_bytes: int, sharded: bool = True
+    ) -> None:
         self.client = client
         self.obj = obj
         self.key = key
         self.meta_key = meta_key
         self.manifest_key = f"{key}.manifest"
         self.max_state_bytes = max_state_bytes
+        self.sharded = sharded
         self.writes = 0
         self.bytes_written = 0
-        self._shards: dict[str, bytes] = {}  # stored-value digest -> decoded shard state file
-        self._last: Manifest | None = None
-        self._from_plain = False
-        self._mismatch: tuple[ShardRef, float] | None = None
+        # Why the state last read may not be the one its metadata describes ("" when it is): the engine
+        # then propagates no removal from it and pushes (which repairs a torn layout).
+        self.caveat = ""
+        self._shards: dict[str, bytes] = {}  # digest of a fetched, checked stored value -> its shard file
+        self._stored: dict[str, str] = {}  # shard key -> digest of the value stored, as last read or written
+        self._plain_meta_digest = ""  # digest of the plain metadata value as last read
+        self._last_layout = ""  # "sharded" or "plain": which layout the last read took the state from
+        self._torn: tuple[tuple[str, ...], float] | None = None
         self.mismatch_grace_s = 5.0
         self.log = get_logger(obj=obj, key=key)
 
@@ -146,73 +159,113 @@ class ShardedShared:
         return f"opensvc {self.obj} key {key}"
 
     async def read(self) -> tuple[bytes | None, bytes | None]:
+        self.caveat = ""
         manifest_value = await self.client.get_key(self.obj, self.manifest_key)
         plain_meta = await self.client.get_key(self.obj, self.meta_key)
+        self._plain_meta_digest = digest(plain_meta.strip()) if plain_meta and plain_meta.strip() else ""
         manifest = self._parse_manifest(manifest_value) if manifest_value and manifest_value.strip() else None
-        if manifest is None or _generation(plain_meta) > _generation(bytes(manifest.meta)):
-            # the first layout: no manifest yet, or a node still on it wrote after the last manifest
-            self._from_plain = True
-            return await self.client.get_key(self.obj, self.key), plain_meta
-        self._from_plain = False
-        files = []
-        for ref in manifest.shards:
-            cached = self._shards.get(ref.digest)
-            if cached is None:
-                value = await self.client.get_key(self.obj, ref.key) or b""
-                if digest(value) != ref.digest:
-                    self._mismatched(ref)
-                cached = decode_shard(
-                    value, source=f"{self._source(self.key)} ({ref.key})", max_bytes=self.max_state_bytes
-                )
-                self._shards[ref.digest] = cached
-            files.append(cached)
-        self._keep_only(manifest)
-        self._last = manifest
+        if manifest is None or self._plain_is_newer(manifest, plain_meta):
+            return await self._read_plain(manifest, plain_meta)
+        self._last_layout = "sharded"
+        files, torn = await self._read_shards(manifest)
+        if torn:
+            self._torn_for_long(torn)
+            self.caveat = (
+                f"{', '.join(torn)} not the one{'s' if len(torn) > 1 else ''} {self.manifest_key} lists for "
+                f"{self.mismatch_grace_s:g} s (two nodes wrote at once): the shards as stored, additions only"
+            )
+        else:
+            self._torn = None
         return assemble(files), bytes(manifest.meta)
 
+    async def _read_plain(
+        self, manifest: Manifest | None, plain_meta: bytes | None
+    ) -> tuple[bytes | None, bytes | None]:
+        self._last_layout = "plain"
+        self._torn = None
+        if manifest is not None and not _has_lineage(plain_meta):
+            # written after the manifest by a sozud that does not read it: derived from an older state
+            self.caveat = f"{self.key} was rewritten by a sozud that reads only the plain key: additions only"
+        return await self.client.get_key(self.obj, self.key), plain_meta
+
+    def _plain_is_newer(self, manifest: Manifest, plain_meta: bytes | None) -> bool:
+        """Whether the plain key was written after the manifest (by a node writing the plain layout)."""
+        if manifest.plain_meta is None:  # a manifest from before the field: compare generations
+            return _generation(plain_meta) > _generation(bytes(manifest.meta))
+        return self._plain_meta_digest != manifest.plain_meta
+
+    async def _read_shards(self, manifest: Manifest) -> tuple[list[bytes], list[str]]:
+        """The manifest's shards (fetched unless checked before) and the keys of those whose stored value
+        is not the one listed. A mismatched shard is taken as stored (it is a shard another write left)."""
+        files: list[bytes] = []
+        torn: list[str] = []
+        stored: dict[str, str] = {}
+        for ref in manifest.shards:
+            cached = self._shards.get(ref.digest)
+            actual = ref.digest
+            if cached is None:
+                value = await self.client.get_key(self.obj, ref.key)
+                if value is None:  # the object was replaced by one written before this shard existed
+                    actual, cached = "absent", b""
+                else:
+                    actual = digest(value)
+                    source = f"{self._source(self.key)} ({ref.key})"
+                    cached = decode_shard(value, source=source, max_bytes=self.max_state_bytes)
+                    self._shards[actual] = cached
+                if actual != ref.digest:
+                    torn.append(ref.key)
+            stored[ref.key] = actual
+            files.append(cached)
+        self._stored = stored
+        for d in [d for d in self._shards if d not in stored.values()]:
+            del self._shards[d]
+        return files, torn
+
+    def _torn_for_long(self, torn: list[str]) -> None:
+        """A torn layout is first a write in progress (nothing done, the next sync reads again); only when
+        the same shards stay mismatched for ``mismatch_grace_s`` is it handled as stored."""
+        now = time.monotonic()
+        key = tuple(torn)
+        if self._torn is None or self._torn[0] != key:
+            self._torn = (key, now)
+        if now - self._torn[1] < self.mismatch_grace_s:
+            raise SharedInFlightError(
+                f"{self._source(torn[0])} is not the one {self.manifest_key} lists (a write in progress?); "
+                "nothing was applied or pushed, the next sync reads them again"
+            )
+
     async def write(self, state: bytes, meta: bytes) -> None:
+        if not self.sharded:
+            await self.client.put_key(self.obj, self.key, state)
+            await self.client.put_key(self.obj, self.meta_key, meta)
+            self._plain_meta_digest = digest(meta.strip())
+        else:
+            await self._write_sharded(state, meta)
+        self.writes += 1
+        # v2 replicates an API write at its monitor's next loop (10-15 s): ask for it now (never fails).
+        await self.client.wake_monitor(self.obj, "sozud wrote the shared sozu state")
+
+    async def _write_sharded(self, state: bytes, meta: bytes) -> None:
         # the policy on values (no private key in a cfg object) applies to the state, not to its
         # compressed shards, which would hide the keys from the check
         self.client.check_value(self.obj, self.key, state)
-        shard_files = split_state(state)
         refs: list[ShardRef] = []
-        previous = {r.key: r.digest for r in self._last.shards} if self._last is not None else {}
-        for i, data in enumerate(shard_files):
+        for i, data in enumerate(split_state(state)):
             value = encode_shard(data)
             ref = ShardRef(key=f"{self.key}.s{i:02d}", digest=digest(value), records=data.count(b"\0"))
-            if previous.get(ref.key) != ref.digest:
+            if self._stored.get(ref.key) != ref.digest:
                 await self.client.put_key(self.obj, ref.key, value)
                 self.bytes_written += len(value)
-            self._shards[ref.digest] = data
+                # not cached: the next read fetches it and checks that it is still the one stored
+                self._stored[ref.key] = ref.digest
             refs.append(ref)
-        manifest = Manifest(shards=refs, meta=msgspec.Raw(meta.strip()))
+        manifest = Manifest(shards=refs, meta=msgspec.Raw(meta.strip()), plain_meta=self._plain_meta_digest)
         encoded = msgspec.json.encode(manifest) + b"\n"
         await self.client.put_key(self.obj, self.manifest_key, encoded)
         self.bytes_written += len(encoded)
-        # v2 replicates an API write at its monitor's next loop (10-15 s): ask for it now (never fails).
-        await self.client.wake_monitor(self.obj, "sozud wrote the shared sozu state")
-        if self._from_plain:
+        if self._last_layout == "plain":
             self.log.info("shared.migrated", layout="sharded", shards=len(refs), plain_key_kept=self.key)
-            self._from_plain = False
-        self._last = manifest
-        self._keep_only(manifest)
-        self.writes += 1
-
-    def _mismatched(self, ref: ShardRef) -> None:
-        """A shard that is not the one its manifest lists: a write in progress for a while (nothing is
-        done, the next sync reads again), then a shard edited by hand (the shared state is unusable)."""
-        now = time.monotonic()
-        if self._mismatch is None or self._mismatch[0] != ref:
-            self._mismatch = (ref, now)
-        if now - self._mismatch[1] < self.mismatch_grace_s:
-            raise SharedInFlightError(
-                f"{self._source(ref.key)} is not the one {self.manifest_key} lists (a write in progress?); "
-                "nothing was applied or pushed, the next sync reads them again"
-            )
-        raise StateParseError(
-            f"shard {ref.key} has not matched its manifest for {self.mismatch_grace_s:g} s (edited by hand?)",
-            source=self._source(self.key),
-        )
+            self._last_layout = "sharded"
 
     def _parse_manifest(self, value: bytes) -> Manifest:
         try:
@@ -233,10 +286,16 @@ class ShardedShared:
                 )
         return manifest
 
-    def _keep_only(self, manifest: Manifest) -> None:
-        wanted = {r.digest for r in manifest.shards}
-        for d in [d for d in self._shards if d not in wanted]:
-            del self._shards[d]
+
+def _has_lineage(meta: bytes | None) -> bool:
+    """Whether plain metadata carries a push id (written by a sozud that reads the manifest too)."""
+    if not meta:
+        return False
+    try:
+        value = msgspec.json.decode(meta)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return False
+    return isinstance(value, dict) and isinstance(value.get("id"), str) and bool(value["id"])
 
 
 def _generation(meta: bytes | None) -> int:

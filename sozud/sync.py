@@ -95,6 +95,13 @@ class SharedPort(Protocol):
         """Write the state key, then the metadata key (one write at a time)."""
         ...
 
+    @property
+    def caveat(self) -> str:
+        """Why the state the last :meth:`read` returned may not be the one its metadata describes (a torn
+        sharded layout, a plain key rewritten by an older sozud), "" when it is: no removal propagates
+        from it, and the next step pushes to repair it."""
+        ...
+
 
 class SharedMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     """The metadata key written beside the state key (never inside the state file)."""
@@ -174,6 +181,7 @@ class SyncInputs:
     meta: SharedMeta | None
     lineage: SharedMeta | None  # ``meta`` when it describes ``shared`` (same digest)
     complete: bool
+    repair: bool  # shared's layout must be rewritten (see SharedPort.caveat)
     base: ConfigState | None
     base_meta: BaseMeta
     merge_base: ConfigState | None
@@ -214,6 +222,7 @@ class SyncEngine:
         # Pushes this node's live held (bases, own pushes once applied), by push id: candidate merge bases.
         self._history: OrderedDict[str, ConfigState] = OrderedDict()
         self._boot_digest: str | None = None  # the state last written to the boot state file
+        self._caveat_logged = ""  # the shared port's caveat last logged (logged once while it lasts)
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -230,6 +239,7 @@ class SyncEngine:
             base=inputs.merge_base,
             complete=inputs.complete,
             restarted=restarted,
+            repair=inputs.repair,
         )
         report = SyncReport(reason=reason, outcome="in_sync")
         report.generation = inputs.meta.generation if inputs.meta else 0
@@ -240,7 +250,7 @@ class SyncEngine:
         report.notes.append(decision.note)
         self._log_decision(decision, inputs)
         if decision.branch is Branch.BOOTSTRAP:
-            await self._push(inputs.live, None, inputs.meta, report)
+            await self._push(inputs.live, None, inputs.meta, report, lineage=None)
             report.outcome = "bootstrapped"
             self._remember(report.pushed_id, inputs.live)
             self._write_boot_file(inputs.live)
@@ -264,12 +274,18 @@ class SyncEngine:
         shared: ConfigState | None = None
         complete = True
         lineage: SharedMeta | None = None  # the metadata, when it describes this very state
+        caveat = self.shared.caveat
         if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
             shared, shared_digest = self._parse_shared(state_bytes, version)
-            if meta is not None and meta.digest == shared_digest:
+            if caveat:
+                complete = False
+                if caveat != self._caveat_logged:
+                    self.log.warning("shared.partial", reason=caveat, action="additions only, then a push repairs it")
+            elif meta is not None and meta.digest == shared_digest:
                 lineage = meta
             elif meta is not None:
                 complete = self._check_mismatch(state_bytes, shared_digest, meta)
+        self._caveat_logged = caveat
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
         if base is not None and base_meta.shared_id:
@@ -277,12 +293,13 @@ class SyncEngine:
         merge_base = base
         if shared is not None and complete and not restarted:
             merge_base, complete = self._merge_base(base, lineage)
+        repair = bool(caveat) and shared is not None
         if merge_base is not None:
             # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
             for k, v in merge_base.objects.items():
                 if k not in live.objects and self.sozu.hides(k, v):
                     live.objects[k] = v
-        return SyncInputs(live, shared, meta, lineage, complete, base, base_meta, merge_base)
+        return SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
 
     def _check_mismatch(self, state_bytes: bytes, digest: str, meta: SharedMeta) -> bool:
         """A state whose digest is not its metadata's: wait while it may be a write in progress, then
@@ -349,7 +366,11 @@ class SyncEngine:
                     "add the objects back, or write the key by hand if this is really wanted"
                 )
             self._check_push_removals(shared, merged)
-            await self._push(merged, shared, meta, report)
+            # The push descends from shared's metadata only when shared is that metadata's state (or an
+            # edit of it): a truncated or torn state is not, and claiming it would let readers that know
+            # the metadata's push take what the state lacks for removals.
+            ancestry = inputs.lineage or (meta if inputs.complete else None)
+            await self._push(merged, shared, meta, report, lineage=ancestry)
         report.drift = drift(live_after, merged)
         if report.drift == 0 and report.pushed_id:
             # live holds our push: a state later pushes may descend from, a merge base for later syncs
@@ -427,7 +448,7 @@ class SyncEngine:
         if shared is not None:
             self._check_push_removals(shared, live)
         report = SyncReport(reason="push --from-live", outcome="pushed")
-        await self._push(live, shared, meta, report)
+        await self._push(live, shared, meta, report, lineage=meta)  # live replaces what meta describes
         self._remember(report.pushed_id, live)
         report.local_changes = len(live)
         report.duration_s = time.monotonic() - started
@@ -524,8 +545,16 @@ class SyncEngine:
             )
 
     async def _push(
-        self, state: ConfigState, parent: ConfigState | None, parent_meta: SharedMeta | None, report: SyncReport
+        self,
+        state: ConfigState,
+        parent: ConfigState | None,
+        parent_meta: SharedMeta | None,
+        report: SyncReport,
+        *,
+        lineage: SharedMeta | None,
     ) -> None:
+        """Push ``state``, derived from ``parent`` (whose metadata is ``parent_meta``: the generation
+        follows it); its ancestors are ``lineage``'s id and ancestors (none when None)."""
         data = write_state_file(state)
         version = self.sozu.version
         meta = SharedMeta(
@@ -534,8 +563,8 @@ class SyncEngine:
             id=secrets.token_hex(8),
             parent=parent.digest() if parent is not None else "",
             ancestors=(
-                [parent_meta.id, *parent_meta.ancestors][:HISTORY]
-                if parent is not None and parent_meta is not None and parent_meta.id
+                [lineage.id, *lineage.ancestors][:HISTORY]
+                if parent is not None and lineage is not None and lineage.id
                 else []
             ),
             digest=state.digest(),

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from sozud._om.base import OMSettings
 from sozud._om.memory import MemoryTransport
 from sozud.errors import OpenSVCRefusedError, SharedInFlightError, StateParseError
-from sozud.layout import SHARDS, ShardedShared, assemble, split_state
+from sozud.layout import SHARDS, OpenSVCShared, assemble, split_state
 from sozud.om_api import OMClient
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.testing import builders as build
@@ -46,8 +46,8 @@ def _client(transport: MemoryTransport) -> OMClient:
     return OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=5.0))
 
 
-def _port(transport: MemoryTransport) -> ShardedShared:
-    return ShardedShared(_client(transport), OBJ, "state.json", "state.json.meta", max_state_bytes=256 << 20)
+def _port(transport: MemoryTransport) -> OpenSVCShared:
+    return OpenSVCShared(_client(transport), OBJ, "state.json", "state.json.meta", max_state_bytes=256 << 20)
 
 
 async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
@@ -71,17 +71,87 @@ async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
     assert len(gets) <= 4
 
 
-async def test_a_shard_from_another_write_is_a_write_in_progress_then_an_error() -> None:
+async def test_a_shard_that_is_not_a_shard_is_an_error_at_once() -> None:
     transport = MemoryTransport(carries_text=True)
     transport.create_object(OBJ)
     await _port(transport).write(_generated(50), b'{"generation":1}\n')
-    transport.objects[OBJ]["state.json.s05"] = b"bm90IGl0\n"
+    transport.objects[OBJ]["state.json.s05"] = b"bm90IGl0\n"  # no sozud write leaves this: edited by hand
+    with pytest.raises(StateParseError, match=r"s05\): not a compressed shard"):
+        await _port(transport).read()
+
+
+class Replicating:
+    """A node's client whose object is replaced, right after its ``after``-th write, by another node's
+    whole object (the agent replicates whole objects): the rest of the write lands on that copy."""
+
+    def __init__(self, transport: MemoryTransport, other: dict[str, bytes], after: int) -> None:
+        self.client = _client(transport)
+        self.transport, self.other, self.after = transport, other, after
+
+    async def get_key(self, obj: str, key: str) -> bytes | None:
+        return await self.client.get_key(obj, key)
+
+    async def put_key(self, obj: str, key: str, value: bytes) -> None:
+        await self.client.put_key(obj, key, value)
+        self.after -= 1
+        if self.after == 0:
+            self.transport.objects[obj] = dict(self.other)
+
+    async def wake_monitor(self, obj: str, reason: str) -> bool:
+        return True
+
+    def check_value(self, obj: str, key: str, value: bytes) -> None:
+        pass
+
+
+def _with(state: bytes, name: str) -> bytes:
+    parsed = parse_state_file(state, source="s")
+    parsed.add("cluster", build.cluster(name))
+    return write_state_file(parsed)
+
+
+async def test_two_nodes_writing_at_once_leave_torn_shards_read_as_stored_then_rewritten() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    first = _generated(200)
+    await _port(transport).write(first, b'{"generation":1}\n')
+    a, b = _port(transport), _port(transport)
+    await a.read()
+    await b.read()
+    ours, theirs = _with(first, "added-on-a"), _with(first, "added-on-b")
+    before = dict(transport.objects[OBJ])
+    await b.write(theirs, b'{"generation":2,"origin":"b"}\n')
+    b_object = dict(transport.objects[OBJ])
+    transport.objects[OBJ] = before  # node a's copy, which b's write has not reached yet
+    # a writes its change; b's whole object lands on node a right after a's first shard
+    a.client = Replicating(transport, b_object, after=1)
+    await a.write(ours, b'{"generation":2,"origin":"a"}\n')
     reader = _port(transport)
-    with pytest.raises(SharedInFlightError):
+    with pytest.raises(SharedInFlightError, match="a write in progress"):
         await reader.read()
+    assert reader.caveat == ""
     reader.mismatch_grace_s = 0.0
-    with pytest.raises(StateParseError, match=r"s05 has not matched its manifest"):
-        await reader.read()
+    state, meta = await reader.read()
+    assert meta == b'{"generation":2,"origin":"a"}'
+    assert "additions only" in reader.caveat and ".s" in reader.caveat
+    assert b"added-on-a" not in (state or b""), "a's shard was overwritten by b's object: it is not there"
+    # the reader's next write (the engine pushes to repair) rewrites every shard that differs from the stored
+    repaired = _with(_with(first, "added-on-a"), "added-on-b")
+    await reader.write(repaired, b'{"generation":3}\n')
+    fresh = _port(transport)
+    state, _ = await fresh.read()
+    assert fresh.caveat == "" and parse_state_file(state or b"", source="r") == parse_state_file(repaired, source="w")
+
+
+async def test_a_missing_shard_is_torn_not_unreadable() -> None:
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    await _port(transport).write(_generated(50), b'{"generation":1}\n')
+    del transport.objects[OBJ]["state.json.s03"]
+    reader = _port(transport)
+    reader.mismatch_grace_s = 0.0
+    state, _ = await reader.read()
+    assert "state.json.s03" in reader.caveat and state is not None
 
 
 async def test_the_first_layout_is_read_and_migrated_once() -> None:
@@ -111,7 +181,7 @@ async def test_the_first_layout_is_read_and_migrated_once() -> None:
 async def test_private_keys_are_checked_on_the_state_not_on_its_compressed_shards() -> None:
     transport = MemoryTransport(carries_text=True)
     transport.create_object("igw/cfg/sozu")
-    port = ShardedShared(_client(transport), "igw/cfg/sozu", "state.json", "state.json.meta", max_state_bytes=1 << 20)
+    port = OpenSVCShared(_client(transport), "igw/cfg/sozu", "state.json", "state.json.meta", max_state_bytes=1 << 20)
     with_keys = (FIXTURES / "sozu-2.1.0/states/01-populated.state").read_bytes()
     assert b"PRIVATE KEY" in with_keys
     with pytest.raises(OpenSVCRefusedError, match="private key"):
@@ -137,7 +207,7 @@ async def test_key_get_assemble_prints_a_plain_state_file(
         api = f"unix://{agent.lsnr_sock}"
         client = client_from_url(api, OMSettings(retry_attempts=1))
         try:
-            await ShardedShared(client, OBJ, "state.json", "state.json.meta", max_state_bytes=1 << 20).write(
+            await OpenSVCShared(client, OBJ, "state.json", "state.json.meta", max_state_bytes=1 << 20).write(
                 data, b'{"generation":1}\n'
             )
         finally:

@@ -65,6 +65,7 @@ class MemShared:
         self.state: bytes | None = None
         self.meta: bytes | None = None
         self.writes = 0
+        self.caveat = ""  # set by a test: the next reads' state is not the one its metadata describes
 
     async def read(self) -> tuple[bytes | None, bytes | None]:
         return self.state, self.meta

@@ -34,6 +34,8 @@ class Store:
 
 
 class View:
+    caveat = ""
+
     def __init__(self, store: Store, node: int) -> None:
         self.store, self.node = store, node
 

@@ -109,10 +109,10 @@ def _read_value(args: argparse.Namespace) -> bytes:
 async def _assembled(client: OMClient, args: argparse.Namespace) -> bytes | None:
     """The shared state under ``args.key`` as one plain state file: from its shards and manifest
     (sharded layout) or the plain key (``sozud.layout``)."""
-    from sozud.layout import ShardedShared
+    from sozud.layout import OpenSVCShared
     from sozud.state.codec import MAX_STATE_BYTES
 
-    port = ShardedShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
+    port = OpenSVCShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
     state, _ = await port.read()
     return state
 

@@ -1,3 +1,3 @@
 """sozud: keeps the Sozu reverse proxies of an OpenSVC cluster in sync (see README.md)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -53,7 +53,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     opensvc_poll_interval_s: float = 30.0
     projected_file: str | None = None
     allow_private_keys_in_cfg: bool = False
-    layout: Literal["sharded", "plain"] = "plain"
+    layout: Literal["sharded", "plain"] = "sharded"
     boot_state_file: str | None = None
 
     # --- sync
@@ -149,7 +149,7 @@ FIELD_HELP: dict[str, str] = {
     "opensvc_poll_interval_s": "How often the shared key is read when no change notification arrives.",
     "projected_file": "The file the agent projects the key into (optional extra change trigger; never read as data).",
     "allow_private_keys_in_cfg": "Whether a state holding TLS private keys may be written into a guest-readable ``cfg`` object (default: refused; use a ``sec`` object).",
-    "layout": "How the shared state is stored: ``plain`` (one state-file key) or ``sharded`` (compressed shards and a manifest, written per change; EXPERIMENTAL, see README).",
+    "layout": "How this node writes the shared state: ``sharded`` (compressed shards and a manifest: a change rewrites one or two shards) or ``plain`` (one state-file key, read by sozud before 0.2: use it during a rolling upgrade from those, see README). Both are always read.",
     "boot_state_file": "A plain sozu state file kept equal to what sozu runs once in sync, for sozu's ``saved_state`` (e.g. ``/run/sozu/state.json``): a restarted sozu boots with the routes.",
     "node": "This node's name (default: the host name).",
     "state_dir": "Where sozud persists its base state and status.",

@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from sozud._om.base import OMSettings, Transport, cluster_identity, read_secret_file
+from sozud._om.base import OMSettings, Transport, cluster_identity, read_secret_file, request_deadline
 from sozud._om.h2 import H2_WINDOW_BYTES, H2Transport
 from sozud._om.http import tls_factory, uds_factory
 from sozud._om.memory import MemoryTransport
@@ -77,6 +77,11 @@ _PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 SLOW_REQUEST_S = 1.0  # an agent request at least this long is logged (opensvc.slow_request)
+# A request's deadline grows with what it carries (the real v2 agent rewrote a 10.8 MB value in 2.2 s,
+# and stayed slow for ~11 s after) and doubles after each timeout, up to MAX_DEADLINE_S: a loaded agent
+# delays a sync instead of failing it; an agent that refuses connections still fails fast.
+AGENT_MIN_BYTES_PER_S = 1_000_000
+MAX_DEADLINE_S = 300.0
 
 
 def _log() -> Any:
@@ -155,11 +160,16 @@ class OMClient:
         """The key's value; None when the object exists without that key."""
         return await self._retrying("get", obj, key, lambda: self.transport.get_key(obj, key))
 
+    def deadline_s(self, attempt: int, payload_bytes: int = 0) -> float:
+        """The deadline of a request's ``attempt`` (1, 2, ...) carrying ``payload_bytes``."""
+        base = self.settings.request_timeout_s + payload_bytes / AGENT_MIN_BYTES_PER_S
+        return min(MAX_DEADLINE_S, base * 2.0 ** (attempt - 1))
+
     async def put_key(self, obj: str, key: str, value: bytes) -> None:
         """Create or replace the key, one write per object at a time."""
         self.check_value(obj, key, value)
         async with self.lock(obj):
-            await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value))
+            await self._retrying("put", obj, key, lambda: self.transport.put_key(obj, key, value), len(value))
 
     async def resource_status(self, path: str, rid: str) -> dict[str, tuple[str, str]]:
         """Per node, the status of resource ``rid`` of ``path`` and its last status-log line, as the agent
@@ -204,14 +214,23 @@ class OMClient:
                 transport=self.transport.name,
             )
 
-    async def _retrying(self, operation: str, obj: str, key: str | None, call: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``call``, again after a backoff delay while the agent is unreachable (``retry_attempts``)."""
+    async def _retrying(
+        self,
+        operation: str,
+        obj: str,
+        key: str | None,
+        call: Callable[[], Awaitable[_T]],
+        payload_bytes: int = 0,
+    ) -> _T:
+        """Run ``call``, again after a backoff delay while the agent is unreachable (``retry_attempts``),
+        each attempt with its deadline (:meth:`deadline_s`)."""
         backoff = Backoff(initial_s=0.1, max_s=2.0)
         attempts = max(1, self.settings.retry_attempts)
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
             try:
-                result = await call()
+                with request_deadline(self.deadline_s(attempt, payload_bytes)):
+                    result = await call()
                 self._observe(operation, obj, key, time.monotonic() - started)
                 return result
             except OpenSVCUnreachableError as exc:
@@ -226,6 +245,7 @@ class OMClient:
                     key_name=key,
                     attempt=attempt,
                     delay_s=round(delay_s, 3),
+                    next_deadline_s=round(self.deadline_s(attempt + 1, payload_bytes), 1),
                     error=str(exc),
                 )
                 await asyncio.sleep(delay_s)

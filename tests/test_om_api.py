@@ -37,6 +37,7 @@ from sozud.errors import (
 )
 from sozud.om_api import (
     H2_WINDOW_BYTES,
+    MAX_DEADLINE_S,
     H2Transport,
     KeyPusher,
     MemoryTransport,
@@ -1030,3 +1031,28 @@ async def test_sim_cli_put_then_get_returns_identical_bytes(
     assert await key_cli.run_key(parse_cli(["key", "get", "igw/cfg/nope", KEY, *common])) == 1
     err = capsysbinary.readouterr().err
     assert err.count(b"\n") == 1 and b"igw/cfg/nope" in err
+
+
+@pytest.mark.parametrize("kind", ["unix", "raw", "h2"])
+async def test_a_slow_agent_gets_a_longer_deadline_on_the_next_attempt(sim: Sim, kind: str) -> None:
+    """The real v2 agent, loaded by a large object, took up to 15 s to answer: a fixed deadline made every
+    attempt time out alike (issue 11). The next attempt's deadline doubles, so a slow agent delays the
+    request instead of failing it."""
+    sim.cluster.write_latency_s = 0.6  # each v2 write takes longer than the 0.4 s deadline
+    client = sim.client(kind, request_timeout_s=0.4, retry_attempts=2)
+    try:
+        with capture_logs() as logs:
+            await client.put_key(OBJ, KEY, b"slow\n")
+        assert sim.cluster.value("node1", OBJ, KEY) == b"slow\n"
+        retries = [e for e in logs if e["event"] == "opensvc.retry"]
+        assert len(retries) == 1 and retries[0]["next_deadline_s"] == 0.8
+    finally:
+        await client.aclose()
+
+
+def test_a_request_deadline_grows_with_what_it_carries_and_is_capped() -> None:
+    client = OMClient(MemoryTransport(), OMSettings(request_timeout_s=10.0))
+    assert client.deadline_s(1) == 10.0
+    assert client.deadline_s(1, payload_bytes=10_000_000) == 20.0  # 10 MB at the agent's slowest 1 MB/s
+    assert client.deadline_s(2, payload_bytes=10_000_000) == 40.0
+    assert client.deadline_s(9) == MAX_DEADLINE_S

@@ -7,9 +7,11 @@ call: no retries, no locking, no value policy. ``OMClient`` (``sozud/om_api.py``
 from __future__ import annotations
 
 import configparser
+import contextlib
+import contextvars
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,26 @@ from sozud.redact import redact_text
 MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# The deadline of the request being sent, when the client set one (``OMClient`` sizes it to what the
+# request carries and lengthens it after a timeout); transports fall back on their own ``timeout_s``.
+_DEADLINE_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("sozud_om_deadline_s", default=None)
+
+
+def request_deadline_s(default_s: float) -> float:
+    """How long the request being sent may take: the client's deadline for it, else ``default_s``."""
+    deadline = _DEADLINE_S.get()
+    return default_s if deadline is None else deadline
+
+
+@contextlib.contextmanager
+def request_deadline(seconds: float) -> Iterator[None]:
+    """Requests sent inside this block (in this task) may take ``seconds``."""
+    token = _DEADLINE_S.set(seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE_S.reset(token)
 
 
 class OMSettings(msgspec.Struct, kw_only=True):

@@ -14,7 +14,7 @@ from typing import Any, Final
 import httpx
 import msgspec
 
-from sozud._om.base import describe
+from sozud._om.base import describe, request_deadline_s
 from sozud._om.http import TransportFactory, unreachable_on_transport_errors
 from sozud._om.sse import json_events
 from sozud._om.v2 import CONNECTED, V2Transport, check_text_value
@@ -96,7 +96,11 @@ class H2Transport(V2Transport):
                 # A fresh connection for every write: each one starts with a full receive window.
                 async with self._client(read_timeout_s=self.timeout_s) as client:
                     response = await client.request(
-                        method, f"/{action}", content=body, headers={"content-type": "application/json"}
+                        method,
+                        f"/{action}",
+                        content=body,
+                        headers={"content-type": "application/json"},
+                        timeout=request_deadline_s(self.timeout_s),
                     )
         return self._reply(response, obj=obj, key=key)
 
@@ -107,7 +111,7 @@ class H2Transport(V2Transport):
         if self._reads is None:
             self._reads = self._client(read_timeout_s=self.timeout_s)
         try:
-            return await self._reads.get(f"/{action}", params=options)
+            return await self._reads.get(f"/{action}", params=options, timeout=request_deadline_s(self.timeout_s))
         except httpx.TimeoutException:
             raise
         except httpx.TransportError:
@@ -115,7 +119,7 @@ class H2Transport(V2Transport):
             if not reused:
                 raise
         self._reads = self._client(read_timeout_s=self.timeout_s)
-        return await self._reads.get(f"/{action}", params=options)
+        return await self._reads.get(f"/{action}", params=options, timeout=request_deadline_s(self.timeout_s))
 
     def _reply(self, response: httpx.Response, *, obj: str, key: str | None) -> Any:
         try:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from sozud._om.base import Transport, describe, split_path
+from sozud._om.base import Transport, describe, request_deadline_s, split_path
 from sozud._om.http import TransportFactory, unreachable_on_transport_errors
 from sozud._om.sse import json_events
 from sozud.errors import (
@@ -105,7 +105,14 @@ class Om3Transport(Transport):
             if self._client is None:
                 self._client = self._new_client(read_timeout_s=self.timeout_s)
             try:
-                return await self._client.request(method, url, params=params, content=content, headers=headers)
+                return await self._client.request(
+                    method,
+                    url,
+                    params=params,
+                    content=content,
+                    headers=headers,
+                    timeout=request_deadline_s(self.timeout_s),
+                )
             except httpx.TimeoutException:
                 raise
             except httpx.TransportError:
@@ -115,7 +122,9 @@ class Om3Transport(Transport):
                 if not reused:
                     raise
             self._client = self._new_client(read_timeout_s=self.timeout_s)
-            return await self._client.request(method, url, params=params, content=content, headers=headers)
+            return await self._client.request(
+                method, url, params=params, content=content, headers=headers, timeout=request_deadline_s(self.timeout_s)
+            )
 
     def _raise_for(self, response: httpx.Response, *, obj: str, key: str | None) -> None:
         status = response.status_code

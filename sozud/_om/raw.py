@@ -22,7 +22,7 @@ import msgspec
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from sozud._om.base import MAX_REPLY_BYTES, describe
+from sozud._om.base import MAX_REPLY_BYTES, describe, request_deadline_s
 from sozud._om.v2 import CONNECTED, V2Transport
 from sozud.errors import (
     ConfigError,
@@ -90,8 +90,9 @@ class _RawTransport(V2Transport):
 
     async def call(self, action: str, method: str, options: dict[str, Any], *, obj: str, key: str | None) -> Any:
         payload = self._encode({"action": action, "method": method, "options": options})
+        limit_s = request_deadline_s(self.timeout_s)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(limit_s):
                 reader, writer = await self._open()
                 try:
                     writer.write(payload)
@@ -103,7 +104,7 @@ class _RawTransport(V2Transport):
                         await writer.wait_closed()
         except TimeoutError:
             raise OpenSVCUnreachableError(
-                f"no reply within {self.timeout_s}s", transport=self.name, obj=obj, key=key
+                f"no reply within {limit_s:g}s", transport=self.name, obj=obj, key=key
             ) from None
         except OSError as exc:
             raise OpenSVCUnreachableError(

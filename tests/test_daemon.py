@@ -177,3 +177,28 @@ async def test_a_refused_plan_is_reported_once_and_status_says_what_to_do(
         assert "--force" in status["action"] and "max_removal_ratio" in status["last_error"]
     finally:
         await cluster.stop()
+
+
+async def test_a_burst_of_agent_events_is_read_once_not_once_per_event() -> None:
+    """After a push, the agent sends every node an event per key written (16 shards and a manifest):
+    each node must read the shared state once for the burst, not once per event (issue 11: no read
+    storm on a loaded agent)."""
+    cluster = await SimCluster.create(["a", "b"], settings={"resync_interval_s": 3600.0})
+    a, b = cluster.node("a"), cluster.node("b")
+    try:
+        await a.request(pb.Request(add_cluster=build.cluster("first")))
+        await cluster.start()
+        await wait_until(lambda: "first" in b.sozu.state.clusters, what="b to get the first cluster")
+        assert b.daemon is not None
+        syncs = b.daemon.syncs_attempted
+        served = len(b.agent.requests)
+        for i in range(20):  # a burst of writes by another node, each one an event on b's agent
+            cluster.opensvc.set_value("a", cluster.obj, f"unrelated{i}", b"x\n")
+        await cluster.opensvc.settle()
+        await wait_until(lambda: b.daemon is not None and b.daemon.syncs_attempted > syncs, what="b to sync")
+        manifest_reads = [
+            r for r in b.agent.requests[served:] if r.action == "GET key" and r.key == cluster.key + ".manifest"
+        ]
+        assert 1 <= len(manifest_reads) <= 3, f"{len(manifest_reads)} reads for a burst of 20 events"
+    finally:
+        await cluster.stop()

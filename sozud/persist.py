@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from sozud.errors import StateError, StateParseError
-from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.codec import RecordCache, parse_state_file, write_state_file
 from sozud.state.model import ConfigState
 from sozud.versions import SozuVersion
 
@@ -79,6 +79,7 @@ class BaseStore:
         self._cached: tuple[tuple[int, int, int], tuple[int, int, int], SozuVersion, ConfigState, BaseMeta] | None = (
             None
         )
+        self._records = RecordCache()  # the base's records last written or parsed
 
     def _identity(self, path: Path) -> tuple[int, int, int] | None:
         try:
@@ -108,7 +109,11 @@ class BaseStore:
             meta = BaseMeta()
         except (OSError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise StateError(f"cannot read base metadata {self.meta_path}: {e}") from None
-        state = parse_state_file(data, version, source=str(self.state_path)) if data else ConfigState(version)
+        state = (
+            parse_state_file(data, version, source=str(self.state_path), cache=self._records)
+            if data
+            else ConfigState(version)
+        )
         if meta.digest and meta.digest != state.digest():
             raise StateParseError(
                 "content does not match the digest recorded when it was saved (damaged?)",
@@ -123,7 +128,7 @@ class BaseStore:
         # The meta is written first: a crash between the two leaves a digest mismatch, which load()
         # reports instead of silently using a base that does not match its metadata.
         atomic_write(self.meta_path, msgspec.json.encode(meta))
-        atomic_write(self.state_path, write_state_file(state))
+        atomic_write(self.state_path, write_state_file(state, cache=self._records))
         ident, meta_ident = self._identity(self.state_path), self._identity(self.meta_path)
         if ident is not None and meta_ident is not None:
             self._cached = (ident, meta_ident, state.version, state, msgspec.structs.replace(meta))

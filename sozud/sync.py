@@ -43,7 +43,7 @@ from sozud.decision import Branch, Decision, decide, drift
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore, atomic_write
-from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.codec import RecordCache, parse_state_file, write_state_file
 from sozud.state.merge import Conflict
 from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
@@ -223,6 +223,8 @@ class SyncEngine:
         self._history: OrderedDict[str, ConfigState] = OrderedDict()
         self._boot_digest: str | None = None  # the state last written to the boot state file
         self._caveat_logged = ""  # the shared port's caveat last logged (logged once while it lasts)
+        # The shared state's records last parsed and written: a new shared state costs its new records.
+        self._records = RecordCache()
 
     def _source(self) -> str:
         return f"opensvc {self.settings.object} key {self.settings.key}"
@@ -394,7 +396,7 @@ class SyncEngine:
         if digest == self._boot_digest:
             return
         try:
-            atomic_write(Path(path), write_state_file(state), mode=0o600)
+            atomic_write(Path(path), write_state_file(state, cache=self._records), mode=0o600)
         except OSError as e:
             self.log.warning("sync.boot_state_file_failed", path=path, error=e.strerror or str(e))
             return
@@ -519,7 +521,7 @@ class SyncEngine:
         c = self._shared_cache
         if c is not None and c[0] == raw_digest and c[1] == version:
             return c[2], c[3]
-        state = parse_state_file(data, version, source=self._source())
+        state = parse_state_file(data, version, source=self._source(), cache=self._records)
         self._shared_cache = (raw_digest, version, state, state.digest())
         return state, self._shared_cache[3]
 
@@ -555,7 +557,7 @@ class SyncEngine:
     ) -> None:
         """Push ``state``, derived from ``parent`` (whose metadata is ``parent_meta``: the generation
         follows it); its ancestors are ``lineage``'s id and ancestors (none when None)."""
-        data = write_state_file(state)
+        data = write_state_file(state, cache=self._records)
         version = self.sozu.version
         meta = SharedMeta(
             generation=(parent_meta.generation if parent_meta else 0) + 1,

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from strategies import FIXTURES, fixture_certificate, sock, states
+from hypothesis import strategies as st
+from strategies import FIXTURES, fixture_certificate, sock, state_pairs, states
 
 from sozud.errors import StateParseError, UnsafePlanError, VersionMismatchError
 from sozud.proto import command_pb2 as pb
 from sozud.state.codec import (
+    RecordCache,
     detect_family,
     parse_state_file,
     record_count,
@@ -390,3 +392,37 @@ def test_a_frontend_with_a_1mb_hostname_is_refused() -> None:
     with pytest.raises(StateParseError, match="more than 190000") as info:
         parse_state_file(_with_record(n, big), V2_1_0, source="desired")
     assert info.value.record == n
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(state_pairs(), min_size=1, max_size=4))
+def test_a_record_cache_gives_what_a_full_parse_and_write_give(pairs: list[tuple[ConfigState, ConfigState]]) -> None:
+    """Issue 10: a state file read again decodes only its new records; the result must be exactly what
+    a full parse gives (and a write, exactly what a full write gives), whatever came before."""
+    cache = RecordCache()
+    for a, b in pairs:
+        for state in (a, b):
+            data = write_state_file(state)
+            assert write_state_file(state, cache=cache) == data
+            full = parse_state_file(data, state.version, source="full", allow_empty=True)
+            cached = parse_state_file(data, state.version, source="cached", cache=cache, allow_empty=True)
+            assert cached == full and list(cached.objects) == list(full.objects)
+            again = parse_state_file(data, state.version, source="again", cache=cache, allow_empty=True)
+            assert again == full
+
+
+def test_a_record_cache_decodes_only_the_records_it_has_not_seen() -> None:
+    from sozud.testing import builders as build
+
+    cache = RecordCache()
+    state = build.fleet_state(200, listener="127.0.0.1:18080")
+    parse_state_file(write_state_file(state), state.version, source="first", cache=cache)
+    assert cache.decoded == record_count(state)  # every record once
+    state.add("cluster", build.cluster("one-more"))
+    before = cache.decoded
+    renumbered = write_state_file(state)  # the new cluster sorts among the others: ids shift
+    parsed = parse_state_file(renumbered, state.version, source="second", cache=cache)
+    assert cache.decoded - before == 1 and parsed == state
+    # the cached messages are the parse's own: changing one does not change the next parse
+    parsed.objects[("cluster", "one-more")].load_balancing = 1  # type: ignore[attr-defined]
+    assert parse_state_file(renumbered, state.version, source="third", cache=cache) == state

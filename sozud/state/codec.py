@@ -38,6 +38,7 @@ Writing (:func:`write_state_file`)
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -82,6 +83,45 @@ MAX_RECORD_BYTES = 190_000
 MAX_STATE_BYTES = 256 * 1024 * 1024
 
 
+# --- records already seen -------------------------------------------------------------------------------
+
+_RECORD_ID = re.compile(rb'^\{"id":"[^"]*",')
+
+
+class RecordCache:
+    """The records of one source's last parse and last write, so that a state file differing from the
+    previous one in a few records costs a few records to read or write, not the whole file.
+
+    Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
+    maps to the request it decoded to, kept serialized (protobuf), so every parse gets messages of its
+    own. Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``.
+    Only the last call's records are kept, so memory follows the state's size. One cache per source:
+    the shared key, sozu's SaveState output, the base file.
+    """
+
+    def __init__(self) -> None:
+        self.version: SozuVersion | None = None
+        self._parsed: dict[bytes, bytes] = {}
+        self._written: dict[bytes, bytes] = {}
+        self.decoded = 0  # records decoded from JSON (the others were reused), for tests and benchmarks
+        self.encoded = 0
+
+    def _for(self, version: SozuVersion) -> None:
+        if version != self.version:
+            self.version = version
+            self._parsed = {}
+            self._written = {}
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _body_digest(raw: bytes) -> bytes:
+    m = _RECORD_ID.match(raw)
+    return _digest(raw[m.end() :] if m else raw)
+
+
 # --- reading ------------------------------------------------------------------------------------------
 
 
@@ -124,6 +164,7 @@ def parse_state_file(
     allow_empty: bool = False,
     max_record_bytes: int | None = MAX_RECORD_BYTES,
     max_state_bytes: int | None = MAX_STATE_BYTES,
+    cache: RecordCache | None = None,
 ) -> ConfigState:
     """Parse a sozu state file into a :class:`ConfigState` (see the module docstring for the rules).
 
@@ -135,6 +176,8 @@ def parse_state_file(
     a reader sees while sozu rewrites its file); with ``allow_empty`` and no version, 2.1.0 is assumed.
     ``max_record_bytes`` / ``max_state_bytes`` (None: no limit, for what sozu itself saved) refuse a file
     holding a record sozu could not load back, or too large a file, before anything is decoded.
+    ``cache`` (with an explicit ``version``): records whose bytes the cache's last parse saw are not
+    decoded again (:class:`RecordCache`); the result is the same.
     """
     if max_state_bytes is not None and len(data) > max_state_bytes:
         raise StateParseError(
@@ -156,30 +199,34 @@ def parse_state_file(
                     source=source,
                     record=n,
                 )
-    values = [_decode(raw, source, n) for n, raw in raws]
+    if cache is not None and version is not None:
+        cache._for(version)
+        known = cache._parsed
+    else:
+        known = {}
+    bodies = [_body_digest(raw) for _, raw in raws] if cache is not None else []
+    # (record number, serialized request seen before, or the record's JSON value to decode)
+    values: list[Any] = []
+    reused: dict[int, bytes] = {}
+    for n, raw in raws:
+        blob = known.get(bodies[n]) if known else None
+        if blob is not None:
+            reused[n] = blob
+            values.append(None)
+        else:
+            values.append(_decode(raw, source, n))
     if version is None:
         version = detect_version(values, source=source)
     else:
-        _check_compatible(version, values, source)
+        _check_compatible(version, [v for v in values if v is not None], source)
     state = ConfigState(version)
+    parsed: dict[bytes, bytes] = {}
     for n, value in enumerate(values):
-        if not isinstance(value, dict):
-            raise StateParseError("a record must be a JSON object", source=source, record=n)
-        record = serde.from_json(pb.WorkerRequest, value, version, source=source, record=n)
-        req = record.content
-        kind = req.WhichOneof("request_type")
-        if kind is None:
-            raise StateParseError("record has no request", source=source, record=n, path="content.request_type")
-        if kind not in STORED_REQUESTS:
-            raise StateParseError(
-                f"{kind.upper()} is not a configuration request (a query or a runtime-only request); "
-                "a state file cannot hold it",
-                source=source,
-                record=n,
-                path="content.request_type",
-            )
-        if not version.knows_request(kind):
-            raise VersionMismatchError(f"{source}, record {n}: {kind.upper()} does not exist in sozu {version}")
+        blob = reused.get(n)
+        req = pb.Request.FromString(blob) if blob is not None else _record_request(value, version, source, n)
+        kind = req.WhichOneof("request_type") or ""
+        if cache is not None:
+            parsed[bodies[n]] = blob if blob is not None else req.SerializeToString(deterministic=True)
         try:
             apply_request(state, req, copy=False)
         except StateError as e:
@@ -190,7 +237,32 @@ def parse_state_file(
                 path=f"content.request_type.{kind.upper()}",
             ) from None
     _check_expectations(state, len(values), source, expect_records, expect_digest)
+    if cache is not None:
+        cache._parsed = parsed
+        cache.decoded += len(values) - len(reused)
     return state
+
+
+def _record_request(value: Any, version: SozuVersion, source: str, n: int) -> pb.Request:
+    """The configuration request of one decoded record, checked for what a state file may hold."""
+    if not isinstance(value, dict):
+        raise StateParseError("a record must be a JSON object", source=source, record=n)
+    record = serde.from_json(pb.WorkerRequest, value, version, source=source, record=n)
+    req = record.content
+    kind = req.WhichOneof("request_type")
+    if kind is None:
+        raise StateParseError("record has no request", source=source, record=n, path="content.request_type")
+    if kind not in STORED_REQUESTS:
+        raise StateParseError(
+            f"{kind.upper()} is not a configuration request (a query or a runtime-only request); "
+            "a state file cannot hold it",
+            source=source,
+            record=n,
+            path="content.request_type",
+        )
+    if not version.knows_request(kind):
+        raise VersionMismatchError(f"{source}, record {n}: {kind.upper()} does not exist in sozu {version}")
+    return req
 
 
 def _check_expectations(
@@ -381,14 +453,31 @@ def _backend_sort_key(kv: tuple[ObjKey, Message]) -> tuple[Any, ...]:
     )
 
 
-def write_state_file(state: ConfigState) -> bytes:
-    """The bytes sozu ``state.version``'s ``save_state`` writes for ``state`` (module docstring)."""
+def write_state_file(state: ConfigState, *, cache: RecordCache | None = None) -> bytes:
+    """The bytes sozu ``state.version``'s ``save_state`` writes for ``state`` (module docstring).
+    ``cache``: requests its last write encoded are not encoded again (:class:`RecordCache`)."""
     version = state.version
+    known: dict[bytes, bytes] = {}
+    written: dict[bytes, bytes] = {}
+    if cache is not None:
+        cache._for(version)
+        known = cache._written
     chunks: list[bytes] = []
     for n, req in enumerate(state_requests(state)):
-        record = pb.WorkerRequest(id=f"SAVE-{n}", content=req)
-        chunks.append(_ENCODER.encode(serde.to_json(record, version)))
+        if cache is None:
+            record = pb.WorkerRequest(id=f"SAVE-{n}", content=req)
+            chunks.append(_ENCODER.encode(serde.to_json(record, version)))
+        else:
+            key = _digest(req.SerializeToString(deterministic=True))
+            content = known.get(key)
+            if content is None:
+                content = _ENCODER.encode(serde.to_json(req, version))
+                cache.encoded += 1
+            written[key] = content
+            chunks.append(b'{"id":"SAVE-%d","content":%s}' % (n, content))
         chunks.append(b"\n\0")
+    if cache is not None:
+        cache._written = written
     return b"".join(chunks)
 
 

@@ -13,10 +13,11 @@ Three layers, bottom up:
   After a timeout, a bad frame, an EOF or a cancellation the stream's position is unknown: the
   connection is dropped and the next request reconnects, so a late answer is never attributed to the
   next request.
-- **Connection life cycle** (``_Link`` states, guarded by the same lock): ``DISCONNECTED`` ->
-  ``CONNECTED`` (``epoch`` + 1, listeners called on a *re*-connection) -> ``DISCONNECTED`` on any
-  error, ``CLOSED`` after ``aclose()``. Failed attempts are retried after a capped, jittered
-  ``Backoff`` that resets once a connection is established.
+- **Connection life cycle** (``_Link`` states): ``DISCONNECTED`` -> ``CONNECTED`` (``epoch`` + 1,
+  listeners called on a *re*-connection) -> ``DISCONNECTED`` on any error, ``CLOSED`` after
+  ``aclose()``. Failed attempts are retried after a capped, jittered ``Backoff`` that resets once a
+  connection is established. Connecting never holds the request lock: one attempt at a time runs
+  under a lock of its own, and the waits between attempts hold no lock at all.
 
 One connection carries every request: several active connections make real sozu stall requests for
 ``worker_timeout`` (§11.5). Events (``subscribe_events``) need their own connection, since sozu sends
@@ -366,7 +367,8 @@ class SozuChannel:
         self.max_connect_attempts = max_connect_attempts
         self.probe_timeout_s = probe_timeout_s
         self._backoff = backoff if backoff is not None else Backoff()
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one request in flight on the connection
+        self._connect_lock = asyncio.Lock()  # one connection attempt at a time (never held while waiting)
         self._state = _State.DISCONNECTED
         self._link: _Link | None = None
         self._epoch = 0
@@ -405,8 +407,7 @@ class SozuChannel:
         Raises ``SozuConnectionError`` after ``max_connect_attempts`` failed attempts, if set.
         Does nothing when already connected.
         """
-        async with self._lock:
-            await self._ensure_link(deadline=None)
+        await self._ensure_link(deadline=None)
 
     def frame_size(self, req: pb.Request) -> int | None:
         """The bytes ``req`` takes on the wire to the connected sozu version (None while it is unknown):
@@ -439,17 +440,23 @@ class SozuChannel:
             self._check_known(req, kind, checked)
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._lock.acquire()
-        except TimeoutError:
-            raise SozuTimeoutError(
-                f"{kind} {request_summary(req)}: the channel stayed busy (earlier requests or a reconnection) "
-                f"for {timeout:g} s; nothing was sent",
-                socket_path=self.socket_path,
-            ) from None
-        try:
+        while True:
+            # connect first, without the request lock: a connection being retried never makes the other
+            # requests wait for the lock, each one fails with the connection error within its own deadline
             link = await self._ensure_link(deadline=deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._lock.acquire()
+            except TimeoutError:
+                raise SozuTimeoutError(
+                    f"{kind} {request_summary(req)}: the channel stayed busy with earlier requests for {timeout:g} s; "
+                    "nothing was sent",
+                    socket_path=self.socket_path,
+                ) from None
+            if link is self._link and self._usable(link):
+                break
+            self._lock.release()  # the link was dropped while this request waited: connect again
+        try:
             if self.version != checked:  # detected just now, or changed at a reconnection
                 self._check_known(req, kind, self.version)
             frame = link.framing.encode(req)
@@ -522,7 +529,7 @@ class SozuChannel:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- connection state machine (called with self._lock held) --
+    # -- connection state machine (state changes happen between awaits; attempts under _connect_lock) --
 
     def _check_known(self, req: pb.Request, kind: str, version: SozuVersion) -> None:
         if not version.knows_request(kind):
@@ -554,59 +561,84 @@ class SozuChannel:
                 self._state = _State.DISCONNECTED
                 self._log.info("sozu.disconnected", reason=reason, epoch=self._epoch)
 
+    def _usable(self, link: _Link) -> bool:
+        """``link`` is the current connection and sozu has not closed it (checked just before a request)."""
+        if self._state is not _State.CONNECTED or self._link is not link:
+            return False
+        if not link.reader.at_eof() and link.reader.exception() is None:
+            return True
+        # sozu closed the connection while it was idle (restart?): reconnect before sending anything
+        self._drop(link, "closed_while_idle")
+        return False
+
     async def _ensure_link(self, deadline: float | None) -> _Link:
-        if self._is_closed():
-            raise SozuConnectionError("channel closed", socket_path=self.socket_path)
-        if self._state is _State.CONNECTED and self._link is not None:
-            if not self._link.reader.at_eof() and self._link.reader.exception() is None:
-                return self._link
-            # sozu closed the connection while it was idle (restart?): reconnect before sending anything
-            self._drop(self._link, "closed_while_idle")
+        """The current connection, or a new one. Attempts are made one at a time (``_connect_lock``), and the
+        waits between them hold no lock, so a caller with a deadline is never stuck behind an unbounded
+        ``connect()``: it makes its own attempts and gives up with the connection error."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
-            attempt += 1
-            try:
-                link, version, how = await self._open_and_detect(deadline)
-            except (SozuError, OSError) as e:
-                if self._is_closed():
-                    raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
-                delay = self._backoff.next_delay_s()
-                give_up = (self.max_connect_attempts is not None and attempt >= self.max_connect_attempts) or (
-                    deadline is not None and loop.time() + delay >= deadline
-                )
-                reason = self._bare(e)
-                self._log.warning(
-                    "sozu.connect_failed", attempt=attempt, error=reason, retry_in_s=None if give_up else delay
-                )
-                if give_up:
-                    raise SozuConnectionError(
-                        f"gave up after {attempt} connection attempt(s): {reason}", socket_path=self.socket_path
-                    ) from None
-                await asyncio.sleep(delay)
-                continue
             if self._is_closed():
-                link.close()
                 raise SozuConnectionError("channel closed", socket_path=self.socket_path)
-            self._backoff.reset()
-            if how is not None:
-                if self._version is not None and version != self._version:
-                    self._log.warning("sozu.version_changed", previous=str(self._version), version=str(version))
-                self._log.info("sozu.version_detected", version=str(version), how=how)
-            self._version = version
-            self._link = link
-            self._state = _State.CONNECTED
-            self._epoch += 1
-            if self._epoch == 1:
-                self._log.info("sozu.connected", epoch=self._epoch, version=str(version))
-            else:
-                self._log.info("sozu.reconnected", epoch=self._epoch, version=str(version))
-                for cb in list(self._listeners):
-                    try:
-                        cb(self._epoch)
-                    except Exception as cb_error:  # a listener must not break the channel
-                        self._log.error("sozu.reconnect_listener_failed", error=repr(cb_error))
-            return link
+            if self._link is not None and self._usable(self._link):
+                return self._link
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._connect_lock.acquire()
+            except TimeoutError:
+                raise SozuConnectionError(
+                    "cannot connect: another connection attempt did not finish in time", socket_path=self.socket_path
+                ) from None
+            try:
+                if self._link is not None and self._usable(self._link):
+                    return self._link  # another caller connected while this one waited
+                attempt += 1
+                try:
+                    link, version, how = await self._open_and_detect(deadline)
+                except (SozuError, OSError) as e:
+                    if self._is_closed():
+                        raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
+                    delay = self._backoff.next_delay_s()
+                    give_up = (self.max_connect_attempts is not None and attempt >= self.max_connect_attempts) or (
+                        deadline is not None and loop.time() + delay >= deadline
+                    )
+                    reason = self._bare(e)
+                    self._log.warning(
+                        "sozu.connect_failed", attempt=attempt, error=reason, retry_in_s=None if give_up else delay
+                    )
+                    if give_up:
+                        raise SozuConnectionError(
+                            f"gave up after {attempt} connection attempt(s): {reason}", socket_path=self.socket_path
+                        ) from None
+                else:
+                    return self._connected(link, version, how)
+            finally:
+                self._connect_lock.release()
+            await asyncio.sleep(delay)
+
+    def _connected(self, link: _Link, version: SozuVersion, how: str | None) -> _Link:
+        if self._is_closed():
+            link.close()
+            raise SozuConnectionError("channel closed", socket_path=self.socket_path)
+        self._backoff.reset()
+        if how is not None:
+            if self._version is not None and version != self._version:
+                self._log.warning("sozu.version_changed", previous=str(self._version), version=str(version))
+            self._log.info("sozu.version_detected", version=str(version), how=how)
+        self._version = version
+        self._link = link
+        self._state = _State.CONNECTED
+        self._epoch += 1
+        if self._epoch == 1:
+            self._log.info("sozu.connected", epoch=self._epoch, version=str(version))
+        else:
+            self._log.info("sozu.reconnected", epoch=self._epoch, version=str(version))
+            for cb in list(self._listeners):
+                try:
+                    cb(self._epoch)
+                except Exception as cb_error:  # a listener must not break the channel
+                    self._log.error("sozu.reconnect_listener_failed", error=repr(cb_error))
+        return link
 
     def _step_timeout_s(self, deadline: float | None) -> float:
         if deadline is None:

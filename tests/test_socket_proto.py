@@ -32,6 +32,7 @@ from sozud.errors import (
 )
 from sozud.proto import command_pb2 as pb
 from sozud.socket_proto import JsonFraming, ProtobufFraming, SozuChannel, request_summary
+from sozud.testing.cluster import wait_until
 from sozud.versions import SozuVersion
 
 V015 = SozuVersion.parse("0.15.19")
@@ -558,6 +559,22 @@ async def test_request_when_sozu_is_down_fails_with_connection_error(sock_dir: P
         with pytest.raises(SozuConnectionError) as err:
             await ch.request(STATUS)
         assert path in str(err.value)
+
+
+async def test_request_while_connect_retries_says_cannot_connect(sock_dir: Path) -> None:
+    """A ``connect()`` retrying against a missing socket (the daemon's events loop while sozu is down)
+    must not hold the request lock: a request meanwhile fails with the connection error, not "busy"."""
+    path = str(sock_dir / "missing.sock")
+    backoff = fast_backoff()
+    async with SozuChannel(path, version=V2, backoff=backoff, request_timeout_s=0.2) as ch:
+        connecting = asyncio.create_task(ch.connect())
+        await wait_until(lambda: backoff.attempts >= 2, what="connect() retrying")
+        with pytest.raises(SozuConnectionError) as err:
+            await ch.request(STATUS)
+        assert path in str(err.value) and "cannot connect" in str(err.value)
+        assert not connecting.done()
+    with pytest.raises(SozuConnectionError, match="closed"):
+        await connecting
 
 
 async def test_request_after_aclose_is_refused(sock_dir: Path) -> None:

@@ -13,11 +13,11 @@ Three layers, bottom up:
   After a timeout, a bad frame, an EOF or a cancellation the stream's position is unknown: the
   connection is dropped and the next request reconnects, so a late answer is never attributed to the
   next request.
-- **Connection life cycle** (``_Link`` states): ``DISCONNECTED`` -> ``CONNECTED`` (``epoch`` + 1,
-  listeners called on a *re*-connection) -> ``DISCONNECTED`` on any error, ``CLOSED`` after
-  ``aclose()``. Failed attempts are retried after a capped, jittered ``Backoff`` that resets once a
-  connection is established. Connecting never holds the request lock: one attempt at a time runs
-  under a lock of its own, and the waits between attempts hold no lock at all.
+- **Connection life cycle**: a ``Reconnector`` (``sozud.reconnect``) holds the state
+  (``DISCONNECTED`` -> ``CONNECTING`` -> ``CONNECTED``, ``WAITING`` out a capped, jittered backoff
+  after a failed attempt, ``STOPPED`` after ``aclose()``). ``epoch`` + 1 on every connection, listeners
+  called on a *re*-connection. Connecting never holds the request lock: one attempt at a time runs
+  under the reconnector's lock, and the waits between attempts hold no lock at all.
 
 One connection carries every request: several active connections make real sozu stall requests for
 ``worker_timeout`` (§11.5). Events (``subscribe_events``) need their own connection, since sozu sends
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import struct
 from collections.abc import Callable
@@ -62,6 +61,7 @@ from sozud.errors import (
 )
 from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
+from sozud.reconnect import LinkState, Reconnector
 from sozud.redact import redact_text
 from sozud.versions import V0_15_19, V1_1_1, V2_1_0, SozuVersion
 
@@ -110,6 +110,7 @@ class Framing(Protocol):
     """Bytes <-> messages for one protocol family; errors name ``socket_path``."""
 
     family: str
+    socket_path: str
 
     def encode(self, req: pb.Request) -> bytes: ...
 
@@ -313,24 +314,49 @@ def request_summary(req: pb.Request, *, max_chars: int = 160) -> str:
 
 # --- the channel ------------------------------------------------------------------------------------------
 
-
-class _State(enum.Enum):
-    DISCONNECTED = "disconnected"  # never connected, or dropped after an error: next use connects
-    CONNECTED = "connected"
-    CLOSED = "closed"  # aclose() was called: terminal
+# Waits between failed connection attempts: a ceiling from 0.1 s, doubling, never over 30 s (full jitter).
+CONNECT_BACKOFF_INITIAL_S = 0.1
+CONNECT_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
-class _Link:
-    """One open connection and the framing it speaks."""
+class Link:
+    """One open connection to sozu, the framing it speaks and the version it was opened for (``how``:
+    how that version was detected, None when it was given)."""
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     framing: Framing
+    version: SozuVersion | None = None
+    how: str | None = None
+
+    def alive(self) -> bool:
+        """sozu has not closed it (an idle connection sozu closed is at EOF)."""
+        return not self.reader.at_eof() and self.reader.exception() is None
+
+    async def send(self, req: pb.Request) -> None:
+        await self.send_frame(self.framing.encode(req))
+
+    async def send_frame(self, frame: bytes) -> None:
+        try:
+            self.writer.write(frame)
+            await self.writer.drain()
+        except OSError as e:
+            raise SozuConnectionError(f"write failed: {e}", socket_path=self.framing.socket_path) from None
+
+    async def receive(self) -> pb.Response:
+        return await self.framing.read(self.reader)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+def bare_error(e: BaseException, socket_path: str) -> str:
+    """An error's text without the ``sozu at <socket>:`` prefix (for messages that add their own)."""
+    if isinstance(e, SozuError):
+        return str(e).removeprefix(f"sozu at {socket_path}: ")
+    return f"{type(e).__name__}: {e}"
 
 
 class SozuChannel:
@@ -342,6 +368,10 @@ class SozuChannel:
     ``max_frame_bytes`` caps one incoming frame (sozu's own default cap is 2 000 000) and one outgoing
     request (2.x would never answer a bigger one). ``max_connect_attempts`` (None: unbounded) makes
     ``connect()`` give up. ``probe_timeout_s`` is how long the 1.x/2.x probe waits (§ module docstring).
+    ``backoff``: the waits between failed connection attempts (default: ``CONNECT_BACKOFF_*``).
+
+    The link API (``closed``, ``known_version``, ``open_link``, ``retry_backoff``, close listeners) is for
+    users of connections of their own, like ``EventSubscription``.
     """
 
     def __init__(
@@ -364,17 +394,24 @@ class SozuChannel:
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_frame_bytes = max_frame_bytes
-        self.max_connect_attempts = max_connect_attempts
         self.probe_timeout_s = probe_timeout_s
-        self._backoff = backoff if backoff is not None else Backoff()
-        self._lock = asyncio.Lock()  # one request in flight on the connection
-        self._connect_lock = asyncio.Lock()  # one connection attempt at a time (never held while waiting)
-        self._state = _State.DISCONNECTED
-        self._link: _Link | None = None
+        self._lock = asyncio.Lock()  # one request in flight on the connection; never held to connect
         self._epoch = 0
         self._listeners: list[Callable[[int], None]] = []
-        self._subscriptions: set[EventSubscription] = set()
+        self._close_listeners: list[Callable[[], None]] = []
         self._log = get_logger(socket=socket_path)
+        self._links: Reconnector[Link] = Reconnector(
+            self._open_and_detect,
+            close=Link.close,
+            fail=self._connection_error,
+            backoff=backoff or Backoff(initial_s=CONNECT_BACKOFF_INITIAL_S, max_s=CONNECT_BACKOFF_MAX_S),
+            log=self._log,
+            event_prefix="sozu.",
+            describe=self._bare,
+            alive=Link.alive,
+            on_connected=self._connected,
+            max_attempts=max_connect_attempts,
+        )
 
     # -- public surface --
 
@@ -390,12 +427,13 @@ class SozuChannel:
         """+1 on every successful (re)connection; a change means sozu may have restarted (re-sync)."""
         return self._epoch
 
-    def _is_closed(self) -> bool:
-        return self._state is _State.CLOSED  # a method: the state changes across awaits
-
     @property
     def connected(self) -> bool:
-        return self._state is _State.CONNECTED
+        return self._links.state is LinkState.CONNECTED
+
+    @property
+    def max_connect_attempts(self) -> int | None:
+        return self._links.max_attempts
 
     def add_reconnect_listener(self, cb: Callable[[int], None]) -> None:
         """``cb(new_epoch)`` runs after every *re*-connection (not the first connection)."""
@@ -405,9 +443,10 @@ class SozuChannel:
         """Connect (detecting the version if unknown), retrying with backoff until it works.
 
         Raises ``SozuConnectionError`` after ``max_connect_attempts`` failed attempts, if set.
-        Does nothing when already connected.
+        Does nothing when already connected. Holds no lock while it waits between attempts: requests
+        made meanwhile make their own attempts and fail with the connection error.
         """
-        await self._ensure_link(deadline=None)
+        await self._links.get(deadline=None)
 
     def frame_size(self, req: pb.Request) -> int | None:
         """The bytes ``req`` takes on the wire to the connected sozu version (None while it is unknown):
@@ -440,58 +479,11 @@ class SozuChannel:
             self._check_known(req, kind, checked)
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            # connect first, without the request lock: a connection being retried never makes the other
-            # requests wait for the lock, each one fails with the connection error within its own deadline
-            link = await self._ensure_link(deadline=deadline)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._lock.acquire()
-            except TimeoutError:
-                raise SozuTimeoutError(
-                    f"{kind} {request_summary(req)}: the channel stayed busy with earlier requests for {timeout:g} s; "
-                    "nothing was sent",
-                    socket_path=self.socket_path,
-                ) from None
-            if link is self._link and self._usable(link):
-                break
-            self._lock.release()  # the link was dropped while this request waited: connect again
+        link = await self._acquire(req, kind, deadline, timeout)
         try:
             if self.version != checked:  # detected just now, or changed at a reconnection
                 self._check_known(req, kind, self.version)
-            frame = link.framing.encode(req)
-            if len(frame) > self.max_frame_bytes:
-                raise SozuProtocolError(
-                    f"{kind} {request_summary(req)}: request of {len(frame)} bytes exceeds max_frame_bytes="
-                    f"{self.max_frame_bytes} (sozu would never answer it)",
-                    socket_path=self.socket_path,
-                )
-            try:
-                async with asyncio.timeout_at(deadline):
-                    final, processing = await self._exchange(link, frame)
-            except TimeoutError:
-                self._drop(link, "request_timeout")
-                summary = request_summary(req)
-                self._log.warning("sozu.request_timeout", request=kind, summary=summary, timeout_s=timeout)
-                raise SozuTimeoutError(
-                    f"{kind} {summary}: no final answer within {timeout:g} s; its effect is unknown "
-                    "(connection dropped, the next request reconnects)",
-                    socket_path=self.socket_path,
-                ) from None
-            except SozuProtocolError as e:
-                self._drop(link, "protocol_error")
-                self._log.warning("sozu.protocol_error", request=kind, error=str(e))
-                raise
-            except SozuConnectionError as e:
-                self._drop(link, "connection_lost")
-                if self._is_closed():
-                    raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
-                self._log.warning("sozu.connection_lost", request=kind, error=str(e))
-                raise
-            except BaseException:
-                # cancelled (or anything unexpected) mid-exchange: the stream position is unknown
-                self._drop(link, "interrupted")
-                raise
+            final, processing = await self._send_and_wait(link, req, kind, deadline, timeout)
         finally:
             self._lock.release()
         if final.status == pb.FAILURE:
@@ -506,22 +498,19 @@ class SozuChannel:
 
     def subscribe_events(self) -> EventSubscription:
         """Events on a connection of their own, as an async iterator (see ``EventSubscription``)."""
-        if self._is_closed():
+        if self.closed:
             raise SozuConnectionError("channel closed", socket_path=self.socket_path)
-        sub = EventSubscription(self)
-        self._subscriptions.add(sub)
-        return sub
+        return EventSubscription(self)
 
     async def aclose(self) -> None:
         """Close the channel and its subscriptions; later requests raise ``SozuConnectionError``."""
-        self._state = _State.CLOSED
-        if self._link is not None:
-            link, self._link = self._link, None
+        link = self._links.stop()
+        if link is not None:
             link.close()
             with contextlib.suppress(Exception):
                 await link.writer.wait_closed()
-        for sub in list(self._subscriptions):
-            await sub.aclose()
+        for cb in list(self._close_listeners):
+            cb()
 
     async def __aenter__(self) -> SozuChannel:
         return self
@@ -529,7 +518,100 @@ class SozuChannel:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- connection state machine (state changes happen between awaits; attempts under _connect_lock) --
+    # -- link API: connections of their own for other users (events) --
+
+    @property
+    def closed(self) -> bool:
+        return self._links.stopped
+
+    @property
+    def known_version(self) -> SozuVersion | None:
+        """The version, or None before it is known (``version`` raises instead)."""
+        return self._version
+
+    def retry_backoff(self) -> Backoff:
+        """A backoff with the channel's settings, starting over (for a connection of one's own)."""
+        return self._links.backoff.fresh()
+
+    async def open_link(self, deadline: float | None = None) -> Link:
+        """A new connection of the caller's own (not the request connection), in the channel's framing;
+        connects the channel first when the version is not known yet. The caller closes it."""
+        if self.closed:
+            raise self._connection_error("closed")
+        if self._version is None:
+            await self._links.get(deadline)
+        version = self.version
+        framing = make_framing(version, socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
+        link = await self._open(framing, deadline)
+        link.version = version
+        return link
+
+    def add_close_listener(self, cb: Callable[[], None]) -> None:
+        """``cb()`` runs when the channel is closed."""
+        self._close_listeners.append(cb)
+
+    def remove_close_listener(self, cb: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._close_listeners.remove(cb)
+
+    # -- one request --
+
+    async def _acquire(self, req: pb.Request, kind: str, deadline: float, timeout_s: float) -> Link:
+        """A connection, then the request lock on it (held on return). Connecting comes first and
+        without the lock, so a connection being retried never makes other requests wait for the lock:
+        each fails with the connection error within its own deadline."""
+        while True:
+            link = await self._links.get(deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._lock.acquire()
+            except TimeoutError:
+                raise SozuTimeoutError(
+                    f"{kind} {request_summary(req)}: the channel stayed busy with earlier requests "
+                    f"for {timeout_s:g} s; nothing was sent",
+                    socket_path=self.socket_path,
+                ) from None
+            if self._links.usable() is link:
+                return link
+            self._lock.release()  # the link was dropped while this request waited: connect again
+
+    async def _send_and_wait(
+        self, link: Link, req: pb.Request, kind: str, deadline: float, timeout_s: float
+    ) -> tuple[pb.Response, list[pb.Response]]:
+        """The exchange of one request, with the request lock held; any failure drops the connection."""
+        frame = link.framing.encode(req)
+        if len(frame) > self.max_frame_bytes:
+            raise SozuProtocolError(
+                f"{kind} {request_summary(req)}: request of {len(frame)} bytes exceeds max_frame_bytes="
+                f"{self.max_frame_bytes} (sozu would never answer it)",
+                socket_path=self.socket_path,
+            )
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._exchange(link, frame)
+        except TimeoutError:
+            self._drop(link, "request_timeout")
+            summary = request_summary(req)
+            self._log.warning("sozu.request_timeout", request=kind, summary=summary, timeout_s=timeout_s)
+            raise SozuTimeoutError(
+                f"{kind} {summary}: no final answer within {timeout_s:g} s; its effect is unknown "
+                "(connection dropped, the next request reconnects)",
+                socket_path=self.socket_path,
+            ) from None
+        except SozuProtocolError as e:
+            self._drop(link, "protocol_error")
+            self._log.warning("sozu.protocol_error", request=kind, error=str(e))
+            raise
+        except SozuConnectionError as e:
+            self._drop(link, "connection_lost")
+            if self.closed:
+                raise self._connection_error("channel closed") from None
+            self._log.warning("sozu.connection_lost", request=kind, error=str(e))
+            raise
+        except BaseException:
+            # cancelled (or anything unexpected) mid-exchange: the stream position is unknown
+            self._drop(link, "interrupted")
+            raise
 
     def _check_known(self, req: pb.Request, kind: str, version: SozuVersion) -> None:
         if not version.knows_request(kind):
@@ -547,98 +629,35 @@ class SozuChannel:
                 socket_path=self.socket_path,
             )
 
+    # -- connection life cycle (the Reconnector's hooks) --
+
+    def _connection_error(self, message: str) -> SozuConnectionError:
+        return SozuConnectionError(message, socket_path=self.socket_path)
+
     def _bare(self, e: BaseException) -> str:
-        """An error's text without the ``sozu at <socket>:`` prefix (for messages that add their own)."""
-        if isinstance(e, SozuError):
-            return str(e).removeprefix(f"sozu at {self.socket_path}: ")
-        return f"{type(e).__name__}: {e}"
+        return bare_error(e, self.socket_path)
 
-    def _drop(self, link: _Link, reason: str) -> None:
-        link.close()
-        if self._link is link:
-            self._link = None
-            if self._state is _State.CONNECTED:
-                self._state = _State.DISCONNECTED
-                self._log.info("sozu.disconnected", reason=reason, epoch=self._epoch)
+    def _drop(self, link: Link, reason: str) -> None:
+        self._links.lost(link, reason, epoch=self._epoch)
 
-    def _usable(self, link: _Link) -> bool:
-        """``link`` is the current connection and sozu has not closed it (checked just before a request)."""
-        if self._state is not _State.CONNECTED or self._link is not link:
-            return False
-        if not link.reader.at_eof() and link.reader.exception() is None:
-            return True
-        # sozu closed the connection while it was idle (restart?): reconnect before sending anything
-        self._drop(link, "closed_while_idle")
-        return False
-
-    async def _ensure_link(self, deadline: float | None) -> _Link:
-        """The current connection, or a new one. Attempts are made one at a time (``_connect_lock``), and the
-        waits between them hold no lock, so a caller with a deadline is never stuck behind an unbounded
-        ``connect()``: it makes its own attempts and gives up with the connection error."""
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        while True:
-            if self._is_closed():
-                raise SozuConnectionError("channel closed", socket_path=self.socket_path)
-            if self._link is not None and self._usable(self._link):
-                return self._link
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._connect_lock.acquire()
-            except TimeoutError:
-                raise SozuConnectionError(
-                    "cannot connect: another connection attempt did not finish in time", socket_path=self.socket_path
-                ) from None
-            try:
-                if self._link is not None and self._usable(self._link):
-                    return self._link  # another caller connected while this one waited
-                attempt += 1
-                try:
-                    link, version, how = await self._open_and_detect(deadline)
-                except (SozuError, OSError) as e:
-                    if self._is_closed():
-                        raise SozuConnectionError("channel closed", socket_path=self.socket_path) from None
-                    delay = self._backoff.next_delay_s()
-                    give_up = (self.max_connect_attempts is not None and attempt >= self.max_connect_attempts) or (
-                        deadline is not None and loop.time() + delay >= deadline
-                    )
-                    reason = self._bare(e)
-                    self._log.warning(
-                        "sozu.connect_failed", attempt=attempt, error=reason, retry_in_s=None if give_up else delay
-                    )
-                    if give_up:
-                        raise SozuConnectionError(
-                            f"gave up after {attempt} connection attempt(s): {reason}", socket_path=self.socket_path
-                        ) from None
-                else:
-                    return self._connected(link, version, how)
-            finally:
-                self._connect_lock.release()
-            await asyncio.sleep(delay)
-
-    def _connected(self, link: _Link, version: SozuVersion, how: str | None) -> _Link:
-        if self._is_closed():
-            link.close()
-            raise SozuConnectionError("channel closed", socket_path=self.socket_path)
-        self._backoff.reset()
-        if how is not None:
+    def _connected(self, link: Link) -> None:
+        version = link.version
+        assert version is not None
+        if link.how is not None:
             if self._version is not None and version != self._version:
                 self._log.warning("sozu.version_changed", previous=str(self._version), version=str(version))
-            self._log.info("sozu.version_detected", version=str(version), how=how)
+            self._log.info("sozu.version_detected", version=str(version), how=link.how)
         self._version = version
-        self._link = link
-        self._state = _State.CONNECTED
         self._epoch += 1
         if self._epoch == 1:
             self._log.info("sozu.connected", epoch=self._epoch, version=str(version))
-        else:
-            self._log.info("sozu.reconnected", epoch=self._epoch, version=str(version))
-            for cb in list(self._listeners):
-                try:
-                    cb(self._epoch)
-                except Exception as cb_error:  # a listener must not break the channel
-                    self._log.error("sozu.reconnect_listener_failed", error=repr(cb_error))
-        return link
+            return
+        self._log.info("sozu.reconnected", epoch=self._epoch, version=str(version))
+        for cb in list(self._listeners):
+            try:
+                cb(self._epoch)
+            except Exception as cb_error:  # a listener must not break the channel
+                self._log.error("sozu.reconnect_listener_failed", error=repr(cb_error))
 
     def _step_timeout_s(self, deadline: float | None) -> float:
         if deadline is None:
@@ -648,7 +667,7 @@ class SozuChannel:
             raise SozuConnectionError("no time left to connect", socket_path=self.socket_path)
         return min(self.connect_timeout_s, remaining)
 
-    async def _open(self, framing: Framing, deadline: float | None) -> _Link:
+    async def _open(self, framing: Framing, deadline: float | None) -> Link:
         try:
             async with asyncio.timeout(self._step_timeout_s(deadline)):
                 reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=self.max_frame_bytes + 1)
@@ -656,15 +675,22 @@ class SozuChannel:
             raise SozuConnectionError("connection attempt timed out", socket_path=self.socket_path) from None
         except OSError as e:
             raise SozuConnectionError(f"cannot connect: {e.strerror or e}", socket_path=self.socket_path) from None
-        return _Link(reader, writer, framing)
+        return Link(reader, writer, framing)
 
-    async def _open_and_detect(self, deadline: float | None) -> tuple[_Link, SozuVersion, str | None]:
-        """A new connection, and the version it speaks (with how it was decided, if it was detected)."""
+    async def _open_and_detect(self, deadline: float | None) -> Link:
+        """A new connection, with the version it speaks (and how it was decided, if it was detected)."""
         if self._fixed_version is not None:
             framing = make_framing(
                 self._fixed_version, socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes
             )
-            return await self._open(framing, deadline), self._fixed_version, None
+            link = await self._open(framing, deadline)
+            link.version = self._fixed_version
+            return link
+        link, link.version, link.how = await self._detect(deadline)
+        return link
+
+    async def _detect(self, deadline: float | None) -> tuple[Link, SozuVersion, str]:
+        """A new connection and the version it speaks, detected (see the module docstring)."""
         proto = ProtobufFraming(socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
         link = await self._open(proto, deadline)
         probe = pb.Request(list_listeners=pb.ListListeners())
@@ -709,23 +735,19 @@ class SozuChannel:
         proto = ProtobufFraming(socket_path=self.socket_path, max_frame_bytes=self.max_frame_bytes)
         link = await self._open(proto, deadline)
         try:
-            frame = proto.encode(pb.Request(query_health_checks=pb.QueryHealthChecks()))
-            link.writer.write(frame)
-            await link.writer.drain()
+            await link.send(pb.Request(query_health_checks=pb.QueryHealthChecks()))
             timeout = min(self.probe_timeout_s, self._step_timeout_s(deadline))
             try:
                 async with asyncio.timeout(timeout):
-                    await proto.read(link.reader)
+                    await link.receive()
             except TimeoutError:
                 return False
             return True
-        except OSError as e:
-            raise SozuConnectionError(f"version probe failed: {e}", socket_path=self.socket_path) from None
         finally:
             link.close()
 
     async def _timed_exchange(
-        self, link: _Link, frame: bytes, deadline: float | None
+        self, link: Link, frame: bytes, deadline: float | None
     ) -> tuple[pb.Response, list[pb.Response]]:
         try:
             async with asyncio.timeout(self._step_timeout_s(deadline)):
@@ -735,17 +757,13 @@ class SozuChannel:
                 "version detection: no answer to list_listeners", socket_path=self.socket_path
             ) from None
 
-    async def _exchange(self, link: _Link, frame: bytes) -> tuple[pb.Response, list[pb.Response]]:
+    async def _exchange(self, link: Link, frame: bytes) -> tuple[pb.Response, list[pb.Response]]:
         """Write one request frame, read frames until the final one."""
-        try:
-            link.writer.write(frame)
-            await link.writer.drain()
-        except OSError as e:
-            raise SozuConnectionError(f"write failed: {e}", socket_path=self.socket_path) from None
+        await link.send_frame(frame)
         processing: list[pb.Response] = []
         seen = 0
         while True:
-            resp = await link.framing.read(link.reader)
+            resp = await link.receive()
             if resp.status == pb.PROCESSING:
                 # sozu sends a few per request (one per stage or worker); keep the first ones only, and
                 # give up on a peer that never ends (memory stays bounded whatever the timeout).
@@ -817,54 +835,57 @@ def _v2_listener_marker(listeners: pb.ListenersList) -> str | None:
 
 
 class EventSubscription:
-    """Async iterator of sozu events, on a connection of its own.
+    """Async iterator of sozu events, on a connection of its own (the channel's link API).
 
     Acknowledgements are skipped (2.1.0: the ``EVENTS_SUBSCRIBED`` event; 0.15: the ``OK`` frame);
     every other event is delivered as sozu sends it (2.1.0 sends most of them twice, §11.7). When the
-    connection is lost it reconnects with the channel's backoff and subscribes again; ``epoch`` counts
-    the subscriptions made, so a consumer can tell that events may have been missed in between (and
-    re-read the live state). Raises ``SozuConnectionError`` when the channel's ``max_connect_attempts``
-    is exhausted or the channel is closed, ``SozuRequestError`` if sozu refuses the subscription.
-    There is no read timeout: events can be rare.
+    connection is lost it reconnects (a ``Reconnector`` with the channel's backoff settings) and subscribes
+    again; ``epoch`` counts the subscriptions made, so a consumer can tell that events may have been
+    missed in between (and re-read the live state). Raises ``SozuConnectionError`` when the channel's
+    ``max_connect_attempts`` is exhausted, ``SozuRequestError`` if sozu refuses the subscription; ends
+    when it or the channel is closed. There is no read timeout: events can be rare.
     """
 
     def __init__(self, channel: SozuChannel) -> None:
         self._channel = channel
-        self._link: _Link | None = None
-        self._closed = False
         self.epoch = 0
-        self._backoff = Backoff(
-            initial_s=channel._backoff.initial_s, max_s=channel._backoff.max_s, factor=channel._backoff.factor
+        self._log = get_logger(socket=channel.socket_path, stream="events")
+        self._links: Reconnector[Link] = Reconnector(
+            self._subscribe,
+            close=Link.close,
+            fail=lambda message: SozuConnectionError(message, socket_path=channel.socket_path),
+            backoff=channel.retry_backoff(),
+            log=self._log,
+            event_prefix="sozu.events_",
+            describe=lambda e: bare_error(e, channel.socket_path),
+            on_connected=self._subscribed,
+            max_attempts=channel.max_connect_attempts,
         )
-        self._log = channel._log
+        channel.add_close_listener(self._stop)
 
     def __aiter__(self) -> EventSubscription:
         return self
 
     async def __anext__(self) -> pb.Event:
-        ch = self._channel
         while True:
-            if self._closed:
-                raise StopAsyncIteration
-            if self._link is None:
-                await self._subscribe()
-            link = self._link
-            assert link is not None
             try:
-                resp = await link.framing.read(link.reader)
-            except SozuError as e:
-                link.close()
-                self._link = None
-                if self._closed:
+                link = await self._links.get()
+            except SozuConnectionError:
+                if self._links.stopped:
                     raise StopAsyncIteration from None
-                event = "sozu.protocol_error" if isinstance(e, SozuProtocolError) else "sozu.events_lost"
-                self._log.warning(event, stream="events", error=str(e))
+                raise
+            try:
+                resp = await link.receive()
+            except SozuError as e:
+                if self._links.stopped:
+                    raise StopAsyncIteration from None
+                reason = "protocol_error" if isinstance(e, SozuProtocolError) else "connection_lost"
+                self._links.lost(link, reason, error=str(e))
                 continue
             if resp.status == pb.FAILURE:
-                link.close()
-                self._link = None
+                self._links.lost(link, "subscription_refused")
                 raise SozuRequestError(
-                    redact_text(resp.message), request_kind="subscribe_events", socket_path=ch.socket_path
+                    redact_text(resp.message), request_kind="subscribe_events", socket_path=self._channel.socket_path
                 )
             if not resp.content.HasField("event"):
                 continue  # 0.15's OK acknowledgement
@@ -872,46 +893,24 @@ class EventSubscription:
                 continue  # 2.1.0's acknowledgement
             return resp.content.event
 
-    async def _subscribe(self) -> None:
-        ch = self._channel
-        if ch._version is None:
-            await ch.connect()
-        attempt = 0
-        while True:
-            if self._closed or ch._is_closed():
-                raise StopAsyncIteration
-            attempt += 1
-            framing = make_framing(ch.version, socket_path=ch.socket_path, max_frame_bytes=ch.max_frame_bytes)
-            try:
-                link = await ch._open(framing, None)
-                try:
-                    link.writer.write(framing.encode(pb.Request(subscribe_events=pb.SubscribeEvents())))
-                    await link.writer.drain()
-                except OSError as e:
-                    link.close()
-                    raise SozuConnectionError(f"subscribe failed: {e}", socket_path=ch.socket_path) from None
-            except SozuConnectionError as e:
-                delay = self._backoff.next_delay_s()
-                give_up = ch.max_connect_attempts is not None and attempt >= ch.max_connect_attempts
-                self._log.warning(
-                    "sozu.events_connect_failed", attempt=attempt, error=str(e), retry_in_s=None if give_up else delay
-                )
-                if give_up:
-                    raise
-                await asyncio.sleep(delay)
-                continue
-            if self._closed:
-                link.close()
-                raise StopAsyncIteration
-            self._backoff.reset()
-            self._link = link
-            self.epoch += 1
-            self._log.info("sozu.events_subscribed", epoch=self.epoch, version=str(ch.version))
-            return
+    async def _subscribe(self, deadline: float | None) -> Link:
+        link = await self._channel.open_link(deadline)
+        try:
+            await link.send(pb.Request(subscribe_events=pb.SubscribeEvents()))
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _subscribed(self, link: Link) -> None:
+        self.epoch += 1
+        self._log.info("sozu.events_subscribed", epoch=self.epoch, version=str(link.version))
+
+    def _stop(self) -> None:
+        link = self._links.stop()
+        if link is not None:
+            link.close()
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-        self._channel._subscriptions.discard(self)
+        self._stop()
+        self._channel.remove_close_listener(self._stop)

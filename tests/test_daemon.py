@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -175,5 +176,26 @@ async def test_a_refused_plan_is_reported_once_and_status_says_what_to_do(
         assert err.count('"sync.refused"') == 1, "a refusal that does not change must be reported once"
         status = msgspec.json.decode((node.dir / "state" / "status.json").read_bytes())
         assert "--force" in status["action"] and "max_removal_ratio" in status["last_error"]
+    finally:
+        await cluster.stop()
+
+
+async def test_a_sozu_restart_is_logged_once_and_resyncs(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = await SimCluster.create(["a"], settings={"resync_interval_s": 3600.0})
+    node = cluster.node("a")
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("c")))
+        await cluster.start()
+        d = node.daemon
+        assert d is not None
+        await wait_until(lambda: cluster.shared_value() is not None, what="bootstrap")
+        capsys.readouterr()
+        await node.sozu.restart(empty=False)
+        await wait_until(lambda: d.metrics.reconnects.get() >= 1, what="the reconnection")
+        await wait_until(lambda: "sozu_reconnected" in (d.status.last_reason or ""), what="the re-sync it triggers")
+        records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        reconnected = [r for r in records if r["event"] == "sozu.reconnected"]
+        assert len(reconnected) == 1, f"one reconnection, logged {len(reconnected)} times: {reconnected}"
+        assert reconnected[0]["epoch"] == 2
     finally:
         await cluster.stop()

@@ -439,6 +439,10 @@ class SozuChannel:
         """``cb(new_epoch)`` runs after every *re*-connection (not the first connection)."""
         self._listeners.append(cb)
 
+    def remove_reconnect_listener(self, cb: Callable[[int], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(cb)
+
     async def connect(self) -> None:
         """Connect (detecting the version if unknown), retrying with backoff until it works.
 
@@ -839,11 +843,12 @@ class EventSubscription:
 
     Acknowledgements are skipped (2.1.0: the ``EVENTS_SUBSCRIBED`` event; 0.15: the ``OK`` frame);
     every other event is delivered as sozu sends it (2.1.0 sends most of them twice, §11.7). When the
-    connection is lost it reconnects (a ``Reconnector`` with the channel's backoff settings) and subscribes
-    again; ``epoch`` counts the subscriptions made, so a consumer can tell that events may have been
-    missed in between (and re-read the live state). Raises ``SozuConnectionError`` when the channel's
-    ``max_connect_attempts`` is exhausted, ``SozuRequestError`` if sozu refuses the subscription; ends
-    when it or the channel is closed. There is no read timeout: events can be rare.
+    connection is lost it reconnects (a ``Reconnector`` with the channel's backoff settings, kicked when
+    the channel itself reconnects) and subscribes again; ``epoch`` counts the subscriptions made, so a
+    consumer can tell that events may have been missed in between (and re-read the live state). Raises
+    ``SozuConnectionError`` when the channel's ``max_connect_attempts`` is exhausted,
+    ``SozuRequestError`` if sozu refuses the subscription; ends when it or the channel is closed. There
+    is no read timeout: events can be rare.
     """
 
     def __init__(self, channel: SozuChannel) -> None:
@@ -862,6 +867,11 @@ class EventSubscription:
             max_attempts=channel.max_connect_attempts,
         )
         channel.add_close_listener(self._stop)
+        channel.add_reconnect_listener(self._kick)  # sozu is back: stop waiting out the backoff
+
+    @property
+    def state(self) -> LinkState:
+        return self._links.state
 
     def __aiter__(self) -> EventSubscription:
         return self
@@ -911,6 +921,10 @@ class EventSubscription:
         if link is not None:
             link.close()
 
+    def _kick(self, _epoch: int) -> None:
+        self._links.kick()
+
     async def aclose(self) -> None:
         self._stop()
         self._channel.remove_close_listener(self._stop)
+        self._channel.remove_reconnect_listener(self._kick)

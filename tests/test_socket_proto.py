@@ -31,6 +31,7 @@ from sozud.errors import (
     StateParseError,
 )
 from sozud.proto import command_pb2 as pb
+from sozud.reconnect import LinkState
 from sozud.socket_proto import JsonFraming, ProtobufFraming, SozuChannel, request_summary
 from sozud.testing.cluster import wait_until
 from sozud.versions import SozuVersion
@@ -713,6 +714,32 @@ async def test_events_resubscribe_after_connection_loss(sock_dir: Path) -> None:
         await ch.aclose()  # closes the subscription too
         with pytest.raises(StopAsyncIteration):
             await anext(sub)
+
+
+async def test_events_resubscribe_at_once_when_the_channel_reconnects(sock_dir: Path) -> None:
+    """The subscription waits out its backoff while sozu is down, unless the channel reconnects first."""
+    path = sock_dir / "s"
+    fake = FakeSozu(path, V2)
+    await fake.start()
+    hour = Backoff(initial_s=3600.0, max_s=3600.0)
+    ch = SozuChannel(str(path), version=V2, backoff=hour)
+    try:
+        await ch.request(STATUS)
+        sub = ch.subscribe_events()
+        nxt = asyncio.create_task(anext(sub))
+        await fake.wait_subscribers(1)
+        await fake.stop()  # the subscription's next attempt fails: it waits (up to an hour)
+        await wait_until(lambda: sub.state is LinkState.WAITING, what="the subscription waiting")
+        fake = FakeSozu(path, V2)
+        await fake.start()
+        await ch.request(STATUS)  # the channel reconnects (epoch 2): the subscription's wait is cut short
+        await wait_until(lambda: len(fake.subscribers) == 1, what="a new subscription before the backoff ends")
+        (conn,) = fake.subscribers
+        conn.send(event(pb.CLUSTER_ADDED, cluster_id="back"))
+        assert (await nxt).cluster_id == "back" and sub.epoch == 2
+    finally:
+        await ch.aclose()
+        await fake.stop()
 
 
 async def test_events_bad_frame_resubscribes(sock_dir: Path) -> None:

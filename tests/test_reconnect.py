@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -14,6 +15,17 @@ from sozud.reconnect import LinkState, Reconnector
 from sozud.testing.cluster import wait_until
 
 HOUR_S = 3600.0
+
+
+class Ceiling(random.Random):
+    """Draws the ceiling every time: the waits are exactly as long as the backoff allows."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def hour_backoff() -> Backoff:
+    return Backoff(initial_s=HOUR_S, max_s=HOUR_S, rng=Ceiling())
 
 
 class Peer:
@@ -83,7 +95,7 @@ async def test_backoff_resets_once_connected_and_a_lost_connection_is_replaced()
 
 async def test_kick_cuts_the_wait_short() -> None:
     peer = Peer(refusals=1)
-    r = reconnector(peer, Backoff(initial_s=HOUR_S, max_s=HOUR_S))
+    r = reconnector(peer, hour_backoff())
     task = asyncio.create_task(r.get())
     await wait_until(lambda: r.state is LinkState.WAITING, what="a wait after the refusal")
     r.kick()
@@ -95,7 +107,7 @@ async def test_gives_up_after_max_attempts_or_before_the_deadline() -> None:
     r = reconnector(Peer(refusals=10), Backoff(initial_s=0.001, max_s=0.002), max_attempts=3)
     with pytest.raises(SozuConnectionError, match=r"gave up after 3 connection attempt\(s\): .*refused"):
         await r.get()
-    r = reconnector(Peer(refusals=10), Backoff(initial_s=HOUR_S, max_s=HOUR_S))
+    r = reconnector(Peer(refusals=10), hour_backoff())
     deadline = asyncio.get_running_loop().time() + 60.0
     with pytest.raises(SozuConnectionError, match=r"gave up after 1 connection attempt"):
         await r.get(deadline)  # an hour's wait cannot fit in a minute: give up at once, never wait
@@ -103,7 +115,7 @@ async def test_gives_up_after_max_attempts_or_before_the_deadline() -> None:
 
 async def test_stop_ends_a_wait_and_refuses_to_connect_again() -> None:
     peer = Peer(refusals=1)
-    r = reconnector(peer, Backoff(initial_s=HOUR_S, max_s=HOUR_S))
+    r = reconnector(peer, hour_backoff())
     task = asyncio.create_task(r.get())
     await wait_until(lambda: r.state is LinkState.WAITING, what="a wait after the refusal")
     assert r.stop() is None

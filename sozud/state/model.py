@@ -461,7 +461,6 @@ def _same(value: Message) -> Message:
 
 
 _LISTENER_NAME = {"http": "HttpListener", "https": "HttpsListener", "tcp": "TcpListener", "udp": "UdpListener"}
-_ANSWER_FIELDS = tuple(f.name for f in pb.CustomHttpAnswers.DESCRIPTOR.fields)
 
 
 def _patched_listener(current: Message, patch: Message) -> Message:

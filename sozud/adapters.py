@@ -54,7 +54,6 @@ class SozuAdapter:
         self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
         self.log = get_logger(socket=channel.socket_path)
-        self.requests_by_type: Counter[str] = Counter()
         self._lock = asyncio.Lock()
 
     @property
@@ -138,7 +137,6 @@ class SozuAdapter:
                 initial=self._last_read,
             )
             by_type: Counter[str] = Counter(report.requests_by_type)
-            self.requests_by_type.update(by_type)
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read

@@ -35,14 +35,10 @@ async def detect(dialer: Dialer, deadline: float | None, probe_timeout_s: float)
     proto = ProtobufFraming(socket_path=dialer.socket_path, max_frame_bytes=dialer.max_frame_bytes)
     link = await dialer.open(proto, deadline)
     try:
-        final = await _timed_exchange(dialer, link, proto.encode(_LIST_LISTENERS), deadline)
+        final = await _ask_listeners(dialer, link, deadline)
     except SozuConnectionError:
-        link.close()
         # 0.15 splits on NUL, cannot parse the protobuf frame and closes: retry in JSON mode
         return await _detect_json(dialer, deadline)
-    except BaseException:
-        link.close()
-        raise
     if final.status == pb.OK and final.content.HasField("listeners_list"):
         marker = _v2_listener_marker(final.content.listeners_list)
         if marker is not None:
@@ -60,11 +56,7 @@ async def detect(dialer: Dialer, deadline: float | None, probe_timeout_s: float)
 async def _detect_json(dialer: Dialer, deadline: float | None) -> tuple[Link, SozuVersion, str]:
     json_framing = JsonFraming(socket_path=dialer.socket_path, max_frame_bytes=dialer.max_frame_bytes)
     link = await dialer.open(json_framing, deadline)
-    try:
-        final = await _timed_exchange(dialer, link, json_framing.encode(_LIST_LISTENERS), deadline)
-    except BaseException:
-        link.close()
-        raise
+    final = await _ask_listeners(dialer, link, deadline)
     if final.status != pb.OK:
         link.close()
         raise SozuProtocolError(
@@ -73,6 +65,15 @@ async def _detect_json(dialer: Dialer, deadline: float | None) -> tuple[Link, So
             socket_path=dialer.socket_path,
         )
     return link, V0_15_19, "protobuf frame closed the connection, JSON list_listeners answered (0.15)"
+
+
+async def _ask_listeners(dialer: Dialer, link: Link, deadline: float | None) -> pb.Response:
+    """The answer to ``list_listeners`` on ``link``, which is closed on any error."""
+    try:
+        return await _timed_exchange(dialer, link, link.framing.encode(_LIST_LISTENERS), deadline)
+    except BaseException:
+        link.close()
+        raise
 
 
 async def _probe_health_checks(dialer: Dialer, deadline: float | None, probe_timeout_s: float) -> bool:

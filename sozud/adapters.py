@@ -54,7 +54,6 @@ class SozuAdapter:
         self.restarts = 0
         self._restart_unverified = False  # the connection was lost before the counters after an apply were seen
         self.log = get_logger(socket=channel.socket_path)
-        self.requests_by_type: Counter[str] = Counter()
         self._lock = asyncio.Lock()
 
     @property
@@ -151,7 +150,6 @@ class SozuAdapter:
             )
             await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)
-            self.requests_by_type.update(by_type)
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read

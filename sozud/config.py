@@ -267,7 +267,3 @@ def _key_from_msgspec(message: str) -> str:
     if marker in message:
         return message.split(marker, 1)[1].split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
     return "?"
-
-
-def flag_name(key: str) -> str:
-    return "--" + key.replace("_", "-")

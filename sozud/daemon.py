@@ -47,6 +47,18 @@ from sozud.state.codec import MAX_STATE_BYTES
 from sozud.sync import EngineSettings, SharedPort, SyncEngine, SyncReport
 from sozud.versions import SozuVersion
 
+# Waits before retrying a failed sync: a ceiling from 1 s, doubling up to ``retry_max_s`` (full jitter).
+SYNC_RETRY_INITIAL_S = 1.0
+# Waits before restarting a trigger loop that failed: a ceiling from 0.5 s, doubling up to 30 s; a loop
+# that ran this long before failing was healthy, and its next restart waits from the start again.
+TRIGGER_RESTART_INITIAL_S = 0.5
+TRIGGER_RESTART_MAX_S = 30.0
+TRIGGER_HEALTHY_RUN_S = 60.0
+
+
+def sync_retry_backoff(config: Config) -> Backoff:
+    return Backoff(initial_s=SYNC_RETRY_INITIAL_S, max_s=config.retry_max_s)
+
 
 def om_settings(config: Config) -> OMSettings:
     return OMSettings(
@@ -165,7 +177,7 @@ class Daemon:
         self._reload = False
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: MetricsServer | None = None
-        self._backoff = Backoff(initial_s=1.0, max_s=config.retry_max_s)
+        self._backoff = sync_retry_backoff(config)
         self._retry_handle: asyncio.TimerHandle | None = None
         self._last_probe: object | None = None
         self.sync_done = asyncio.Condition()  # notified after every sync attempt (tests wait on it)
@@ -203,8 +215,8 @@ class Daemon:
         self.trigger("startup")
 
     def _on_reconnect(self, epoch: int) -> None:
+        # the channel logs sozu.reconnected; the re-sync it triggers is logged with its reason
         self.metrics.reconnects.inc()
-        self.log.info("sozu.reconnected", epoch=epoch, action="full re-sync")
         self.trigger("sozu_reconnected")
 
     def _start_trigger_tasks(self) -> None:
@@ -444,7 +456,7 @@ class Daemon:
         self.notifier.reloading()
         old = self.config
         self.config = new
-        self._backoff = Backoff(initial_s=1.0, max_s=new.retry_max_s)
+        self._backoff = sync_retry_backoff(new)
         await self._stop_trigger_tasks()
         if self.components is not None:
             await self.components.aclose()
@@ -460,8 +472,9 @@ class Daemon:
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Run a trigger loop forever; a failure, or a cancellation that is not the daemon's own (a stray
         CancelledError from inside a library), is logged and the loop restarts after a backoff."""
-        backoff = Backoff(initial_s=0.5, max_s=30.0)
+        backoff = Backoff(initial_s=TRIGGER_RESTART_INITIAL_S, max_s=TRIGGER_RESTART_MAX_S)
         while True:
+            started = time.monotonic()
             try:
                 await loop()
                 return
@@ -472,6 +485,8 @@ class Daemon:
                 error = "cancelled from inside"
             except Exception as e:
                 error = str(e) or type(e).__name__
+            if time.monotonic() - started >= TRIGGER_HEALTHY_RUN_S:
+                backoff.reset()
             delay = backoff.next_delay_s()
             self.log.warning("trigger.failed", trigger=name, error=error, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)

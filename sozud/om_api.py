@@ -19,8 +19,7 @@ Without a URL, ``client_from_url`` looks for the local agent's sockets in ``sett
 
 The client adds to the transports: one write at a time per object (the v2 agent loses concurrent
 writes), retries of get/list/put with capped jittered backoff while the agent is unreachable, the
-value policy (v2 text rule, private keys in ``cfg`` objects), and the change watch. ``KeyPusher``
-keeps the latest value of one key and delivers it once the agent is back.
+value policy (v2 text rule, private keys in ``cfg`` objects), and the change watch.
 
 Errors (``sozud.errors``): OpenSVCUnreachableError, OpenSVCAuthError, OpenSVCNotFoundError,
 OpenSVCRefusedError, OpenSVCTooLargeError; every message names transport, object and key.
@@ -29,7 +28,6 @@ OpenSVCRefusedError, OpenSVCTooLargeError; every message names transport, object
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import re
@@ -52,7 +50,6 @@ from sozud.errors import (
     ConfigError,
     OpenSVCError,
     OpenSVCRefusedError,
-    OpenSVCTooLargeError,
     OpenSVCUnreachableError,
 )
 from sozud.log import get_logger
@@ -60,7 +57,6 @@ from sozud.log import get_logger
 __all__ = [
     "H2_WINDOW_BYTES",
     "H2Transport",
-    "KeyPusher",
     "MemoryTransport",
     "OMClient",
     "OMSettings",
@@ -391,148 +387,6 @@ class OMClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-class KeyPusher:
-    """Delivers the latest value of one key, retrying while the agent is down.
-
-    ``push(value)`` makes ``value`` the one to deliver (a value still pending is replaced: only the
-    newest matters) and returns once it, or a newer value that replaced it, has been written. Each
-    value is written at most once after a success. Failures that a retry cannot cure (value refused
-    by the policy, too large for the transport) are raised at once and the value dropped; other
-    failures are retried with capped, jittered backoff, the value staying pending. With
-    ``give_up_after_s``, ``push`` raises after that long without delivery; the value stays pending
-    and is still delivered later unless replaced or the pusher is closed.
-    """
-
-    def __init__(
-        self,
-        client: OMClient,
-        obj: str,
-        key: str,
-        *,
-        give_up_after_s: float | None = None,
-        retry_max_s: float = 30.0,
-    ) -> None:
-        self.client = client
-        self.obj = obj
-        self.key = key
-        self.give_up_after_s = give_up_after_s
-        self._backoff = Backoff(initial_s=0.2, max_s=retry_max_s)
-        self._pending: bytes | None = None
-        self._generation = 0  # of the latest value given to push()
-        self._settled = 0  # generation delivered (or dropped) last
-        self._failures: dict[int, OpenSVCError] = {}
-        self._last_error: OpenSVCError | None = None
-        self._changed = asyncio.Condition()
-        self._wake = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
-        self.delivered = 0  # number of successful writes
-
-    @property
-    def pending(self) -> bytes | None:
-        """The value waiting to be written, if any."""
-        return self._pending
-
-    @property
-    def last_error(self) -> OpenSVCError | None:
-        """The error of the latest failed attempt, cleared by a success."""
-        return self._last_error
-
-    async def push(self, value: bytes) -> None:
-        """Deliver ``value`` (or a newer one that replaces it); see the class docstring."""
-        self.client.check_value(self.obj, self.key, value)
-        self._generation += 1
-        mine = self._generation
-        self._pending = bytes(value)
-        self._wake.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run(), name=f"opensvc-push {self.obj} {self.key}")
-        try:
-            async with asyncio.timeout(self.give_up_after_s), self._changed:
-                await self._changed.wait_for(lambda: self._settled >= mine or self._worker_failed())
-        except TimeoutError:
-            last = self._last_error
-            raise OpenSVCUnreachableError(
-                f"value not delivered after {self.give_up_after_s}s, still pending"
-                + (f"; last error: {last}" if last else ""),
-                transport=self.client.transport.name,
-                obj=self.obj,
-                key=self.key,
-            ) from None
-        if self._worker_failed() and self._settled < mine:
-            assert self._worker is not None
-            self._worker.result()  # re-raise what killed the worker
-        failure = self._failures.pop(mine, None)
-        if failure is not None:
-            raise failure
-
-    def _worker_failed(self) -> bool:
-        return self._worker is not None and self._worker.done() and self._worker.exception() is not None
-
-    async def _run(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                value, generation = self._pending, self._generation
-                if value is None:
-                    continue
-                try:
-                    await self.client.put_key(self.obj, self.key, value)
-                except (OpenSVCTooLargeError, OpenSVCRefusedError) as exc:
-                    if isinstance(exc, OpenSVCRefusedError) and not self._permanent(value):
-                        await self._retry_later(exc)
-                        continue
-                    _log().error("opensvc.push_dropped", obj=self.obj, key_name=self.key, error=str(exc))
-                    self._failures[generation] = exc
-                    await self._settle(generation, value)
-                except OpenSVCError as exc:
-                    await self._retry_later(exc)
-                else:
-                    self.delivered += 1
-                    self._last_error = None
-                    self._backoff.reset()
-                    _log().info("opensvc.pushed", obj=self.obj, key_name=self.key, size=len(value))
-                    await self._settle(generation, value)
-        finally:
-            async with self._changed:
-                self._changed.notify_all()
-
-    def _permanent(self, value: bytes) -> bool:
-        """Whether a refused write would be refused again (the value itself is the problem)."""
-        try:
-            self.client.check_value(self.obj, self.key, value)
-        except OpenSVCError:
-            return True
-        return False
-
-    async def _settle(self, generation: int, value: bytes) -> None:
-        if self._pending is value:  # not replaced meanwhile
-            self._pending = None
-        async with self._changed:
-            self._settled = max(self._settled, generation)
-            self._changed.notify_all()
-
-    async def _retry_later(self, exc: OpenSVCError) -> None:
-        self._last_error = exc
-        delay_s = self._backoff.next_delay_s()
-        _log().warning(
-            "opensvc.push_retry", obj=self.obj, key_name=self.key, error=str(exc), retry_in_s=round(delay_s, 3)
-        )
-        # A newer value does not cut the wait short: the agent is the one that needs time.
-        await asyncio.sleep(delay_s)
-        self._wake.set()
-
-    async def aclose(self) -> None:
-        """Stop retrying; a pending value is dropped (and logged)."""
-        if self._pending is not None:
-            _log().warning("opensvc.push_abandoned", obj=self.obj, key_name=self.key, size=len(self._pending))
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
 
 
 # --- construction from a URL ---------------------------------------------------------------------

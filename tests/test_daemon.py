@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from sozud.errors import ConfigError
 from sozud.proto import command_pb2 as pb
 from sozud.sdnotify import Notifier
 from sozud.testing import builders as build
-from sozud.testing.cluster import SimCluster, wait_until
+from sozud.testing.cluster import SimCluster, SimNode, wait_until
 
 
 async def test_stop_lets_the_apply_in_progress_finish() -> None:
@@ -121,15 +124,24 @@ async def test_ready_and_status_are_notified_to_systemd(tmp_path: Path) -> None:
         await cluster.stop()
 
 
-async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
+@asynccontextmanager
+async def one_node_in_sync(first_cluster: str) -> AsyncIterator[tuple[SimCluster, SimNode, Daemon]]:
+    """One node whose sozu holds ``first_cluster``, after its bootstrap push (no periodic re-sync)."""
     cluster = await SimCluster.create(["a"], settings={"resync_interval_s": 3600.0})
     node = cluster.node("a")
     try:
-        await node.request(pb.Request(add_cluster=build.cluster("first")))
+        await node.request(pb.Request(add_cluster=build.cluster(first_cluster)))
         await cluster.start()
-        daemon = node.daemon
-        assert daemon is not None and daemon.components is not None
+        assert node.daemon is not None
         await wait_until(lambda: cluster.shared_value() is not None, what="bootstrap")
+        yield cluster, node, node.daemon
+    finally:
+        await cluster.stop()
+
+
+async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
+    async with one_node_in_sync("first") as (cluster, node, daemon):
+        assert daemon.components is not None
         adapter = daemon.components.sozu
         real_read = adapter.read_live
         changed = asyncio.Event()
@@ -146,8 +158,6 @@ async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
         await asyncio.wait_for(changed.wait(), timeout=30)
         # the change was not in the state that sync read; the probe loop must still see it as new
         await wait_until(lambda: b'"during"' in (cluster.shared_value() or b""), what="the change to be pushed")
-    finally:
-        await cluster.stop()
 
 
 async def test_a_refused_plan_is_reported_once_and_status_says_what_to_do(
@@ -202,3 +212,15 @@ async def test_a_burst_of_agent_events_is_read_once_not_once_per_event() -> None
         assert 1 <= len(manifest_reads) <= 3, f"{len(manifest_reads)} reads for a burst of 20 events"
     finally:
         await cluster.stop()
+
+
+async def test_a_sozu_restart_is_logged_once_and_resyncs(capsys: pytest.CaptureFixture[str]) -> None:
+    async with one_node_in_sync("c") as (_cluster, node, d):
+        capsys.readouterr()
+        await node.sozu.restart(empty=False)
+        await wait_until(lambda: d.metrics.reconnects.get() >= 1, what="the reconnection")
+        await wait_until(lambda: "sozu_reconnected" in (d.status.last_reason or ""), what="the re-sync it triggers")
+        records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        reconnected = [r for r in records if r["event"] == "sozu.reconnected"]
+        assert len(reconnected) == 1, f"one reconnection, logged {len(reconnected)} times: {reconnected}"
+        assert reconnected[0]["epoch"] == 2

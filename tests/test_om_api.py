@@ -39,7 +39,6 @@ from sozud.om_api import (
     H2_WINDOW_BYTES,
     MAX_DEADLINE_S,
     H2Transport,
-    KeyPusher,
     MemoryTransport,
     Om3Transport,
     OMClient,
@@ -274,62 +273,6 @@ async def test_changes_follow_the_projected_file(tmp_path: Path) -> None:
                     continue
     finally:
         await changes.aclose()
-
-
-# --- KeyPusher -----------------------------------------------------------------------------------------
-
-
-async def test_pusher_delivers_only_the_latest_value_once_the_agent_is_back() -> None:
-    client, transport = memory_client()
-    pusher = KeyPusher(client, OBJ, KEY, retry_max_s=0.05)
-    transport.down = True
-    first = asyncio.create_task(pusher.push(b"v1\n"))
-    await eventually(lambda: pusher.last_error is not None)
-    assert pusher.pending == b"v1\n"
-    second = asyncio.create_task(pusher.push(b"v2\n"))
-    await eventually(lambda: pusher.pending == b"v2\n")
-    transport.down = False
-    await within(asyncio.gather(first, second))
-    assert transport.writes == [(OBJ, KEY, b"v2\n")]
-    assert pusher.pending is None and pusher.delivered == 1
-    await pusher.push(b"v3\n")
-    assert transport.writes == [(OBJ, KEY, b"v2\n"), (OBJ, KEY, b"v3\n")]
-    await pusher.aclose()
-
-
-async def test_pusher_gives_up_but_keeps_the_value_pending() -> None:
-    client, transport = memory_client()
-    pusher = KeyPusher(client, OBJ, KEY, give_up_after_s=0.2, retry_max_s=0.05)
-    transport.down = True
-    with pytest.raises(OpenSVCUnreachableError, match="still pending") as info:
-        await pusher.push(b"v1\n")
-    assert OBJ in str(info.value)
-    assert pusher.pending == b"v1\n"
-    transport.down = False
-    await eventually(lambda: pusher.pending is None)
-    assert transport.writes == [(OBJ, KEY, b"v1\n")]
-    await pusher.aclose()
-
-
-async def test_pusher_refuses_a_bad_value_at_once() -> None:
-    client, transport = memory_client(carries_text=True)
-    pusher = KeyPusher(client, OBJ, KEY)
-    with pytest.raises(OpenSVCRefusedError, match="newline"):
-        await pusher.push(b"no newline")
-    assert pusher.pending is None and transport.calls == []
-    await pusher.aclose()
-
-
-async def test_pusher_drops_a_value_the_transport_finds_too_large() -> None:
-    client, transport = memory_client()
-    pusher = KeyPusher(client, OBJ, KEY, retry_max_s=0.05)
-    transport.fail_next = [OpenSVCTooLargeError("413", transport="memory://", obj=OBJ, key=KEY)]
-    with pytest.raises(OpenSVCTooLargeError):
-        await pusher.push(b"big\n")
-    assert pusher.pending is None and transport.writes == []
-    await pusher.push(b"small\n")
-    assert transport.writes == [(OBJ, KEY, b"small\n")]
-    await pusher.aclose()
 
 
 # --- v2 reply mapping, events, SSE, crypto ---------------------------------------------------------------
@@ -921,29 +864,6 @@ async def test_sim_watch_survives_agent_restart(sim: Sim, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
-async def test_sim_pending_push_delivered_once_after_agent_comes_back(sim: Sim, kind: str) -> None:
-    client = sim.client(kind)
-    pusher = KeyPusher(client, OBJ, KEY, retry_max_s=0.1)
-    try:
-        await client.put_key(OBJ, KEY, b"v0\n")  # the key exists: one write is one request (om3 too)
-        sim.agent.requests.clear()
-        await sim.agent.stop()
-        first = asyncio.create_task(pusher.push(b"v1\n"))
-        await eventually(lambda: pusher.last_error is not None)
-        second = asyncio.create_task(pusher.push(b"v2\n"))
-        await eventually(lambda: pusher.pending == b"v2\n")
-        await sim.agent.start()
-        await within(asyncio.gather(first, second))
-        assert sim.cluster.value("node1", OBJ, KEY) == b"v2\n"
-        writes = [r for r in sim.agent.requests if r.action.split()[0] in ("POST", "PUT")]
-        assert [(r.action, r.key) for r in writes] == [(write_action(kind), KEY)]
-        assert pusher.pending is None
-    finally:
-        await pusher.aclose()
-        await client.aclose()
-
-
-@pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_sim_agent_down_fault_is_unreachable(sim: Sim, kind: str) -> None:
     client = sim.client(kind, retry_attempts=1)
     sim.agent.faults.down = True
@@ -968,20 +888,15 @@ async def test_sim_slow_agent_times_out_as_unreachable(sim: Sim, kind: str) -> N
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
-async def test_sim_server_error_is_refused_and_a_push_retries_through_it(sim: Sim, kind: str) -> None:
+async def test_sim_server_error_is_refused(sim: Sim, kind: str) -> None:
     client = sim.client(kind)
-    pusher = KeyPusher(client, OBJ, KEY, retry_max_s=0.05)
     try:
         sim.agent.faults.fail_500 = 1
         with pytest.raises(OpenSVCRefusedError) as info:
             await client.get_key(OBJ, KEY)
         assert OBJ in str(info.value)
-        sim.agent.faults.fail_500 = 2
-        await within(pusher.push(STATE))
-        assert sim.cluster.value("node1", OBJ, KEY) == STATE
         assert sim.agent.faults.fail_500 == 0
     finally:
-        await pusher.aclose()
         await client.aclose()
 
 

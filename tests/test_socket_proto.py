@@ -31,7 +31,9 @@ from sozud.errors import (
     StateParseError,
 )
 from sozud.proto import command_pb2 as pb
+from sozud.reconnect import LinkState
 from sozud.socket_proto import JsonFraming, ProtobufFraming, SozuChannel, request_summary
+from sozud.testing.cluster import wait_until
 from sozud.versions import SozuVersion
 
 V015 = SozuVersion.parse("0.15.19")
@@ -560,6 +562,22 @@ async def test_request_when_sozu_is_down_fails_with_connection_error(sock_dir: P
         assert path in str(err.value)
 
 
+async def test_request_while_connect_retries_says_cannot_connect(sock_dir: Path) -> None:
+    """A ``connect()`` retrying against a missing socket (the daemon's events loop while sozu is down)
+    must not hold the request lock: a request meanwhile fails with the connection error, not "busy"."""
+    path = str(sock_dir / "missing.sock")
+    backoff = fast_backoff()
+    async with SozuChannel(path, version=V2, backoff=backoff, request_timeout_s=0.2) as ch:
+        connecting = asyncio.create_task(ch.connect())
+        await wait_until(lambda: backoff.attempts >= 2, what="connect() retrying")
+        with pytest.raises(SozuConnectionError) as err:
+            await ch.request(STATUS)
+        assert path in str(err.value) and "cannot connect" in str(err.value)
+        assert not connecting.done()
+    with pytest.raises(SozuConnectionError, match="closed"):
+        await connecting
+
+
 async def test_request_after_aclose_is_refused(sock_dir: Path) -> None:
     async with running(sock_dir / "s", V2):
         ch = SozuChannel(str(sock_dir / "s"), version=V2)
@@ -696,6 +714,32 @@ async def test_events_resubscribe_after_connection_loss(sock_dir: Path) -> None:
         await ch.aclose()  # closes the subscription too
         with pytest.raises(StopAsyncIteration):
             await anext(sub)
+
+
+async def test_events_resubscribe_at_once_when_the_channel_reconnects(sock_dir: Path) -> None:
+    """The subscription waits out its backoff while sozu is down, unless the channel reconnects first."""
+    path = sock_dir / "s"
+    fake = FakeSozu(path, V2)
+    await fake.start()
+    hour = Backoff(initial_s=3600.0, max_s=3600.0)
+    ch = SozuChannel(str(path), version=V2, backoff=hour)
+    try:
+        await ch.request(STATUS)
+        sub = ch.subscribe_events()
+        nxt = asyncio.create_task(anext(sub))
+        await fake.wait_subscribers(1)
+        await fake.stop()  # the subscription's next attempt fails: it waits (up to an hour)
+        await wait_until(lambda: sub.state is LinkState.WAITING, what="the subscription waiting")
+        fake = FakeSozu(path, V2)
+        await fake.start()
+        await ch.request(STATUS)  # the channel reconnects (epoch 2): the subscription's wait is cut short
+        await wait_until(lambda: len(fake.subscribers) == 1, what="a new subscription before the backoff ends")
+        (conn,) = fake.subscribers
+        conn.send(event(pb.CLUSTER_ADDED, cluster_id="back"))
+        assert (await nxt).cluster_id == "back" and sub.epoch == 2
+    finally:
+        await ch.aclose()
+        await fake.stop()
 
 
 async def test_events_bad_frame_resubscribes(sock_dir: Path) -> None:

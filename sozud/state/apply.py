@@ -258,58 +258,25 @@ async def apply_plan(
     if max_rounds < 1:
         raise StateError(f"apply_plan: max_rounds must be at least 1, got {max_rounds}")
     started = time.monotonic()
-    log = get_logger()
-    cch = _CountingChannel(ch)
     sozu_dir = shared_dir_sozu_path or shared_dir
-    # Objects the read cannot see but that the main state took from our own requests.
-    assumed: dict[ObjKey, Message] = {}
-
-    async def read() -> LiveRead:
-        r = await read_live_report(cch, shared_dir=shared_dir, shared_dir_sozu_path=sozu_dir)
-        report.live_reads += 1
-        for note in r.notes:
-            if note not in report.notes:
-                report.notes.append(note)
-        return r
-
-    def replan(r: LiveRead) -> Plan:
-        view = r.state
-        # Invisible objects, and without SaveState every certificate we set: the certificates query has
-        # one entry per fingerprint, so a fingerprint held at two addresses shows one address's values.
-        extra = {k: v for k, v in assumed.items() if r.hides(k, v) or (k[0] == "certificate" and not r.exact)}
-        if extra:
-            view = r.state.copy()
-            view.objects.update(extra)
-        target = desired
-        if scope is not None:
-            # A re-plan only finishes what the first plan set out to do: any other difference appeared
-            # while we applied (an operator's request) and is left alone for the next sync to merge.
-            target = view.copy()
-            for k in scope:
-                v = desired.objects.get(k)
-                if v is None:
-                    target.objects.pop(k, None)
-                else:
-                    target.objects[k] = v
-        return plan(
-            view,
-            target,
-            max_removal_ratio=max_removal_ratio,
-            force=force,
-            desired_is_complete=desired_is_complete,
-        )
-
-    report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
+    run = _Apply(
+        ch,
+        desired,
+        shared_dir=shared_dir,
+        sozu_dir=sozu_dir,
+        max_removal_ratio=max_removal_ratio,
+        force=force,
+        desired_is_complete=desired_is_complete,
+    )
+    report = run.report
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
-    live = initial if initial is not None else await read()
-    scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
-    given_up: set[ObjKey] = set()  # changed objects whose new value sozu refused (old value restored)
-    current = replan(live)
+    live = initial if initial is not None else await run.read()
+    current = run.replan(live)
     _preflight(ch, current)
-    scope = _differing_keys(live.state, desired, assumed)
+    run.scope = _differing_keys(live.state, desired, run.assumed)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
-    log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
+    run.log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
 
     # Rounds that end on a request the main state accepted (its workers refused it) made progress:
     # they do not count against max_rounds; a hard cap keeps the loop finite whatever happens.
@@ -319,63 +286,134 @@ async def apply_plan(
     while not current.is_empty and stalled < max_rounds and round_no < hard_cap:
         round_no += 1
         report.rounds = round_no
-        progressed = False
         if round_no == 1 and shared_dir is not None and len(current.steps) >= batch_threshold:
             assert sozu_dir is not None
-            await _send_batches(cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
-            live = await read()
-            current = replan(live)
+            await _send_batches(run.cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
+            live = await run.read()
+            current = run.replan(live)
             if current.is_empty:
                 break
         _preflight(ch, current)
+        # (a round whose every step was accepted but that leaves a diff behind made no progress either)
+        if not await run.send_round(current, live, round_no):
+            stalled += 1
+        live = await run.read()
+        current = run.replan(live)
+    return run.finish(live, current, time.monotonic() - started, raise_on_failure=raise_on_failure)
+
+
+class _Apply:
+    """The state of one ``apply_plan`` call: reads made, objects assumed, the keys in scope, the report."""
+
+    def __init__(
+        self,
+        ch: SozuRequester,
+        desired: ConfigState,
+        *,
+        shared_dir: str | None,
+        sozu_dir: str | None,
+        max_removal_ratio: float,
+        force: bool,
+        desired_is_complete: bool,
+    ) -> None:
+        self.cch = _CountingChannel(ch)
+        self.desired = desired
+        self.shared_dir = shared_dir
+        self.sozu_dir = sozu_dir
+        self.max_removal_ratio = max_removal_ratio
+        self.force = force
+        self.desired_is_complete = desired_is_complete
+        self.log = get_logger()
+        # Objects the read cannot see but that the main state took from our own requests.
+        self.assumed: dict[ObjKey, Message] = {}
+        self.scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
+        self.given_up: set[ObjKey] = set()  # changed objects whose new value sozu refused (old value restored)
+        self.report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
+
+    async def read(self) -> LiveRead:
+        r = await read_live_report(self.cch, shared_dir=self.shared_dir, shared_dir_sozu_path=self.sozu_dir)
+        self.report.live_reads += 1
+        for note in r.notes:
+            if note not in self.report.notes:
+                self.report.notes.append(note)
+        return r
+
+    def replan(self, r: LiveRead) -> Plan:
+        view = r.state
+        # Invisible objects, and without SaveState every certificate we set: the certificates query has
+        # one entry per fingerprint, so a fingerprint held at two addresses shows one address's values.
+        extra = {k: v for k, v in self.assumed.items() if r.hides(k, v) or (k[0] == "certificate" and not r.exact)}
+        if extra:
+            view = r.state.copy()
+            view.objects.update(extra)
+        target = self.desired
+        if self.scope is not None:
+            # A re-plan only finishes what the first plan set out to do: any other difference appeared
+            # while we applied (an operator's request) and is left alone for the next sync to merge.
+            target = view.copy()
+            for k in self.scope:
+                v = self.desired.objects.get(k)
+                if v is None:
+                    target.objects.pop(k, None)
+                else:
+                    target.objects[k] = v
+        return plan(
+            view,
+            target,
+            max_removal_ratio=self.max_removal_ratio,
+            force=self.force,
+            desired_is_complete=self.desired_is_complete,
+        )
+
+    async def send_round(self, current: Plan, live: LiveRead, round_no: int) -> bool:
+        """Send ``current``'s steps until one fails; whether the round made progress (it ended on a
+        request the main state accepted)."""
         replaced: dict[ObjKey, Message] = {}  # what this round removed to re-add with other values
         for step in current.steps:
             if step.action == "remove" and step.key in live.state.objects:
                 replaced[step.key] = live.state.objects[step.key]
-            result = await _send_one(cch, step, round_no, live)
-            report.steps.append(result)
-            _track(assumed, step, result, desired)
-            if not result.ok and step.action == "add" and not result.main_accepted and step.key in replaced:
-                await _restore(cch, step.key, replaced[step.key], round_no, report)
-                given_up.add(step.key)
-                if scope is not None:
-                    scope.discard(step.key)  # not again: each try would take the route down for a moment
-            if not result.ok:
-                progressed = result.main_accepted
-                log.warning(
-                    "sozu.apply_step_failed",
-                    round=round_no,
-                    request=result.kind,
-                    summary=result.summary,
-                    main_accepted=result.main_accepted,
-                    sozu_message=result.message,
-                )
-                break
-        # (a round whose every step was accepted but that leaves a diff behind made no progress either)
-        if not progressed:
-            stalled += 1
-        live = await read()
-        current = replan(live)
+            result = await _send_one(self.cch, step, round_no, live)
+            self.report.steps.append(result)
+            _track(self.assumed, step, result, self.desired)
+            if result.ok:
+                continue
+            if step.action == "add" and not result.main_accepted and step.key in replaced:
+                await _restore(self.cch, step.key, replaced[step.key], round_no, self.report)
+                self.given_up.add(step.key)
+                if self.scope is not None:
+                    self.scope.discard(step.key)  # not again: each try would take the route down for a moment
+            self.log.warning(
+                "sozu.apply_step_failed",
+                round=round_no,
+                request=result.kind,
+                summary=result.summary,
+                main_accepted=result.main_accepted,
+                sozu_message=result.message,
+            )
+            return result.main_accepted
+        return False
 
-    report.converged = current.is_empty and not given_up
-    report.remaining = current
-    report.live_after = live.state
-    report.last_read = live
-    report.requests_by_type = dict(cch.counts)
-    report.duration_s = time.monotonic() - started
-    log.info(
-        "sozu.apply_done",
-        converged=report.converged,
-        rounds=report.rounds,
-        applied=len(report.applied),
-        failed=len(report.failures),
-        remaining=len(current.steps),
-        requests=report.requests_sent,
-        duration_ms=round(report.duration_s * 1000, 2),
-    )
-    if not report.converged and raise_on_failure:
-        raise ConvergenceError(_convergence_message(report))
-    return report
+    def finish(self, live: LiveRead, current: Plan, duration_s: float, *, raise_on_failure: bool) -> ApplyReport:
+        report = self.report
+        report.converged = current.is_empty and not self.given_up
+        report.remaining = current
+        report.live_after = live.state
+        report.last_read = live
+        report.requests_by_type = dict(self.cch.counts)
+        report.duration_s = duration_s
+        self.log.info(
+            "sozu.apply_done",
+            converged=report.converged,
+            rounds=report.rounds,
+            applied=len(report.applied),
+            failed=len(report.failures),
+            remaining=len(current.steps),
+            requests=report.requests_sent,
+            duration_ms=round(report.duration_s * 1000, 2),
+        )
+        if not report.converged and raise_on_failure:
+            raise ConvergenceError(_convergence_message(report))
+        return report
 
 
 def _preflight(ch: SozuRequester, current: Plan) -> None:

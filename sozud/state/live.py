@@ -286,8 +286,20 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
     state = ConfigState(version)
     read = LiveRead(state=state, method="queries", requests=0)
     counter = _Counter(ch)
+    await _read_listeners(counter, state)
+    per_cluster_frontends = await _read_clusters(counter, state)
+    await _read_frontends(counter, read, per_cluster_frontends)
+    await _read_certificates(counter, read)
+    read.notes.append(
+        "backends of removed clusters cannot be seen without a shared directory (sozu lists backends per cluster)"
+    )
+    read.requests = counter.count
+    for note in read.notes:
+        get_logger().info("sozu.live_read_limited", note=note)
+    return read
 
-    # listeners
+
+async def _read_listeners(counter: _Counter, state: ConfigState) -> None:
     listeners = await counter.ask(pb.Request(list_listeners=pb.ListListeners()), "listeners_list")
     ll = listeners.listeners_list
     for kind, configs in (
@@ -299,7 +311,10 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
         for _addr, cfg in sorted(configs.items()):
             state.add_listener(kind, cfg)
 
-    # clusters and their backends (and frontends, used when list_frontends is unavailable)
+
+async def _read_clusters(counter: _Counter, state: ConfigState) -> list[tuple[Kind, Message]]:
+    """Clusters and their backends into ``state``; returns their frontends (used when list_frontends is
+    unavailable)."""
     hashes = await counter.main_entry(pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
     per_cluster_frontends: list[tuple[Kind, Message]] = []
     for cluster_id in sorted(hashes.cluster_hashes.map):
@@ -311,8 +326,12 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
                 state.add("backend", b)
             per_cluster_frontends.extend(_frontends_of(ci.http_frontends, ci.https_frontends, ci.tcp_frontends))
             per_cluster_frontends.extend(("udp_frontend", f) for f in ci.udp_frontends)
+    return per_cluster_frontends
 
-    # every frontend
+
+async def _read_frontends(counter: _Counter, read: LiveRead, per_cluster: list[tuple[Kind, Message]]) -> None:
+    """Every frontend (list_frontends), or the clusters' frontends when sozu cannot list them."""
+    version = read.state.version
     frontends: list[tuple[Kind, Message]] | None = None
     lo, hi = _LIST_FRONTENDS_BROKEN
     if lo <= version <= hi:
@@ -337,47 +356,44 @@ async def _read_by_queries(ch: SozuRequester) -> LiveRead:
             frontends.extend(("udp_frontend", f) for f in fl.udp_frontends)
     if frontends is None:
         read.frontends_listed = False
-        frontends = per_cluster_frontends
+        frontends = per_cluster
     for kind, front in frontends:
-        state.add(kind, front)
+        read.state.add(kind, front)
 
-    # certificates
+
+async def _read_certificates(counter: _Counter, read: LiveRead) -> None:
+    """Certificates from the main state, placed at the addresses the workers serve them on."""
+    state = read.state
     certs = await counter.ask(
         pb.Request(query_certificates_from_the_state=pb.QueryCertificatesFilters()),
         "certificates_with_fingerprints",
     )
     by_fp = dict(certs.certificates_with_fingerprints.certs)
     read.state_fingerprints = frozenset(fp.lower() for fp in by_fp)
-    if by_fp:
-        placed = await _certificate_addresses(counter)
-        for fp in sorted(by_fp):
-            cert = pb.CertificateAndKey()
-            cert.CopyFrom(by_fp[fp])
-            if version.family is Family.V0_15 and set(cert.names) == set(derived_names(cert.certificate) or ()):
-                del cert.names[:]  # 0.15 answers derived names, stores what was sent (see module doc)
-            addresses = placed.get(fp.lower())
-            if not addresses:
-                read.unresolved_certificates[fp.lower()] = cert
-                continue
-            for _text, address in sorted(addresses.items()):
-                add = pb.AddCertificate(address=address, certificate=cert)
-                try:
-                    state.add("certificate", add)
-                except ValueError:  # a PEM that sozu accepted but we cannot decode: keep sozu's fingerprint
-                    state.put(("certificate", address_text(address), fp.lower()), add)
-        if read.unresolved_certificates:
-            read.notes.append(
-                f"{len(read.unresolved_certificates)} certificate(s) in sozu's state are served by no worker "
-                "listener (address without an HTTPS listener, or shadowed by another certificate for the same "
-                "names): their addresses cannot be read without a shared directory"
-            )
-    read.notes.append(
-        "backends of removed clusters cannot be seen without a shared directory (sozu lists backends per cluster)"
-    )
-    read.requests = counter.count
-    for note in read.notes:
-        get_logger().info("sozu.live_read_limited", note=note)
-    return read
+    if not by_fp:
+        return
+    placed = await _certificate_addresses(counter)
+    for fp in sorted(by_fp):
+        cert = pb.CertificateAndKey()
+        cert.CopyFrom(by_fp[fp])
+        if state.version.family is Family.V0_15 and set(cert.names) == set(derived_names(cert.certificate) or ()):
+            del cert.names[:]  # 0.15 answers derived names, stores what was sent (see module doc)
+        addresses = placed.get(fp.lower())
+        if not addresses:
+            read.unresolved_certificates[fp.lower()] = cert
+            continue
+        for _text, address in sorted(addresses.items()):
+            add = pb.AddCertificate(address=address, certificate=cert)
+            try:
+                state.add("certificate", add)
+            except ValueError:  # a PEM that sozu accepted but we cannot decode: keep sozu's fingerprint
+                state.put(("certificate", address_text(address), fp.lower()), add)
+    if read.unresolved_certificates:
+        read.notes.append(
+            f"{len(read.unresolved_certificates)} certificate(s) in sozu's state are served by no worker "
+            "listener (address without an HTTPS listener, or shadowed by another certificate for the same "
+            "names): their addresses cannot be read without a shared directory"
+        )
 
 
 def derived_names(pem: str) -> list[str] | None:

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from google.protobuf.message import Message
 
+from sozud.errors import StateError
 from sozud.proto import command_pb2 as pb
 from sozud.serde import address_text
 from sozud.versions import SozuVersion
@@ -299,108 +300,117 @@ def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> 
     ``copy=False`` lets the state keep the request's messages instead of copies (the caller must not
     use ``req`` afterwards; the state-file reader does this).
     """
-    from sozud.errors import StateError
-
     own = copy_message if copy else _same
     kind = req.WhichOneof("request_type")
     if kind is None:
         raise StateError("empty request (no request_type)")
-    value = getattr(req, kind)
-    objects = state.objects
+    handler = _HANDLERS.get(kind)
+    if handler is None:
+        raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
+    handler(state.objects, kind, getattr(req, kind), own)
 
-    if kind in ("add_http_listener", "add_https_listener", "add_tcp_listener", "add_udp_listener"):
+
+Objects: TypeAlias = dict[ObjKey, Message]
+_Own: TypeAlias = Callable[[Message], Message]
+
+
+def _listener_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+    if kind.startswith("add_"):
         lkind = kind[len("add_") : -len("_listener")]
         key = listener_key(lkind, value)
         if key in objects:
             raise StateError(f"{_LISTENER_NAME[lkind]} '{key[2]}' already exists")
         objects[key] = own(value)
         return
-    if kind in ("remove_listener", "activate_listener", "deactivate_listener"):
+    if kind.startswith("update_"):
+        lkind = kind[len("update_") : -len("_listener")]
+    else:
         found = LISTENER_KIND_OF_TYPE.get(value.proxy)
         if found is None:
             raise StateError(f"{kind}: unknown listener type {value.proxy}")
         lkind = found
-        key = ("listener", lkind, address_text(value.address))
-        if kind == "remove_listener":
-            if key not in objects:
-                raise StateError("dispatching this request did not bring any change to the state")
-            del objects[key]
-            return
-        if key not in objects:
-            raise StateError(f"Did not find {_LISTENER_NAME[lkind]} with address or id '{key[2]}'")
-        new = copy_message(objects[key])
-        setattr(new, "active", kind == "activate_listener")  # noqa: B010 - every listener config has it
-        objects[key] = new
-        return
-    if kind in LISTENER_UPDATE_REQUEST.values():
-        lkind = kind[len("update_") : -len("_listener")]
-        key = ("listener", lkind, address_text(value.address))
-        if key not in objects:
-            raise StateError(f"Did not find {_LISTENER_NAME[lkind]} with address or id '{key[2]}'")
-        objects[key] = _patched_listener(objects[key], value)
-        return
-    if kind == "add_cluster":
-        objects[("cluster", value.cluster_id)] = own(value)
-        return
-    if kind == "remove_cluster":
-        if ("cluster", value) not in objects:
-            raise StateError(f"Did not find Cluster with address or id '{value}'")
-        del objects[("cluster", value)]
-        return
-    if kind in ("set_health_check", "remove_health_check"):
-        cid = value.cluster_id if kind == "set_health_check" else value
-        ckey = ("cluster", cid)
-        if ckey not in objects:
-            raise StateError(f"Did not find Cluster with address or id '{cid}'")
-        cluster = copy_message(objects[ckey])
-        assert isinstance(cluster, pb.Cluster)
-        if kind == "set_health_check":
-            cluster.health_check.CopyFrom(value.config)
-        else:
-            cluster.ClearField("health_check")
-        objects[ckey] = cluster
-        return
-    if kind in ("add_http_frontend", "add_https_frontend", "remove_http_frontend", "remove_https_frontend"):
-        hkind = "http_frontend" if "https" not in kind else "https_frontend"
-        key = (hkind, route_key(value))
-        name = "HttpFrontend" if hkind == "http_frontend" else "HttpsFrontend"
-        if kind.startswith("add_"):
-            if key in objects:
-                raise StateError(f"{name} '{key[1]}' already exists")
-            objects[key] = own(value)
-        else:
-            if key not in objects:
-                raise StateError(f"Did not find {name} with address or id '{key[1]}'")
-            del objects[key]
-        return
-    if kind in ("add_tcp_frontend", "add_udp_frontend", "remove_tcp_frontend", "remove_udp_frontend"):
-        fkind: Kind = "tcp_frontend" if "tcp" in kind else "udp_frontend"
-        if kind.startswith("add_"):
-            key = key_of(fkind, value)
-            if key in objects:
-                raise StateError(f"{'TcpFrontend' if fkind == 'tcp_frontend' else 'UdpFrontend'} already exists")
-            objects[key] = own(value)
-            return
-        addr = address_text(value.address)
-        same_cluster = [k for k in objects if k[0] == fkind and k[1] == value.cluster_id]
-        if not same_cluster:
-            raise StateError(f"Did not find {'TcpFrontend' if fkind == 'tcp_frontend' else 'UdpFrontend'}")
-        doomed = [k for k in same_cluster if k[2] == addr]
-        if not doomed:
-            raise StateError("dispatching this request did not bring any change to the state")
-        for k in doomed:
-            del objects[k]
-        return
-    if kind == "add_backend":
-        new = own(value)
-        objects[key_of("backend", new)] = new
-        return
-    if kind == "remove_backend":
-        key = ("backend", value.cluster_id, value.backend_id, address_text(value.address))
+    key = ("listener", lkind, address_text(value.address))
+    if kind == "remove_listener":
         if key not in objects:
             raise StateError("dispatching this request did not bring any change to the state")
         del objects[key]
         return
+    if key not in objects:
+        raise StateError(f"Did not find {_LISTENER_NAME[lkind]} with address or id '{key[2]}'")
+    if kind.startswith("update_"):
+        objects[key] = _patched_listener(objects[key], value)
+        return
+    new = copy_message(objects[key])
+    setattr(new, "active", kind == "activate_listener")  # noqa: B010 - every listener config has it
+    objects[key] = new
+
+
+def _cluster_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+    if kind == "add_cluster":
+        objects[("cluster", value.cluster_id)] = own(value)
+        return
+    cid = value.cluster_id if kind == "set_health_check" else value
+    ckey = ("cluster", cid)
+    if ckey not in objects:
+        raise StateError(f"Did not find Cluster with address or id '{cid}'")
+    if kind == "remove_cluster":
+        del objects[ckey]
+        return
+    cluster = copy_message(objects[ckey])
+    assert isinstance(cluster, pb.Cluster)
+    if kind == "set_health_check":
+        cluster.health_check.CopyFrom(value.config)
+    else:
+        cluster.ClearField("health_check")
+    objects[ckey] = cluster
+
+
+def _http_frontend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+    hkind = "http_frontend" if "https" not in kind else "https_frontend"
+    key = (hkind, route_key(value))
+    name = "HttpFrontend" if hkind == "http_frontend" else "HttpsFrontend"
+    if kind.startswith("add_"):
+        if key in objects:
+            raise StateError(f"{name} '{key[1]}' already exists")
+        objects[key] = own(value)
+        return
+    if key not in objects:
+        raise StateError(f"Did not find {name} with address or id '{key[1]}'")
+    del objects[key]
+
+
+def _l4_frontend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+    fkind: Kind = "tcp_frontend" if "tcp" in kind else "udp_frontend"
+    name = "TcpFrontend" if fkind == "tcp_frontend" else "UdpFrontend"
+    if kind.startswith("add_"):
+        key = key_of(fkind, value)
+        if key in objects:
+            raise StateError(f"{name} already exists")
+        objects[key] = own(value)
+        return
+    addr = address_text(value.address)
+    same_cluster = [k for k in objects if k[0] == fkind and k[1] == value.cluster_id]
+    if not same_cluster:
+        raise StateError(f"Did not find {name}")
+    doomed = [k for k in same_cluster if k[2] == addr]
+    if not doomed:
+        raise StateError("dispatching this request did not bring any change to the state")
+    for k in doomed:
+        del objects[k]
+
+
+def _backend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+    if kind == "add_backend":
+        new = own(value)
+        objects[key_of("backend", new)] = new
+        return
+    key = ("backend", value.cluster_id, value.backend_id, address_text(value.address))
+    if key not in objects:
+        raise StateError("dispatching this request did not bring any change to the state")
+    del objects[key]
+
+
+def _certificate_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
     if kind == "add_certificate":
         try:
             key = key_of("certificate", value)
@@ -411,24 +421,39 @@ def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> 
             new.ClearField("expired_at")
             objects[key] = new
         return
+    addr = address_text(value.address)
     if kind == "remove_certificate":
-        objects.pop(("certificate", address_text(value.address), value.fingerprint.lower()), None)
+        objects.pop(("certificate", addr, value.fingerprint.lower()), None)
         return
-    if kind == "replace_certificate":
-        addr = address_text(value.address)
-        old_key = ("certificate", addr, value.old_fingerprint.lower())
-        if old_key not in objects and not any(k[0] == "certificate" and k[1] == addr for k in objects):
-            raise StateError(f"Did not find Certificate with address or id '{addr}'")
-        try:
-            new_fp = certificate_fingerprint(value.new_certificate)
-        except ValueError as e:
-            raise StateError(f"Could not replace certificate: {e}") from None
-        objects.pop(old_key, None)
-        objects[("certificate", addr, new_fp)] = pb.AddCertificate(
-            address=value.address, certificate=value.new_certificate
-        )
-        return
-    raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
+    old_key = ("certificate", addr, value.old_fingerprint.lower())
+    if old_key not in objects and not any(k[0] == "certificate" and k[1] == addr for k in objects):
+        raise StateError(f"Did not find Certificate with address or id '{addr}'")
+    try:
+        new_fp = certificate_fingerprint(value.new_certificate)
+    except ValueError as e:
+        raise StateError(f"Could not replace certificate: {e}") from None
+    objects.pop(old_key, None)
+    objects[("certificate", addr, new_fp)] = pb.AddCertificate(address=value.address, certificate=value.new_certificate)
+
+
+_Handler: TypeAlias = Callable[[Objects, str, Any, _Own], None]
+_HANDLERS: dict[str, _Handler] = {
+    **dict.fromkeys(
+        ("add_http_listener", "add_https_listener", "add_tcp_listener", "add_udp_listener"), _listener_request
+    ),
+    **dict.fromkeys(("remove_listener", "activate_listener", "deactivate_listener"), _listener_request),
+    **dict.fromkeys(LISTENER_UPDATE_REQUEST.values(), _listener_request),
+    **dict.fromkeys(("add_cluster", "remove_cluster", "set_health_check", "remove_health_check"), _cluster_request),
+    **dict.fromkeys(
+        ("add_http_frontend", "add_https_frontend", "remove_http_frontend", "remove_https_frontend"),
+        _http_frontend_request,
+    ),
+    **dict.fromkeys(
+        ("add_tcp_frontend", "add_udp_frontend", "remove_tcp_frontend", "remove_udp_frontend"), _l4_frontend_request
+    ),
+    **dict.fromkeys(("add_backend", "remove_backend"), _backend_request),
+    **dict.fromkeys(("add_certificate", "remove_certificate", "replace_certificate"), _certificate_request),
+}
 
 
 def _same(value: Message) -> Message:
@@ -436,7 +461,6 @@ def _same(value: Message) -> Message:
 
 
 _LISTENER_NAME = {"http": "HttpListener", "https": "HttpsListener", "tcp": "TcpListener", "udp": "UdpListener"}
-_ANSWER_FIELDS = tuple(f.name for f in pb.CustomHttpAnswers.DESCRIPTOR.fields)
 
 
 def _patched_listener(current: Message, patch: Message) -> Message:

@@ -407,11 +407,11 @@ class _Builder:
         fronts = [k for k in self.work.objects if k[0] == fkind and object_address(k) == addr]
         if fkind in ("http_frontend", "https_frontend"):
             for k in sorted(fronts):
-                self.emit(_remove_http_front(k, self.work.objects[k]), "remove", k, note)
+                self.emit(_remove_frontend(k, self.work.objects[k]), "remove", k, note)
         else:
             for cluster in sorted({k[1] for k in fronts}):
                 group = sorted(k for k in fronts if k[1] == cluster)
-                self.emit(_remove_l4_front(group[0], self.work.objects[group[0]]), "remove", group[0], note)
+                self.emit(_remove_frontend(group[0], self.work.objects[group[0]]), "remove", group[0], note)
         if key[1] == "https":
             for k in sorted(k for k in self.work.objects if k[0] == "certificate" and k[1] == addr):
                 self.emit(_remove_certificate(k, self.work.objects[k]), "remove", k, note)
@@ -457,7 +457,7 @@ class _Builder:
             if have is None:
                 self.emit(add_request(key, want), "add", key)
             elif have != want:
-                self.emit(_remove_http_front(key, have), "remove", key, "changed: remove then add")
+                self.emit(_remove_frontend(key, have), "remove", key, "changed: remove then add")
                 self.emit(add_request(key, want), "add", key, "changed")
 
     def l4_frontends(self, kind: str) -> None:
@@ -473,7 +473,7 @@ class _Builder:
             going = [k for k in have if k not in desired]
             if going and want:
                 doomed = sorted(going)[0]
-                self.emit(_remove_l4_front(doomed, work[doomed]), "remove", doomed, "clears its (cluster, address)")
+                self.emit(_remove_frontend(doomed, work[doomed]), "remove", doomed, "clears its (cluster, address)")
                 for k in want:  # desired insertion order
                     note = "" if k not in have else "kept: re-added after the group's removal"
                     self.emit(add_request(k, desired[k]), "add", k, note)
@@ -487,13 +487,13 @@ class _Builder:
         work, desired = self.work.objects, self.desired
         for kind in ("http_frontend", "https_frontend"):
             for k in [k for k in self.keys(kind, work) if k not in desired]:
-                self.emit(_remove_http_front(k, work[k]), "remove", k)
+                self.emit(_remove_frontend(k, work[k]), "remove", k)
         for kind in ("tcp_frontend", "udp_frontend"):
             seen: set[tuple[str, str]] = set()
             for k in [k for k in self.keys(kind, work) if k not in desired]:
                 if (k[1], k[2]) not in seen:
                     seen.add((k[1], k[2]))
-                    self.emit(_remove_l4_front(k, work[k]), "remove", k)
+                    self.emit(_remove_frontend(k, work[k]), "remove", k)
         readd: set[ObjKey] = set()
         by_address: dict[tuple[str, str], list[ObjKey]] = {}
         for k in work:
@@ -548,13 +548,8 @@ def _remove_listener(key: ObjKey, value: Message) -> pb.Request:
     return req
 
 
-def _remove_http_front(key: ObjKey, value: Message) -> pb.Request:
-    req = pb.Request()
-    getattr(req, f"remove_{key[0]}").CopyFrom(value)  # the stored values, position included
-    return req
-
-
-def _remove_l4_front(key: ObjKey, value: Message) -> pb.Request:
+def _remove_frontend(key: ObjKey, value: Message) -> pb.Request:
+    """The removal of any frontend (HTTP, HTTPS, TCP, UDP): its stored values, position included."""
     req = pb.Request()
     getattr(req, f"remove_{key[0]}").CopyFrom(value)
     return req

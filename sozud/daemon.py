@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from sozud.errors import (
     VersionMismatchError,
 )
 from sozud.layout import ShardedShared
-from sozud.log import get_logger
+from sozud.log import configure_logging_from_settings, get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 from sozud.persist import BaseMeta, BaseStore, StatusFile
@@ -66,9 +66,36 @@ def om_settings(config: Config) -> OMSettings:
     )
 
 
+# The settings each long-lived piece is built from: a reload (SIGHUP) rebuilds a piece only when one of its
+# settings changed, so a reload that changes neither keeps the sozu and OpenSVC connections up.
+SOZU_CHANNEL_KEYS = ("socket", "sozu_version", "request_timeout_s")
+SOZU_ADAPTER_KEYS = ("shared_dir", "shared_dir_sozu_path", "max_rounds", "max_removal_ratio")
+OPENSVC_CLIENT_KEYS = (
+    "api",
+    "cluster_name",
+    "secret_file",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "username",
+    "password_file",
+    "token_file",
+    "node",
+    "opensvc_poll_interval_s",
+    "request_timeout_s",
+    "projected_file",
+    "allow_private_keys_in_cfg",
+)
+SHARED_PORT_KEYS = ("layout", "object", "key", "meta_key")
+
+
+def _unchanged(old: Config, new: Config, keys: tuple[str, ...]) -> bool:
+    return all(getattr(old, k) == getattr(new, k) for k in keys)
+
+
 @dataclass
 class Components:
-    """The live objects built from one Config (rebuilt on SIGHUP when connections change)."""
+    """The live objects built from one Config (on SIGHUP, a piece is rebuilt only when its settings change)."""
 
     config: Config
     channel: SozuChannel
@@ -77,26 +104,51 @@ class Components:
     shared: SharedPort
     engine: SyncEngine
 
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.channel.aclose()
-        with contextlib.suppress(Exception):
-            await self.om.aclose()
+    async def aclose(self, *, keep: Components | None = None) -> None:
+        """Close the connections, except those ``keep`` (the pieces replacing these) still uses."""
+        if keep is None or keep.channel is not self.channel:
+            with contextlib.suppress(Exception):
+                await self.channel.aclose()
+        if keep is None or keep.om is not self.om:
+            with contextlib.suppress(Exception):
+                await self.om.aclose()
 
 
-def build_components(config: Config) -> Components:
-    version = None if config.sozu_version == "auto" else SozuVersion.parse(config.sozu_version)
-    channel = SozuChannel(config.socket, version=version, request_timeout_s=config.request_timeout_s)
-    om = client_from_url(config.api, om_settings(config))
-    sozu = SozuAdapter(
-        channel,
-        shared_dir=config.shared_dir,
-        shared_dir_sozu_path=config.shared_dir_sozu_path,
-        max_rounds=config.max_rounds,
-        max_removal_ratio=config.max_removal_ratio,
-    )
+def build_components(config: Config, reuse: Components | None = None) -> Components:
+    """The live objects for ``config``. With ``reuse`` (the running pieces, on reload), each of its pieces
+    whose settings did not change is kept, connections included."""
+    old = reuse.config if reuse is not None else None
+    channel: SozuChannel
+    if reuse is not None and old is not None and _unchanged(old, config, SOZU_CHANNEL_KEYS):
+        channel = reuse.channel
+    else:
+        version = None if config.sozu_version == "auto" else SozuVersion.parse(config.sozu_version)
+        channel = SozuChannel(config.socket, version=version, request_timeout_s=config.request_timeout_s)
+    om: OMClient
+    if reuse is not None and old is not None and _unchanged(old, config, OPENSVC_CLIENT_KEYS):
+        om = reuse.om
+    else:
+        om = client_from_url(config.api, om_settings(config))
+    sozu: SozuAdapter
+    if (
+        reuse is not None
+        and old is not None
+        and reuse.channel is channel
+        and _unchanged(old, config, SOZU_ADAPTER_KEYS)
+    ):
+        sozu = reuse.sozu
+    else:
+        sozu = SozuAdapter(
+            channel,
+            shared_dir=config.shared_dir,
+            shared_dir_sozu_path=config.shared_dir_sozu_path,
+            max_rounds=config.max_rounds,
+            max_removal_ratio=config.max_removal_ratio,
+        )
     shared: SharedPort
-    if config.layout == "sharded":
+    if reuse is not None and old is not None and reuse.om is om and _unchanged(old, config, SHARED_PORT_KEYS):
+        shared = reuse.shared
+    elif config.layout == "sharded":
         shared = ShardedShared(om, config.object, config.key, config.meta_key, max_state_bytes=MAX_STATE_BYTES)
     else:
         shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
@@ -144,7 +196,7 @@ class Daemon:
         config: Config,
         *,
         reload_config: Callable[[], Config] | None = None,
-        build: Callable[[Config], Components] = build_components,
+        build: Callable[[Config, Components | None], Components] = build_components,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
@@ -159,7 +211,7 @@ class Daemon:
         self._reasons: Counter[str] = Counter()
         self._stop = asyncio.Event()
         self._reload = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._metrics_server: MetricsServer | None = None
         self._backoff = Backoff(initial_s=1.0, max_s=config.retry_max_s)
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -189,39 +241,61 @@ class Daemon:
     # --- life cycle
 
     async def start(self) -> None:
-        self.components = self._build(self.config)
+        self.components = self._build(self.config, None)
         self.components.channel.add_reconnect_listener(self._on_reconnect)
         if self.config.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address)
-            await self._metrics_server.start()
-            self.log.info("metrics.serving", address=f"{self._metrics_server.host}:{self._metrics_server.port}")
+            await self._serve_metrics(self.config.metrics_address)
         self._start_trigger_tasks()
         self.trigger("startup")
+
+    async def _serve_metrics(self, address: str | None) -> None:
+        """Serve the metrics on ``address`` (None: nowhere) instead of where they are served now. Raises
+        ``OSError`` when ``address`` cannot be bound; the previous server, if any, then serves again."""
+        previous, self._metrics_server = self._metrics_server, None
+        if previous is not None:
+            await previous.stop()
+        if address is None:
+            return
+        server = MetricsServer(self.metrics, address)
+        try:
+            await server.start()
+        except OSError:
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    await previous.start()
+                    self._metrics_server = previous
+            raise
+        self._metrics_server = server
+        self.log.info("metrics.serving", address=f"{server.host}:{server.port}")
 
     def _on_reconnect(self, epoch: int) -> None:
         self.metrics.reconnects.inc()
         self.log.info("sozu.reconnected", epoch=epoch, action="full re-sync")
         self.trigger("sozu_reconnected")
 
-    def _start_trigger_tasks(self) -> None:
-        c = self.components
-        assert c is not None
-        self._tasks = [
-            asyncio.create_task(self._guard("probe", self._probe_loop)),
-            asyncio.create_task(self._guard("sozu_events", self._events_loop)),
-            asyncio.create_task(self._guard("opensvc_changes", self._opensvc_loop)),
-            asyncio.create_task(self._guard("resync", self._resync_loop)),
-        ]
+    def _start_trigger_tasks(self, names: Collection[str] | None = None) -> None:
+        """Start the trigger loops (only those named in ``names``, when given)."""
+        assert self.components is not None
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "probe": self._probe_loop,
+            "sozu_events": self._events_loop,
+            "opensvc_changes": self._opensvc_loop,
+            "resync": self._resync_loop,
+        }
         if self.notifier.watchdog_interval_s:
-            self._tasks.append(asyncio.create_task(self._guard("watchdog", self._watchdog_loop)))
+            loops["watchdog"] = self._watchdog_loop
+        for name, loop in loops.items():
+            if names is None or name in names:
+                self._tasks[name] = asyncio.create_task(self._guard(name, loop))
 
-    async def _stop_trigger_tasks(self) -> None:
-        for t in self._tasks:
+    async def _stop_trigger_tasks(self, names: Collection[str] | None = None) -> None:
+        """Stop the trigger loops (only those named in ``names``, when given)."""
+        tasks = [self._tasks.pop(n) for n in list(self._tasks) if names is None or n in names]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._tasks = []
 
     async def stop(self) -> None:
         self.notifier.stopping()
@@ -429,26 +503,63 @@ class Daemon:
             self.log.warning("status.write_failed", path=self.config.state_dir, error=str(e))
 
     async def _do_reload(self) -> None:
+        """Apply a re-read configuration: every changed key takes effect now; only the pieces whose
+        settings changed are rebuilt (a connection whose settings did not change stays up). A key that
+        could not be applied is logged by name under ``not_applied``, with why."""
         self._reload = False
         if self._reload_config is None:
             return
+        old, running = self.config, self.components
         try:
             new = self._reload_config()
+            components = self._build(new, running)
         except SozudError as e:
             self.log.error("config.reload_failed", error=str(e), action="keeping the running configuration")
             return
         self.notifier.reloading()
-        old = self.config
-        self.config = new
-        self._backoff = Backoff(initial_s=1.0, max_s=new.retry_max_s)
-        await self._stop_trigger_tasks()
-        if self.components is not None:
-            await self.components.aclose()
-        self.components = self._build(new)
-        self.components.channel.add_reconnect_listener(self._on_reconnect)
-        self._start_trigger_tasks()
         changed = sorted(k for k in Config.__struct_fields__ if getattr(old, k) != getattr(new, k))
-        self.log.info("config.reloaded", changed=changed)
+        self.config = new
+        not_applied: dict[str, str] = {}
+        if "log_level" in changed or "log_format" in changed:
+            configure_logging_from_settings(new.log_level, new.log_format)
+        if "node" in changed:
+            self.status.node = new.node
+            self.log = get_logger(node=new.node)
+        if "retry_max_s" in changed:
+            self._backoff = Backoff(initial_s=1.0, max_s=new.retry_max_s)
+        if "metrics_address" in changed:
+            try:
+                await self._serve_metrics(new.metrics_address)
+            except OSError as e:
+                not_applied["metrics_address"] = f"cannot serve on {new.metrics_address}: {e.strerror or e}"
+        new_channel = running is None or components.channel is not running.channel
+        new_om = running is None or components.om is not running.om
+        restart = {
+            name
+            for name, needed in (
+                ("sozu_events", new_channel),
+                ("opensvc_changes", new_om or "object" in changed or "key" in changed),
+                ("probe", "poll_interval_s" in changed),
+                ("resync", "resync_interval_s" in changed),
+            )
+            if needed
+        }
+        await self._stop_trigger_tasks(restart)
+        self.components = components
+        if new_channel:
+            components.channel.add_reconnect_listener(self._on_reconnect)
+        self._start_trigger_tasks(restart)
+        if running is not None:
+            await running.aclose(keep=components)
+        fields: dict[str, Any] = {
+            "applied": [k for k in changed if k not in not_applied],
+            "reconnected": [name for name, new_piece in (("sozu", new_channel), ("opensvc", new_om)) if new_piece],
+        }
+        if not_applied:
+            fields["not_applied"] = not_applied
+            self.log.error("config.reloaded", **fields, action="fix the keys named in not_applied and reload")
+        else:
+            self.log.info("config.reloaded", **fields)
         self.notifier.ready("configuration reloaded")
 
     # --- trigger loops

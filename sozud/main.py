@@ -23,7 +23,7 @@ from typing import Any
 from sozud import __version__
 from sozud.config import DEFAULT_CONFIG_PATH, FIELD_HELP, Config, load_config
 from sozud.errors import ConfigError, SozudError, UnsafePlanError
-from sozud.log import configure_logging
+from sozud.log import configure_logging, configure_logging_from_settings
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -96,8 +96,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _configure_logging(config: Config) -> None:
-    fmt = {"auto": None, "json": True, "console": False}[config.log_format]
-    configure_logging(config.log_level, json=fmt)
+    configure_logging_from_settings(config.log_level, config.log_format)
 
 
 def _prepare(args: argparse.Namespace) -> Config:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,103 @@ async def test_reload_applies_new_settings_and_keeps_old_ones_when_invalid(tmp_p
         await daemon.stop()
     finally:
         await cluster.stop()
+
+
+def _events(err: str) -> list[dict[str, Any]]:
+    """The JSON log events in captured stderr (other lines ignored)."""
+    out = []
+    for line in err.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and "event" in event:
+                out.append(event)
+    return out
+
+
+async def _http_get(address: str, path: str) -> bytes:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def _reload(daemon: Daemon, configs: list[Config], config: Config) -> None:
+    configs.append(config)
+    marks = daemon.syncs_attempted
+    daemon.request_reload()
+    await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the reload")
+
+
+@contextlib.asynccontextmanager
+async def _reloadable_daemon() -> AsyncIterator[tuple[Daemon, list[Config], SimCluster]]:
+    """A running daemon on one simulated node, after its first sync; it reloads the configs appended to
+    the list it yields."""
+    cluster = await SimCluster.create(["a"])
+    node = cluster.node("a")
+    configs: list[Config] = []
+    daemon = Daemon(node.config, reload_config=lambda: configs.pop(0))
+    task: asyncio.Task[None] | None = None
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("c")))
+        await daemon.start()
+        task = asyncio.create_task(daemon.run())
+        await wait_until(lambda: daemon.last_report is not None, what="first sync")
+        yield daemon, configs, cluster
+        daemon.request_stop()
+        await task
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        await daemon.stop()
+        await cluster.stop()
+
+
+async def test_reload_serves_a_new_metrics_address(capsys: pytest.CaptureFixture[str]) -> None:
+    async with _reloadable_daemon() as (daemon, configs, _):
+        capsys.readouterr()
+        await _reload(daemon, configs, msgspec.structs.replace(daemon.config, metrics_address="127.0.0.1:0"))
+        events = _events(capsys.readouterr().err)
+        serving = [e["address"] for e in events if e["event"] == "metrics.serving"]
+        assert len(serving) == 1, "the new metrics_address is not served"
+        assert b"sozud_" in await _http_get(serving[0], "/metrics")
+        reloaded = [e for e in events if e["event"] == "config.reloaded"]
+        assert len(reloaded) == 1, events
+        assert reloaded[0]["applied"] == ["metrics_address"] and "not_applied" not in reloaded[0]
+
+
+async def test_reload_applies_the_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    async with _reloadable_daemon() as (daemon, configs, cluster):
+        await _reload(daemon, configs, msgspec.structs.replace(daemon.config, log_level="error"))
+        capsys.readouterr()
+        await cluster.node("a").request(pb.Request(add_cluster=build.cluster("quiet")))
+        await wait_until(lambda: b"quiet" in (cluster.shared_value() or b""), what="a push after the reload")
+        events = _events(capsys.readouterr().err)
+        assert events == [], "events below log_level = error were written after the reload"
+
+
+async def test_reload_rebuilds_only_the_connection_whose_settings_changed() -> None:
+    async with _reloadable_daemon() as (daemon, configs, cluster):
+        assert daemon.components is not None
+        channel, om = daemon.components.channel, daemon.components.om
+
+        await _reload(daemon, configs, msgspec.structs.replace(daemon.config, log_level="error", max_rounds=4))
+        assert daemon.components.channel is channel, "the sozu connection was rebuilt, its settings did not change"
+        assert daemon.components.om is om, "the OpenSVC client was rebuilt, its settings did not change"
+
+        await _reload(daemon, configs, msgspec.structs.replace(daemon.config, sozu_version="auto"))
+        assert daemon.components.channel is not channel and daemon.components.om is om
+        assert daemon.last_error is None, daemon.last_error
+        channel = daemon.components.channel
+
+        await _reload(daemon, configs, msgspec.structs.replace(daemon.config, opensvc_poll_interval_s=0.2))
+        assert daemon.components.channel is channel and daemon.components.om is not om
+        assert daemon.last_error is None, daemon.last_error
+
+        await cluster.node("a").request(pb.Request(add_cluster=build.cluster("after-reloads")))
+        await wait_until(lambda: b"after-reloads" in (cluster.shared_value() or b""), what="a push after the reloads")
 
 
 async def test_ready_and_status_are_notified_to_systemd(tmp_path: Path) -> None:

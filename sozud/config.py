@@ -21,9 +21,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from sozud._om.base import OMSettings
 from sozud.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/sozud/sozud.toml"
+# The OpenSVC client's defaults are its own (sozud.om_api.OMSettings): defined once, there.
+_OM = OMSettings()
 ENV_PREFIX = "SOZUD_"
 
 
@@ -50,11 +53,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     username: str | None = None
     password_file: str | None = None
     token_file: str | None = None
-    opensvc_poll_interval_s: float = 30.0
+    opensvc_poll_interval_s: float = _OM.poll_interval_s
     projected_file: str | None = None
     allow_private_keys_in_cfg: bool = False
     layout: Literal["sharded", "plain"] = "plain"
     boot_state_file: str | None = None
+    run_dir: str = _OM.run_dir
+    cluster_conf_file: str = _OM.cluster_conf_file
+    events_max_idle_s: float = _OM.events_max_idle_s
+    retry_attempts: int = _OM.retry_attempts
+    reconnect_max_s: float = _OM.reconnect_max_s
 
     # --- sync
     node: str = ""
@@ -122,6 +130,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "debounce_ms": (0, 600_000),
     "max_wait_ms": (0, 3_600_000),
     "max_rounds": (1, 100),
+    "events_max_idle_s": (1.0, 7 * 86400.0),
+    "retry_attempts": (1, 100),
+    "reconnect_max_s": (0.01, 86400.0),
 }
 _KEY_NAME = re.compile(r"[A-Za-z0-9_\-/][A-Za-z0-9._\-/]{0,254}")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,61}[a-z0-9])?")
@@ -151,6 +162,11 @@ FIELD_HELP: dict[str, str] = {
     "allow_private_keys_in_cfg": "Whether a state holding TLS private keys may be written into a guest-readable ``cfg`` object (default: refused; use a ``sec`` object).",
     "layout": "How the shared state is stored: ``plain`` (one state-file key) or ``sharded`` (compressed shards and a manifest, written per change; EXPERIMENTAL, see README).",
     "boot_state_file": "A plain sozu state file kept equal to what sozu runs once in sync, for sozu's ``saved_state`` (e.g. ``/run/sozu/state.json``): a restarted sozu boots with the routes.",
+    "run_dir": "Where the local agent's sockets are (``lsnr.sock``, ``h2.sock``, ``http.sock``), used when ``api`` is unset.",
+    "cluster_conf_file": "The agent's cluster configuration, read for the cluster name and secret that ``cluster_name``/``secret_file`` leave unset.",
+    "events_max_idle_s": "An agent event stream that brought nothing about the key for this long is reopened (also a slow periodic re-read).",
+    "retry_attempts": "Tries of a failing read or write of a key while the agent is unreachable.",
+    "reconnect_max_s": "Cap of the backoff between reconnections to the agent's event stream (and between poll retries).",
     "node": "This node's name (default: the host name).",
     "state_dir": "Where sozud persists its base state and status.",
     "poll_interval_s": "How often the live sozu is probed for local changes (sozu >= 1.0 never rewrites its state file).",

@@ -63,6 +63,11 @@ def om_settings(config: Config) -> OMSettings:
         request_timeout_s=config.request_timeout_s,
         projected_file=config.projected_file,
         allow_private_keys_in_cfg=config.allow_private_keys_in_cfg,
+        run_dir=config.run_dir,
+        cluster_conf_file=config.cluster_conf_file,
+        events_max_idle_s=config.events_max_idle_s,
+        retry_attempts=config.retry_attempts,
+        reconnect_max_s=config.reconnect_max_s,
     )
 
 
@@ -85,6 +90,11 @@ OPENSVC_CLIENT_KEYS = (
     "request_timeout_s",
     "projected_file",
     "allow_private_keys_in_cfg",
+    "run_dir",
+    "cluster_conf_file",
+    "events_max_idle_s",
+    "retry_attempts",
+    "reconnect_max_s",
 )
 SHARED_PORT_KEYS = ("layout", "object", "key", "meta_key")
 

@@ -144,3 +144,59 @@ def test_a_misspelled_sozud_variable_is_reported() -> None:
 
     env = {"SOZUD_POLL_INTERVAL": "5", "SOZUD_POLL_INTERVAL_S": "5", "SOZUD_CONFIG": "/x", "OTHER": "1"}
     assert unknown_env_names(env) == ["SOZUD_POLL_INTERVAL"]
+
+
+# --- issue 9: one poll-interval default; the OpenSVC client's knobs are settings ------------------------
+
+
+def test_the_opensvc_poll_interval_default_is_the_same_for_the_daemon_and_sozud_key(tmp_path: Path) -> None:
+    import argparse
+
+    from sozud.cli.key import _settings, add_arguments
+    from sozud.daemon import om_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    key_settings = _settings(parser.parse_args(["list", "igw/cfg/sozu"]))
+    empty = tmp_path / "sozud.toml"
+    empty.write_text("")
+    daemon_settings = om_settings(load_config(str(empty), environ={}))
+    assert key_settings.poll_interval_s == daemon_settings.poll_interval_s
+
+
+OM_KNOBS = {
+    "run_dir": ("/srv/agent", "SOZUD_RUN_DIR", "/env/agent"),
+    "cluster_conf_file": ("/srv/cluster.conf", "SOZUD_CLUSTER_CONF_FILE", "/env/cluster.conf"),
+    "events_max_idle_s": (120.0, "SOZUD_EVENTS_MAX_IDLE_S", "60"),
+    "retry_attempts": (5, "SOZUD_RETRY_ATTEMPTS", "2"),
+    "reconnect_max_s": (12.5, "SOZUD_RECONNECT_MAX_S", "7"),
+}
+
+
+def test_the_opensvc_client_knobs_are_settings(tmp_path: Path) -> None:
+    from sozud.daemon import om_settings
+
+    f = tmp_path / "sozud.toml"
+    f.write_text("".join(f"{name} = {value!r}\n".replace("'", '"') for name, (value, _, _) in OM_KNOBS.items()))
+    settings = om_settings(load_config(str(f), environ={}))
+    assert {name: getattr(settings, name) for name in OM_KNOBS} == {n: v for n, (v, _, _) in OM_KNOBS.items()}
+    environ = {env: value for _, env, value in OM_KNOBS.values()}
+    settings = om_settings(load_config(str(f), environ=environ))
+    assert (settings.run_dir, settings.cluster_conf_file) == ("/env/agent", "/env/cluster.conf")
+    assert (settings.events_max_idle_s, settings.retry_attempts, settings.reconnect_max_s) == (60.0, 2, 7.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SOZUD_RETRY_ATTEMPTS", "0"),
+        ("SOZUD_EVENTS_MAX_IDLE_S", "inf"),
+        ("SOZUD_EVENTS_MAX_IDLE_S", "0"),
+        ("SOZUD_RECONNECT_MAX_S", "nan"),
+        ("SOZUD_RECONNECT_MAX_S", "-1"),
+    ],
+)
+def test_the_opensvc_client_knobs_are_range_checked(variable: str, value: str) -> None:
+    key = variable.removeprefix("SOZUD_").lower()
+    with pytest.raises(ConfigError, match=rf"'{key}'.*range.*\(from environment variable {variable}\)"):
+        load_config(environ={variable: value})

@@ -24,6 +24,7 @@ from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+_DEFAULTS = OMSettings()  # the client's own defaults, shown in --help
 
 
 def register(subparsers: Any) -> None:
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-name", metavar="NAME", help="raw://: cluster name (default: from cluster.conf)")
     parser.add_argument("--secret-file", metavar="FILE", help="raw://, https://: file holding the cluster secret")
     parser.add_argument(
-        "--cluster-conf", metavar="FILE", help="agent cluster config (default /etc/opensvc/cluster.conf)"
+        "--cluster-conf", metavar="FILE", help=f"agent cluster config (default {_DEFAULTS.cluster_conf_file})"
     )
     parser.add_argument("--ca-file", metavar="FILE", help="https: CA of the agent's certificate")
     parser.add_argument("--cert-file", metavar="FILE", help="https: client certificate")
@@ -69,9 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-file", metavar="FILE", help="om3+https: file holding the password")
     parser.add_argument("--token-file", metavar="FILE", help="om3+https: file holding a bearer token")
     parser.add_argument(
-        "--run-dir", metavar="DIR", help="where the local agent's sockets are (default /var/lib/opensvc/lsnr)"
+        "--run-dir", metavar="DIR", help=f"where the local agent's sockets are (default {_DEFAULTS.run_dir})"
     )
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="request timeout in seconds (default 10)")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=_DEFAULTS.request_timeout_s,
+        help=f"request timeout in seconds (default {_DEFAULTS.request_timeout_s:g})",
+    )
 
 
 class _UsageError(Exception):

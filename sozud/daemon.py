@@ -28,7 +28,7 @@ import msgspec
 
 from sozud.adapters import OpenSVCShared, SozuAdapter
 from sozud.backoff import Backoff
-from sozud.config import Config
+from sozud.config import Config, get_place, values_by_place
 from sozud.errors import (
     SharedInFlightError,
     SozudError,
@@ -49,58 +49,26 @@ from sozud.versions import SozuVersion
 
 
 def om_settings(config: Config) -> OMSettings:
-    return OMSettings(
-        cluster_name=config.cluster_name,
-        secret_file=config.secret_file,
-        ca_file=config.ca_file,
-        cert_file=config.cert_file,
-        key_file=config.key_file,
-        username=config.username,
-        password=read_secret_file(config.password_file, "configuration key 'password_file'"),
-        token=read_secret_file(config.token_file, "configuration key 'token_file'"),
+    """The OpenSVC client's settings: the ``[opensvc]`` section itself (an ``OMSettings``), with the secrets
+    its ``password_file`` and ``token_file`` hold and this node's name."""
+    osvc = config.opensvc
+    return msgspec.structs.replace(
+        osvc,
+        password=read_secret_file(osvc.password_file, "configuration key 'opensvc.password_file'"),
+        token=read_secret_file(osvc.token_file, "configuration key 'opensvc.token_file'"),
         nodename=config.node,
-        poll_interval_s=config.opensvc_poll_interval_s,
-        request_timeout_s=config.request_timeout_s,
-        projected_file=config.projected_file,
-        allow_private_keys_in_cfg=config.allow_private_keys_in_cfg,
-        run_dir=config.run_dir,
-        cluster_conf_file=config.cluster_conf_file,
-        events_max_idle_s=config.events_max_idle_s,
-        retry_attempts=config.retry_attempts,
-        reconnect_max_s=config.reconnect_max_s,
     )
 
 
-# The settings each long-lived piece is built from: a reload (SIGHUP) rebuilds a piece only when one of its
-# settings changed, so a reload that changes neither keeps the sozu and OpenSVC connections up.
-SOZU_CHANNEL_KEYS = ("socket", "sozu_version", "request_timeout_s")
-SOZU_ADAPTER_KEYS = ("shared_dir", "shared_dir_sozu_path", "max_rounds", "max_removal_ratio")
-OPENSVC_CLIENT_KEYS = (
-    "api",
-    "cluster_name",
-    "secret_file",
-    "ca_file",
-    "cert_file",
-    "key_file",
-    "username",
-    "password_file",
-    "token_file",
-    "node",
-    "opensvc_poll_interval_s",
-    "request_timeout_s",
-    "projected_file",
-    "allow_private_keys_in_cfg",
-    "run_dir",
-    "cluster_conf_file",
-    "events_max_idle_s",
-    "retry_attempts",
-    "reconnect_max_s",
-)
-SHARED_PORT_KEYS = ("layout", "object", "key", "meta_key")
+# The settings each long-lived piece is built from (dotted keys): a reload (SIGHUP) rebuilds a piece only
+# when one of its settings changed, so a reload that changes neither keeps the sozu and OpenSVC connections up.
+SOZU_CHANNEL_KEYS = ("sozu.socket", "sozu.version", "sozu.request_timeout_s")
+SOZU_ADAPTER_KEYS = ("sozu.shared_dir", "sozu.shared_dir_sozu_path", "sync.max_rounds", "sync.max_removal_ratio")
+OPENSVC_CLIENT_KEYS = ("opensvc", "node")  # the whole section: the client's settings and the shared state's place
 
 
 def _unchanged(old: Config, new: Config, keys: tuple[str, ...]) -> bool:
-    return all(getattr(old, k) == getattr(new, k) for k in keys)
+    return all(get_place(old, k) == get_place(new, k) for k in keys)
 
 
 @dataclass
@@ -132,13 +100,13 @@ def build_components(config: Config, reuse: Components | None = None) -> Compone
     if reuse is not None and old is not None and _unchanged(old, config, SOZU_CHANNEL_KEYS):
         channel = reuse.channel
     else:
-        version = None if config.sozu_version == "auto" else SozuVersion.parse(config.sozu_version)
-        channel = SozuChannel(config.socket, version=version, request_timeout_s=config.request_timeout_s)
+        version = None if config.sozu.version == "auto" else SozuVersion.parse(config.sozu.version)
+        channel = SozuChannel(config.sozu.socket, version=version, request_timeout_s=config.sozu.request_timeout_s)
     om: OMClient
     if reuse is not None and old is not None and _unchanged(old, config, OPENSVC_CLIENT_KEYS):
         om = reuse.om
     else:
-        om = client_from_url(config.api, om_settings(config))
+        om = client_from_url(config.opensvc.api, om_settings(config))
     sozu: SozuAdapter
     if (
         reuse is not None
@@ -150,29 +118,30 @@ def build_components(config: Config, reuse: Components | None = None) -> Compone
     else:
         sozu = SozuAdapter(
             channel,
-            shared_dir=config.shared_dir,
-            shared_dir_sozu_path=config.shared_dir_sozu_path,
-            max_rounds=config.max_rounds,
-            max_removal_ratio=config.max_removal_ratio,
+            shared_dir=config.sozu.shared_dir,
+            shared_dir_sozu_path=config.sozu.shared_dir_sozu_path,
+            max_rounds=config.sync.max_rounds,
+            max_removal_ratio=config.sync.max_removal_ratio,
         )
+    osvc = config.opensvc
     shared: SharedPort
-    if reuse is not None and old is not None and reuse.om is om and _unchanged(old, config, SHARED_PORT_KEYS):
+    if reuse is not None and reuse.om is om:  # the client is rebuilt whenever [opensvc] changes
         shared = reuse.shared
-    elif config.layout == "sharded":
-        shared = ShardedShared(om, config.object, config.key, config.meta_key, max_state_bytes=MAX_STATE_BYTES)
+    elif osvc.layout == "sharded":
+        shared = ShardedShared(om, osvc.object, osvc.key, osvc.meta_key, max_state_bytes=MAX_STATE_BYTES)
     else:
-        shared = OpenSVCShared(om, config.object, config.key, config.meta_key)
+        shared = OpenSVCShared(om, osvc.object, osvc.key, osvc.meta_key)
     engine = SyncEngine(
         sozu,
         shared,
-        BaseStore(config.state_dir),
+        BaseStore(config.sync.state_dir),
         EngineSettings(
             node=config.node,
-            object=config.object,
-            key=config.key,
-            max_removal_ratio=config.max_removal_ratio,
-            force=config.force,
-            boot_state_file=config.boot_state_file,
+            object=config.opensvc.object,
+            key=config.opensvc.key,
+            max_removal_ratio=config.sync.max_removal_ratio,
+            force=config.sync.force,
+            boot_state_file=config.sozu.boot_state_file,
         ),
     )
     return Components(config, channel, om, sozu, shared, engine)
@@ -223,7 +192,7 @@ class Daemon:
         self._reload = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._metrics_server: MetricsServer | None = None
-        self._backoff = Backoff(initial_s=1.0, max_s=config.retry_max_s)
+        self._backoff = Backoff(initial_s=1.0, max_s=config.sync.retry_max_s)
         self._retry_handle: asyncio.TimerHandle | None = None
         self._last_probe: object | None = None
         self.sync_done = asyncio.Condition()  # notified after every sync attempt (tests wait on it)
@@ -321,7 +290,7 @@ class Daemon:
     async def run(self) -> None:
         """Run until :meth:`request_stop`. Call :meth:`start` first."""
         self.notifier.ready("started; waiting for the first sync")
-        self.log.info("daemon.started", socket=self.config.socket, api=self.config.api or "auto")
+        self.log.info("daemon.started", socket=self.config.sozu.socket, api=self.config.opensvc.api or "auto")
         while not self._stop.is_set():
             await self._trigger.wait()
             if self._stop.is_set():
@@ -338,8 +307,8 @@ class Daemon:
 
     async def _debounce(self) -> None:
         first = time.monotonic()
-        debounce_s = self.config.debounce_ms / 1000
-        max_wait_s = self.config.max_wait_ms / 1000
+        debounce_s = self.config.sync.debounce_ms / 1000
+        max_wait_s = self.config.sync.max_wait_ms / 1000
         while True:
             self._trigger.clear()
             remaining = max_wait_s - (time.monotonic() - first)
@@ -480,7 +449,7 @@ class Daemon:
         c = self.components
         base_generation = None
         with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
-            meta_path = BaseStore(self.config.state_dir).meta_path
+            meta_path = BaseStore(self.config.sync.state_dir).meta_path
             base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
         doc: dict[str, Any] = {
             "node": st.node,
@@ -501,16 +470,16 @@ class Daemon:
             "conflicts_total": st.conflicts_total,
             "requests_total": dict(st.requests_total),
             "pushes_total": st.pushes_total,
-            "socket": self.config.socket,
-            "api": self.config.api,
-            "object": self.config.object,
-            "key": self.config.key,
+            "socket": self.config.sozu.socket,
+            "api": self.config.opensvc.api,
+            "object": self.config.opensvc.object,
+            "key": self.config.opensvc.key,
             "sozu_version": str(c.channel.version) if c is not None and _has_version(c.channel) else None,
         }
         try:
-            StatusFile(self.config.state_dir).write(doc)
+            StatusFile(self.config.sync.state_dir).write(doc)
         except OSError as e:
-            self.log.warning("status.write_failed", path=self.config.state_dir, error=str(e))
+            self.log.warning("status.write_failed", path=self.config.sync.state_dir, error=str(e))
 
     async def _do_reload(self) -> None:
         """Apply a re-read configuration: every changed key takes effect now; only the pieces whose
@@ -527,7 +496,8 @@ class Daemon:
             self.log.error("config.reload_failed", error=str(e), action="keeping the running configuration")
             return
         self.notifier.reloading()
-        changed = sorted(k for k in Config.__struct_fields__ if getattr(old, k) != getattr(new, k))
+        old_values, new_values = values_by_place(old), values_by_place(new)
+        changed = [k for k, v in new_values.items() if old_values[k] != v]
         self.config = new
         not_applied: dict[str, str] = {}
         if "log_level" in changed or "log_format" in changed:
@@ -535,8 +505,8 @@ class Daemon:
         if "node" in changed:
             self.status.node = new.node
             self.log = get_logger(node=new.node)
-        if "retry_max_s" in changed:
-            self._backoff = Backoff(initial_s=1.0, max_s=new.retry_max_s)
+        if "sync.retry_max_s" in changed:
+            self._backoff = Backoff(initial_s=1.0, max_s=new.sync.retry_max_s)
         if "metrics_address" in changed:
             try:
                 await self._serve_metrics(new.metrics_address)
@@ -548,9 +518,9 @@ class Daemon:
             name
             for name, needed in (
                 ("sozu_events", new_channel),
-                ("opensvc_changes", new_om or "object" in changed or "key" in changed),
-                ("probe", "poll_interval_s" in changed),
-                ("resync", "resync_interval_s" in changed),
+                ("opensvc_changes", new_om),
+                ("probe", "sync.poll_interval_s" in changed),
+                ("resync", "sync.resync_interval_s" in changed),
             )
             if needed
         }
@@ -595,7 +565,7 @@ class Daemon:
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.poll_interval_s)
+            await asyncio.sleep(self.config.sync.poll_interval_s)
             c = self.components
             if c is None:
                 continue
@@ -622,12 +592,12 @@ class Daemon:
     async def _opensvc_loop(self) -> None:
         c = self.components
         assert c is not None
-        async for _ in c.om.changes(self.config.object, self.config.key):
+        async for _ in c.om.changes(self.config.opensvc.object, self.config.opensvc.key):
             self.trigger("opensvc_change")
 
     async def _resync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.resync_interval_s)
+            await asyncio.sleep(self.config.sync.resync_interval_s)
             self.trigger("periodic_resync")
 
     async def _watchdog_loop(self) -> None:
@@ -640,13 +610,14 @@ class Daemon:
 
 def _operator_action(error: BaseException, config: Config) -> str | None:
     """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
-    shared = f"opensvc {config.object} key {config.key}"
+    where = f"{config.opensvc.object} key {config.opensvc.key}"
+    shared = f"opensvc {where}"
     unusable = (isinstance(error, StateParseError) and error.source.startswith(shared)) or isinstance(
         error, VersionMismatchError
     )
     if unusable:
         return (
-            f"the shared state ({config.object} key {config.key}) cannot be used here (see last_error) and "
+            f"the shared state ({where}) cannot be used here (see last_error) and "
             "sozud never overwrites it by itself: on a node whose sozu holds the right configuration, run "
             "`sozud push --from-live` with the daemon's configuration (add --force if it removes many objects), "
             "or write a valid state file with `sozud key put`"

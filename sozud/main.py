@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sozud import __version__
-from sozud.config import DEFAULT_CONFIG_PATH, FIELD_HELP, Config, load_config
+from sozud.config import DEFAULT_CONFIG_PATH, SETTINGS, Config, Deprecation, load_config
 from sozud.errors import ConfigError, SozudError, UnsafePlanError
 from sozud.log import configure_logging, configure_logging_from_settings
 
@@ -32,20 +32,20 @@ EXIT_UNSAFE = 3
 
 
 def _setting_flags() -> argparse.ArgumentParser:
-    """One flag per Config setting (same words as the TOML keys); only flags given end up in args."""
+    """One flag per setting (its flat name, as the SOZUD_* variable's); only flags given end up in args."""
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (also TOML keys and SOZUD_* environment variables)")
-    hints = typing.get_type_hints(Config)
-    defaults = Config.__struct_defaults__
-    fields = Config.__struct_fields__
-    for name, default in zip(fields, defaults, strict=True):
-        flag = "--" + name.replace("_", "-")
-        help_text = FIELD_HELP[name]
+    group = parent.add_argument_group("settings (also SOZUD_* environment variables and TOML keys, see README)")
+    for name, setting in SETTINGS.items():
+        default, tp = setting.default, setting.type
         shown = "" if default in (None, "") else f" (default: {default})"
-        tp = hints[name]
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
+        keys = " and ".join(setting.places)
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": f"{setting.help}{shown} [TOML {keys}]",
+        }
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(setting.flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
         if origin is typing.Literal:
@@ -55,7 +55,7 @@ def _setting_flags() -> argparse.ArgumentParser:
             kwargs["metavar"] = "N"
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
-        group.add_argument(flag, **kwargs)
+        group.add_argument(setting.flag, **kwargs)
     return parent
 
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keeps the sozu reverse proxies of an OpenSVC cluster in sync, one delta request at a time.",
         epilog=f"Settings come from defaults < {DEFAULT_CONFIG_PATH} (or --config) < SOZUD_* environment < flags.",
         parents=[settings],
+        # The top-level parser also sees the sub-commands' options: an abbreviation matching several
+        # settings there (``--cluster``: --cluster-name, --cluster-conf-file) would refuse `status --cluster`.
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sozud {__version__}")
     parser.add_argument("--config", metavar="FILE", help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH})")
@@ -88,11 +91,13 @@ def _register(module: str, sub: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k in Config.__struct_fields__}
+    return {k: v for k, v in vars(args).items() if k in SETTINGS}
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), overrides=_overrides(args))
+def _load(args: argparse.Namespace, deprecations: list[Deprecation] | None = None) -> Config:
+    """The configuration of a command; old flat TOML keys are logged (``config.deprecated_key``) at once,
+    or added to ``deprecations`` for the caller to log once logging is set up."""
+    return load_config(getattr(args, "config", None), overrides=_overrides(args), deprecations=deprecations)
 
 
 def _configure_logging(config: Config) -> None:
@@ -105,11 +110,14 @@ def _prepare(args: argparse.Namespace) -> Config:
     from sozud.log import get_logger
     from sozud.persist import check_state_dir
 
-    config = _load(args)
+    deprecations: list[Deprecation] = []
+    config = _load(args, deprecations)
     _configure_logging(config)
+    for deprecation in deprecations:
+        deprecation.log()
     for name in unknown_env_names():
         get_logger().warning("config.unknown_environment_variable", variable=name, action="ignored: no such setting")
-    check_state_dir(config.state_dir)
+    check_state_dir(config.sync.state_dir)
     return config
 
 

@@ -55,7 +55,7 @@ def check_state_dir(state_dir: str | Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(
-            f"configuration key 'state_dir': cannot write in {path}: {e.strerror or e}", key="state_dir"
+            f"configuration key 'sync.state_dir': cannot write in {path}: {e.strerror or e}", key="sync.state_dir"
         ) from None
 
 

@@ -20,7 +20,7 @@ RETCODES = {0: "up", 1: "down", 2: "warn"}  # the template's retcodes for app#so
 
 
 async def _check(node: SimNode, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
-    rc = await asyncio.to_thread(main, ["status", *extra, "--state-dir", node.config.state_dir])
+    rc = await asyncio.to_thread(main, ["status", *extra, "--state-dir", node.config.sync.state_dir])
     return rc, capsys.readouterr().out.strip()
 
 
@@ -61,7 +61,9 @@ async def test_status_check_info_and_cluster_with_one_node_drifting(capsys: pyte
         assert rc == 0 and keys["sozud_state"] == "drifting" and keys["shared_generation"].isdigit()
 
         api = f"unix://{a.agent.lsnr_sock}"
-        rc = await asyncio.to_thread(main, ["status", "--cluster", "--api", api, "--state-dir", a.config.state_dir])
+        rc = await asyncio.to_thread(
+            main, ["status", "--cluster", "--api", api, "--state-dir", a.config.sync.state_dir]
+        )
         out = capsys.readouterr().out
         print(out)  # the closing note quotes it
         rows = [line.split(None, 2) for line in out.strip().splitlines()]

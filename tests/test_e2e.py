@@ -354,7 +354,7 @@ async def test_certificates_are_synced_through_a_sec_object() -> None:
     try:
         a, b = cluster.node("a"), cluster.node("b")
         for n in cluster.nodes:
-            n.config.shared_dir = str(n.dir)  # exact live reads: this fixture holds objects queries cannot see
+            n.config.sozu.shared_dir = str(n.dir)  # exact live reads: this fixture holds objects queries cannot see
         a.sozu.state.load_state_file(_tls_state(), source="fixture")
         await cluster.start()
 
@@ -395,9 +395,9 @@ def _settings_argv(node_config: object) -> list[str]:
     assert isinstance(node_config, Config)
     c = node_config
     return [
-        *("--socket", c.socket, "--sozu-version", c.sozu_version, "--api", c.api or ""),
-        *("--object", c.object, "--key", c.key, "--node", c.node, "--state-dir", c.state_dir),
-        *("--log-level", "error", "--layout", c.layout),
+        *("--socket", c.sozu.socket, "--sozu-version", c.sozu.version, "--api", c.opensvc.api or ""),
+        *("--object", c.opensvc.object, "--key", c.opensvc.key, "--node", c.node, "--state-dir", c.sync.state_dir),
+        *("--log-level", "error", "--layout", c.opensvc.layout),
     ]
 
 

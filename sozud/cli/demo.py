@@ -80,7 +80,7 @@ async def _demo(version: str, root: Path) -> int:
         from sozud.main import format_status
         from sozud.persist import StatusFile
 
-        status = StatusFile(b.config.state_dir).read() or {}
+        status = StatusFile(b.config.sync.state_dir).read() or {}
         _say("   " + format_status(status).replace("\n", "\n   "))
         return 0
     finally:

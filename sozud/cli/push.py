@@ -45,8 +45,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
         finally:
             await components.aclose()
         print(
-            f"sozud: pushed this node's live state ({report.local_changes} objects) to {config.object} key "
-            f"{config.key} as generation {report.generation}, replacing {replaced}"
+            f"sozud: pushed this node's live state ({report.local_changes} objects) to {config.opensvc.object} key "
+            f"{config.opensvc.key} as generation {report.generation}, replacing {replaced}"
         )
         return EXIT_OK
 

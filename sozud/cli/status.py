@@ -53,9 +53,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.cluster:
         return asyncio.run(_cluster(config, args.service, args.rid))
-    status = StatusFile(config.state_dir).read()
+    status = StatusFile(config.sync.state_dir).read()
     if args.check or args.info:
-        code, state, line = health(status, config.state_dir)
+        code, state, line = health(status, config.sync.state_dir)
         if args.check:
             print(line)
             return code
@@ -63,7 +63,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"{k}: {v}")
         return EXIT_OK
     if status is None:
-        print(f"sozud: no status yet in {config.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
+        print(f"sozud: no status yet in {config.sync.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -135,7 +135,7 @@ async def _cluster(config: Any, service: str, rid: str) -> int:
     from sozud.main import EXIT_ERROR, EXIT_OK
     from sozud.om_api import client_from_url
 
-    client = client_from_url(config.api, om_settings(config))
+    client = client_from_url(config.opensvc.api, om_settings(config))
     try:
         rows = await client.resource_status(service, rid)
     finally:

@@ -21,7 +21,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -40,7 +40,7 @@ from sozud.layout import ShardedShared
 from sozud.log import configure_logging_from_settings, get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
-from sozud.persist import BaseMeta, BaseStore, StatusFile
+from sozud.persist import BaseMeta, BaseStore, Status, StatusFile
 from sozud.sdnotify import Notifier
 from sozud.socket_proto import SozuChannel
 from sozud.state.codec import MAX_STATE_BYTES
@@ -147,26 +147,6 @@ def build_components(config: Config, reuse: Components | None = None) -> Compone
     return Components(config, channel, om, sozu, shared, engine)
 
 
-@dataclass
-class DaemonStatus:
-    node: str
-    started_at: float = field(default_factory=time.time)
-    last_sync_at: float | None = None
-    last_success_at: float | None = None
-    last_outcome: str | None = None
-    last_reason: str | None = None
-    last_error: str | None = None
-    consecutive_failures: int = 0
-    drift: int | None = None
-    shared_generation: int | None = None
-    shared_origin: str | None = None
-    conflicts_total: int = 0
-    requests_total: Counter[str] = field(default_factory=Counter)
-    pushes_total: int = 0
-    action: str | None = None  # what an operator must do about the last failure, when sozud cannot
-    last_error_type: str | None = None
-
-
 class Daemon:
     """start → run (until stop) → stop. ``build`` is injectable so tests can use simulators."""
 
@@ -183,7 +163,7 @@ class Daemon:
         self._build = build
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
-        self.status = DaemonStatus(node=config.node)
+        self.status = Status(node=config.node, started_at=time.time())
         self.log = get_logger(node=config.node)
         self.components: Components | None = None
         self._trigger = asyncio.Event()
@@ -353,7 +333,8 @@ class Daemon:
         st.shared_generation = report.generation
         st.shared_origin = report.origin or None
         st.conflicts_total += len(report.conflicts)
-        st.requests_total.update(report.requests_by_type)
+        for kind, n in report.requests_by_type.items():
+            st.requests_total[kind] = st.requests_total.get(kind, 0) + n
         st.pushes_total += int(report.pushed)
         m = self.metrics
         m.syncs.inc(outcome=report.outcome)
@@ -445,41 +426,19 @@ class Daemon:
             self._latency_seen[(id(om), operation)] = (count, total)
 
     def _write_status(self) -> None:
-        st = self.status
-        c = self.components
-        base_generation = None
+        st, c, config = self.status, self.components, self.config
+        st.pid = os.getpid()
+        st.base_generation = None
         with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
-            meta_path = BaseStore(self.config.sync.state_dir).meta_path
-            base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
-        doc: dict[str, Any] = {
-            "node": st.node,
-            "pid": os.getpid(),
-            "started_at": st.started_at,
-            "last_sync_at": st.last_sync_at,
-            "last_success_at": st.last_success_at,
-            "last_outcome": st.last_outcome,
-            "last_reason": st.last_reason,
-            "last_error": st.last_error,
-            "action": st.action,
-            "last_error_type": st.last_error_type,
-            "consecutive_failures": st.consecutive_failures,
-            "drift": st.drift,
-            "base_generation": base_generation,
-            "shared_generation": st.shared_generation,
-            "shared_origin": st.shared_origin,
-            "conflicts_total": st.conflicts_total,
-            "requests_total": dict(st.requests_total),
-            "pushes_total": st.pushes_total,
-            "socket": self.config.sozu.socket,
-            "api": self.config.opensvc.api,
-            "object": self.config.opensvc.object,
-            "key": self.config.opensvc.key,
-            "sozu_version": str(c.channel.version) if c is not None and _has_version(c.channel) else None,
-        }
+            meta_path = BaseStore(config.sync.state_dir).meta_path
+            st.base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
+        st.socket, st.api = config.sozu.socket, config.opensvc.api
+        st.object, st.key = config.opensvc.object, config.opensvc.key
+        st.sozu_version = str(c.channel.version) if c is not None and _has_version(c.channel) else None
         try:
-            StatusFile(self.config.sync.state_dir).write(doc)
+            StatusFile(config.sync.state_dir).write(st)
         except OSError as e:
-            self.log.warning("status.write_failed", path=self.config.sync.state_dir, error=str(e))
+            self.log.warning("status.write_failed", path=config.sync.state_dir, error=str(e))
 
     async def _do_reload(self) -> None:
         """Apply a re-read configuration: every changed key takes effect now; only the pieces whose

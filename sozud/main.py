@@ -23,12 +23,11 @@ from typing import Any
 from sozud import __version__
 from sozud.config import DEFAULT_CONFIG_PATH, SETTINGS, Config, Deprecation, load_config
 from sozud.errors import ConfigError, SozudError, UnsafePlanError
+from sozud.exitcodes import ExitCode
 from sozud.log import configure_logging, configure_logging_from_settings
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNSAFE = 3
+if typing.TYPE_CHECKING:
+    from sozud.persist import Status
 
 
 def _setting_flags() -> argparse.ArgumentParser:
@@ -127,7 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _prepare(args)
     daemon = Daemon(config, reload_config=lambda: _load(args))
     asyncio.run(run_daemon(daemon))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_once(args: argparse.Namespace) -> int:
@@ -154,41 +153,38 @@ def _cmd_once(args: argparse.Namespace) -> int:
                 f"its workers do not ({summary})",
                 file=sys.stderr,
             )
-            return EXIT_ERROR
+            return ExitCode.ERROR
         if report.in_sync:
             print(f"sozud: in sync ({summary})")
-            return EXIT_OK
+            return ExitCode.OK
         print(f"sozud: NOT in sync after one sync: {report.drift} object(s) differ ({summary})", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
 
     return asyncio.run(once())
 
 
-def _ago(ts: Any) -> str:
-    if not isinstance(ts, int | float):
+def _ago(ts: float | None) -> str:
+    if ts is None:
         return "never"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
-def format_status(s: dict[str, Any]) -> str:
-    rows = [
-        ("node", s.get("node")),
-        ("sozu", f"{s.get('socket')} (version {s.get('sozu_version') or 'unknown'})"),
-        ("opensvc", f"{s.get('api') or 'auto'} {s.get('object')} key {s.get('key')}"),
-        ("last sync", f"{_ago(s.get('last_sync_at'))}: {s.get('last_outcome')} (triggers: {s.get('last_reason')})"),
-        ("last success", _ago(s.get("last_success_at"))),
-        ("last error", s.get("last_error") or "-"),
-        ("action", s.get("action") or "-"),
-        ("drift", "unknown" if s.get("drift") is None else f"{s['drift']} object(s)"),
-        ("base generation", s.get("base_generation")),
-        (
-            "shared generation",
-            f"{s.get('shared_generation')} (written by {s.get('shared_origin') or 'unknown'})",
-        ),
-        ("applied here", f"generation {s.get('base_generation')} (node {s.get('node')})"),
-        ("conflicts", s.get("conflicts_total")),
-        ("pushes", s.get("pushes_total")),
-        ("requests sent", ", ".join(f"{k}={v}" for k, v in sorted((s.get("requests_total") or {}).items())) or "-"),
+def format_status(s: Status) -> str:
+    rows: list[tuple[str, object]] = [
+        ("node", s.node),
+        ("sozu", f"{s.socket} (version {s.sozu_version or 'unknown'})"),
+        ("opensvc", f"{s.api or 'auto'} {s.object} key {s.key}"),
+        ("last sync", f"{_ago(s.last_sync_at)}: {s.last_outcome} (triggers: {s.last_reason})"),
+        ("last success", _ago(s.last_success_at)),
+        ("last error", s.last_error or "-"),
+        ("action", s.action or "-"),
+        ("drift", "unknown" if s.drift is None else f"{s.drift} object(s)"),
+        ("base generation", s.base_generation),
+        ("shared generation", f"{s.shared_generation} (written by {s.shared_origin or 'unknown'})"),
+        ("applied here", f"generation {s.base_generation} (node {s.node})"),
+        ("conflicts", s.conflicts_total),
+        ("pushes", s.pushes_total),
+        ("requests sent", ", ".join(f"{k}={v}" for k, v in sorted(s.requests_total.items())) or "-"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -208,22 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_once(args)
         if func is None:
             parser.print_help(sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         result = func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
     except ConfigError as e:
         print(f"sozud: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except UnsafePlanError as e:
         print(f"sozud: refused: {e}", file=sys.stderr)
-        return EXIT_UNSAFE
+        return ExitCode.UNSAFE
     except SozudError as e:
         print(f"sozud: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

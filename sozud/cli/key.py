@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sozud.errors import ConfigError, SozudError
+from sozud.exitcodes import ExitCode
 from sozud.log import configure_logging
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 _DEFAULTS = OMSettings()  # the client's own defaults, shown in --help
 
 
@@ -142,7 +140,7 @@ async def run_key(args: argparse.Namespace) -> int:
         value = _read_value(args) if args.action == "put" else b""
     except _UsageError as exc:
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         client = client_from_url(args.api, settings)
         try:
@@ -150,7 +148,7 @@ async def run_key(args: argparse.Namespace) -> int:
                 got = await _assembled(client, args) if args.assemble else await client.get_key(args.object, args.key)
                 if got is None:
                     print(f"sozud: {args.object} has no key {args.key}", file=sys.stderr)
-                    return EXIT_FAILURE
+                    return ExitCode.ERROR
                 sys.stdout.buffer.write(got)
                 sys.stdout.buffer.flush()
             elif args.action == "put":
@@ -162,11 +160,11 @@ async def run_key(args: argparse.Namespace) -> int:
             await client.aclose()
     except ConfigError as exc:  # a bad --api URL, unreadable secret or TLS file: fix the command
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except SozudError as exc:
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.ERROR
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

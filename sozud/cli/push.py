@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from sozud.daemon import build_components
-    from sozud.main import EXIT_OK, _prepare
+    from sozud.exitcodes import ExitCode
+    from sozud.main import _prepare
 
     config = _prepare(args)
 
@@ -48,6 +49,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
             f"sozud: pushed this node's live state ({report.local_changes} objects) to {config.opensvc.object} key "
             f"{config.opensvc.key} as generation {report.generation}, replacing {replaced}"
         )
-        return EXIT_OK
+        return ExitCode.OK
 
     return asyncio.run(push())

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import log_events
 
 from sozud.config import Config, Deprecation, load_config
 from sozud.errors import ConfigError
@@ -214,16 +212,6 @@ def test_the_opensvc_client_knobs_are_range_checked(variable: str, value: str) -
 # --- issue 9: sections, the old flat keys -------------------------------------------------------------------
 
 
-def _events(err: str) -> list[dict[str, Any]]:
-    out = []
-    for line in err.splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict) and "event" in event:
-                out.append(event)
-    return out
-
-
 def test_sections_load_and_the_opensvc_section_is_the_client_settings(tmp_path: Path) -> None:
     from sozud.daemon import om_settings
     from sozud.om_api import OMSettings
@@ -260,7 +248,7 @@ def test_a_flat_key_still_loads_with_a_warning_naming_its_new_place(
     args = build_parser().parse_args(["--config", str(f), "--state-dir", str(tmp_path / "st")])
     c = _prepare(args)
     assert (c.opensvc.poll_interval_s, c.sozu.version, c.sync.max_rounds) == (9.0, "1.1.1", 2)
-    warned = {e["old_key"]: e for e in _events(capsys.readouterr().err) if e["event"] == "config.deprecated_key"}
+    warned = {e["old_key"]: e for e in log_events(capsys.readouterr().err) if e["event"] == "config.deprecated_key"}
     assert set(warned) == {"opensvc_poll_interval_s", "sozu_version"}
     assert warned["opensvc_poll_interval_s"]["new_key"] == "opensvc.poll_interval_s"
     assert warned["sozu_version"]["new_key"] == "sozu.version"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import log_events
 
 from sozud.config import Config, with_settings
 from sozud.daemon import Daemon, run_daemon
@@ -91,17 +91,6 @@ async def test_reload_applies_new_settings_and_keeps_old_ones_when_invalid(tmp_p
         await cluster.stop()
 
 
-def _events(err: str) -> list[dict[str, Any]]:
-    """The JSON log events in captured stderr (other lines ignored)."""
-    out = []
-    for line in err.splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict) and "event" in event:
-                out.append(event)
-    return out
-
-
 async def _http_get(address: str, path: str) -> bytes:
     host, _, port = address.rpartition(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -147,7 +136,7 @@ async def test_reload_serves_a_new_metrics_address(capsys: pytest.CaptureFixture
     async with _reloadable_daemon() as (daemon, configs, _):
         capsys.readouterr()
         await _reload(daemon, configs, with_settings(daemon.config, metrics_address="127.0.0.1:0"))
-        events = _events(capsys.readouterr().err)
+        events = log_events(capsys.readouterr().err)
         serving = [e["address"] for e in events if e["event"] == "metrics.serving"]
         assert len(serving) == 1, "the new metrics_address is not served"
         assert b"sozud_" in await _http_get(serving[0], "/metrics")
@@ -162,7 +151,7 @@ async def test_reload_applies_the_log_level(capsys: pytest.CaptureFixture[str]) 
         capsys.readouterr()
         await cluster.node("a").request(pb.Request(add_cluster=build.cluster("quiet")))
         await wait_until(lambda: b"quiet" in (cluster.shared_value() or b""), what="a push after the reload")
-        events = _events(capsys.readouterr().err)
+        events = log_events(capsys.readouterr().err)
         assert events == [], "events below log_level = error were written after the reload"
 
 

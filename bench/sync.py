@@ -72,7 +72,7 @@ async def run(
     )
     if shared_dir:
         for n in cluster.nodes:
-            n.config.shared_dir = str(n.dir)
+            n.config.sozu.shared_dir = str(n.dir)
     for n in cluster.nodes:
         n.sozu.state.load_state_file(data, source="bench")
     cluster.opensvc.set_value("a", cluster.obj, cluster.key, data)

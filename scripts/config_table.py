@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from sozud.config import FIELD_HELP, Config
+from sozud.config import SETTINGS
+
+
+def _toml_key(place: str) -> str:
+    section, _, name = place.rpartition(".")
+    return f"`[{section}] {name}`" if section else f"`{name}`"
 
 
 def config_table() -> str:
-    rows = ["| key (TOML) | default | meaning |", "|---|---|---|"]
-    for name, default in zip(Config.__struct_fields__, Config.__struct_defaults__, strict=True):
+    rows = ["| TOML key | variable, flag | default | meaning |", "|---|---|---|---|"]
+    for name, setting in SETTINGS.items():
+        default = setting.default
         shown = {"": "(derived)", None: "(unset)"}.get(default, default) if not isinstance(default, bool) else default
         if name == "node":
             shown = "(host name)"
@@ -17,7 +23,8 @@ def config_table() -> str:
             shown = f"`{shown}`"
         elif isinstance(shown, bool | int | float):
             shown = f"`{str(shown).lower() if isinstance(shown, bool) else shown}`"
-        rows.append(f"| `{name}` | {shown} | {FIELD_HELP[name]} |")
+        keys = ", ".join(_toml_key(p) for p in setting.places)
+        rows.append(f"| {keys} | `{setting.env}`, `{setting.flag}` | {shown} | {setting.help} |")
     return "\n".join(rows)
 
 

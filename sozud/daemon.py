@@ -20,15 +20,16 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from sozud.adapters import SozuAdapter
 from sozud.backoff import Backoff
-from sozud.config import Config
+from sozud.config import Config, get_place, values_by_place
 from sozud.errors import (
     SharedInFlightError,
     SozudError,
@@ -37,10 +38,10 @@ from sozud.errors import (
     VersionMismatchError,
 )
 from sozud.layout import OpenSVCShared
-from sozud.log import get_logger
+from sozud.log import configure_logging_from_settings, get_logger
 from sozud.metrics import Metrics, MetricsServer
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
-from sozud.persist import BaseMeta, BaseStore, StatusFile
+from sozud.persist import BaseMeta, BaseStore, Status, StatusFile
 from sozud.sdnotify import Notifier
 from sozud.socket_proto import SozuChannel
 from sozud.state.codec import MAX_STATE_BYTES
@@ -57,30 +58,35 @@ TRIGGER_HEALTHY_RUN_S = 60.0
 
 
 def sync_retry_backoff(config: Config) -> Backoff:
-    return Backoff(initial_s=SYNC_RETRY_INITIAL_S, max_s=config.retry_max_s)
+    return Backoff(initial_s=SYNC_RETRY_INITIAL_S, max_s=config.sync.retry_max_s)
 
 
 def om_settings(config: Config) -> OMSettings:
-    return OMSettings(
-        cluster_name=config.cluster_name,
-        secret_file=config.secret_file,
-        ca_file=config.ca_file,
-        cert_file=config.cert_file,
-        key_file=config.key_file,
-        username=config.username,
-        password=read_secret_file(config.password_file, "configuration key 'password_file'"),
-        token=read_secret_file(config.token_file, "configuration key 'token_file'"),
+    """The OpenSVC client's settings: the ``[opensvc]`` section itself (an ``OMSettings``), with the secrets
+    its ``password_file`` and ``token_file`` hold and this node's name."""
+    osvc = config.opensvc
+    return msgspec.structs.replace(
+        osvc,
+        password=read_secret_file(osvc.password_file, "configuration key 'opensvc.password_file'"),
+        token=read_secret_file(osvc.token_file, "configuration key 'opensvc.token_file'"),
         nodename=config.node,
-        poll_interval_s=config.opensvc_poll_interval_s,
-        request_timeout_s=config.request_timeout_s,
-        projected_file=config.projected_file,
-        allow_private_keys_in_cfg=config.allow_private_keys_in_cfg,
     )
+
+
+# The settings each long-lived piece is built from (dotted keys): a reload (SIGHUP) rebuilds a piece only
+# when one of its settings changed, so a reload that changes neither keeps the sozu and OpenSVC connections up.
+SOZU_CHANNEL_KEYS = ("sozu.socket", "sozu.version", "sozu.request_timeout_s")
+SOZU_ADAPTER_KEYS = ("sozu.shared_dir", "sozu.shared_dir_sozu_path", "sync.max_rounds", "sync.max_removal_ratio")
+OPENSVC_CLIENT_KEYS = ("opensvc", "node")  # the whole section: the client's settings and the shared state's place
+
+
+def _unchanged(old: Config, new: Config, keys: tuple[str, ...]) -> bool:
+    return all(get_place(old, k) == get_place(new, k) for k in keys)
 
 
 @dataclass
 class Components:
-    """The live objects built from one Config (rebuilt on SIGHUP when connections change)."""
+    """The live objects built from one Config (on SIGHUP, a piece is rebuilt only when its settings change)."""
 
     config: Config
     channel: SozuChannel
@@ -89,67 +95,82 @@ class Components:
     shared: SharedPort
     engine: SyncEngine
 
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.channel.aclose()
-        with contextlib.suppress(Exception):
-            await self.om.aclose()
+    async def aclose(self, *, keep: Components | None = None) -> None:
+        """Close the connections, except those ``keep`` (the pieces replacing these) still uses."""
+        if keep is None or keep.channel is not self.channel:
+            with contextlib.suppress(Exception):
+                await self.channel.aclose()
+        if keep is None or keep.om is not self.om:
+            with contextlib.suppress(Exception):
+                await self.om.aclose()
 
 
-def build_components(config: Config) -> Components:
-    version = None if config.sozu_version == "auto" else SozuVersion.parse(config.sozu_version)
-    channel = SozuChannel(config.socket, version=version, request_timeout_s=config.request_timeout_s)
-    om = client_from_url(config.api, om_settings(config))
-    sozu = SozuAdapter(
-        channel,
-        shared_dir=config.shared_dir,
-        shared_dir_sozu_path=config.shared_dir_sozu_path,
-        max_rounds=config.max_rounds,
-        max_removal_ratio=config.max_removal_ratio,
-    )
+def build_components(config: Config, reuse: Components | None = None) -> Components:
+    """The live objects for ``config``. With ``reuse`` (the running pieces, on reload), each of its pieces
+    whose settings did not change is kept, connections included."""
+    old = reuse.config if reuse is not None else None
+    channel: SozuChannel
+    if reuse is not None and old is not None and _unchanged(old, config, SOZU_CHANNEL_KEYS):
+        channel = reuse.channel
+    else:
+        version = None if config.sozu.version == "auto" else SozuVersion.parse(config.sozu.version)
+        channel = SozuChannel(config.sozu.socket, version=version, request_timeout_s=config.sozu.request_timeout_s)
+    om: OMClient
+    if reuse is not None and old is not None and _unchanged(old, config, OPENSVC_CLIENT_KEYS):
+        om = reuse.om
+    else:
+        om = client_from_url(config.opensvc.api, om_settings(config))
+    sozu: SozuAdapter
+    if (
+        reuse is not None
+        and old is not None
+        and reuse.channel is channel
+        and _unchanged(old, config, SOZU_ADAPTER_KEYS)
+    ):
+        sozu = reuse.sozu
+    else:
+        sozu = SozuAdapter(
+            channel,
+            shared_dir=config.sozu.shared_dir,
+            shared_dir_sozu_path=config.sozu.shared_dir_sozu_path,
+            max_rounds=config.sync.max_rounds,
+            max_removal_ratio=config.sync.max_removal_ratio,
+        )
+    osvc = config.opensvc
     shared: SharedPort
-    shared = OpenSVCShared(
-        om,
-        config.object,
-        config.key,
-        config.meta_key,
-        max_state_bytes=MAX_STATE_BYTES,
-        sharded=config.layout == "sharded",
+    if reuse is not None and reuse.om is om:  # the client is rebuilt whenever [opensvc] changes
+        shared = reuse.shared
+    else:
+        shared = OpenSVCShared(
+            om,
+            osvc.object,
+            osvc.key,
+            osvc.meta_key,
+            max_state_bytes=MAX_STATE_BYTES,
+            sharded=osvc.layout == "sharded",
+        )
+    settings = EngineSettings(
+        node=config.node,
+        object=config.opensvc.object,
+        key=config.opensvc.key,
+        max_removal_ratio=config.sync.max_removal_ratio,
+        force=config.sync.force,
+        boot_state_file=config.sozu.boot_state_file,
     )
-    engine = SyncEngine(
-        sozu,
-        shared,
-        BaseStore(config.state_dir),
-        EngineSettings(
-            node=config.node,
-            object=config.object,
-            key=config.key,
-            max_removal_ratio=config.max_removal_ratio,
-            force=config.force,
-            boot_state_file=config.boot_state_file,
-        ),
-    )
+    engine: SyncEngine
+    if (
+        reuse is not None
+        and reuse.sozu is sozu
+        and reuse.shared is shared
+        and reuse.engine.base.dir == Path(config.sync.state_dir)
+        and reuse.engine.settings.node == settings.node
+    ):
+        # same ports and base: keep the engine, and what it remembers (the pushes its live held, caches)
+        engine = reuse.engine
+        engine.settings = settings
+    else:
+        engine = SyncEngine(sozu, shared, BaseStore(config.sync.state_dir), settings)
     return Components(config, channel, om, sozu, shared, engine)
-
-
-@dataclass
-class DaemonStatus:
-    node: str
-    started_at: float = field(default_factory=time.time)
-    last_sync_at: float | None = None
-    last_success_at: float | None = None
-    last_outcome: str | None = None
-    last_reason: str | None = None
-    last_error: str | None = None
-    consecutive_failures: int = 0
-    drift: int | None = None
-    shared_generation: int | None = None
-    shared_origin: str | None = None
-    conflicts_total: int = 0
-    requests_total: Counter[str] = field(default_factory=Counter)
-    pushes_total: int = 0
-    action: str | None = None  # what an operator must do about the last failure, when sozud cannot
-    last_error_type: str | None = None
 
 
 class Daemon:
@@ -160,7 +181,7 @@ class Daemon:
         config: Config,
         *,
         reload_config: Callable[[], Config] | None = None,
-        build: Callable[[Config], Components] = build_components,
+        build: Callable[[Config, Components | None], Components] = build_components,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
@@ -168,14 +189,14 @@ class Daemon:
         self._build = build
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
-        self.status = DaemonStatus(node=config.node)
+        self.status = Status(node=config.node, started_at=time.time())
         self.log = get_logger(node=config.node)
         self.components: Components | None = None
         self._trigger = asyncio.Event()
         self._reasons: Counter[str] = Counter()
         self._stop = asyncio.Event()
         self._reload = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._metrics_server: MetricsServer | None = None
         self._backoff = sync_retry_backoff(config)
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -205,39 +226,61 @@ class Daemon:
     # --- life cycle
 
     async def start(self) -> None:
-        self.components = self._build(self.config)
+        self.components = self._build(self.config, None)
         self.components.channel.add_reconnect_listener(self._on_reconnect)
         if self.config.metrics_address:
-            self._metrics_server = MetricsServer(self.metrics, self.config.metrics_address)
-            await self._metrics_server.start()
-            self.log.info("metrics.serving", address=f"{self._metrics_server.host}:{self._metrics_server.port}")
+            await self._serve_metrics(self.config.metrics_address)
         self._start_trigger_tasks()
         self.trigger("startup")
+
+    async def _serve_metrics(self, address: str | None) -> None:
+        """Serve the metrics on ``address`` (None: nowhere) instead of where they are served now. Raises
+        ``OSError`` when ``address`` cannot be bound; the previous server, if any, then serves again."""
+        previous, self._metrics_server = self._metrics_server, None
+        if previous is not None:
+            await previous.stop()
+        if address is None:
+            return
+        server = MetricsServer(self.metrics, address)
+        try:
+            await server.start()
+        except OSError:
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    await previous.start()
+                    self._metrics_server = previous
+            raise
+        self._metrics_server = server
+        self.log.info("metrics.serving", address=f"{server.host}:{server.port}")
 
     def _on_reconnect(self, epoch: int) -> None:
         # the channel logs sozu.reconnected; the re-sync it triggers is logged with its reason
         self.metrics.reconnects.inc()
         self.trigger("sozu_reconnected")
 
-    def _start_trigger_tasks(self) -> None:
-        c = self.components
-        assert c is not None
-        self._tasks = [
-            asyncio.create_task(self._guard("probe", self._probe_loop)),
-            asyncio.create_task(self._guard("sozu_events", self._events_loop)),
-            asyncio.create_task(self._guard("opensvc_changes", self._opensvc_loop)),
-            asyncio.create_task(self._guard("resync", self._resync_loop)),
-        ]
+    def _start_trigger_tasks(self, names: Collection[str] | None = None) -> None:
+        """Start the trigger loops (only those named in ``names``, when given)."""
+        assert self.components is not None
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "probe": self._probe_loop,
+            "sozu_events": self._events_loop,
+            "opensvc_changes": self._opensvc_loop,
+            "resync": self._resync_loop,
+        }
         if self.notifier.watchdog_interval_s:
-            self._tasks.append(asyncio.create_task(self._guard("watchdog", self._watchdog_loop)))
+            loops["watchdog"] = self._watchdog_loop
+        for name, loop in loops.items():
+            if names is None or name in names:
+                self._tasks[name] = asyncio.create_task(self._guard(name, loop))
 
-    async def _stop_trigger_tasks(self) -> None:
-        for t in self._tasks:
+    async def _stop_trigger_tasks(self, names: Collection[str] | None = None) -> None:
+        """Stop the trigger loops (only those named in ``names``, when given)."""
+        tasks = [self._tasks.pop(n) for n in list(self._tasks) if names is None or n in names]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._tasks = []
 
     async def stop(self) -> None:
         self.notifier.stopping()
@@ -253,7 +296,7 @@ class Daemon:
     async def run(self) -> None:
         """Run until :meth:`request_stop`. Call :meth:`start` first."""
         self.notifier.ready("started; waiting for the first sync")
-        self.log.info("daemon.started", socket=self.config.socket, api=self.config.api or "auto")
+        self.log.info("daemon.started", socket=self.config.sozu.socket, api=self.config.opensvc.api or "auto")
         while not self._stop.is_set():
             await self._trigger.wait()
             if self._stop.is_set():
@@ -270,8 +313,8 @@ class Daemon:
 
     async def _debounce(self) -> None:
         first = time.monotonic()
-        debounce_s = self.config.debounce_ms / 1000
-        max_wait_s = self.config.max_wait_ms / 1000
+        debounce_s = self.config.sync.debounce_ms / 1000
+        max_wait_s = self.config.sync.max_wait_ms / 1000
         while True:
             self._trigger.clear()
             remaining = max_wait_s - (time.monotonic() - first)
@@ -316,7 +359,8 @@ class Daemon:
         st.shared_generation = report.generation
         st.shared_origin = report.origin or None
         st.conflicts_total += len(report.conflicts)
-        st.requests_total.update(report.requests_by_type)
+        for kind, n in report.requests_by_type.items():
+            st.requests_total[kind] = st.requests_total.get(kind, 0) + n
         st.pushes_total += int(report.pushed)
         m = self.metrics
         m.syncs.inc(outcome=report.outcome)
@@ -408,63 +452,79 @@ class Daemon:
             self._latency_seen[(id(om), operation)] = (count, total)
 
     def _write_status(self) -> None:
-        st = self.status
-        c = self.components
-        base_generation = None
+        st, c, config = self.status, self.components, self.config
+        st.pid = os.getpid()
+        st.base_generation = None
         with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
-            meta_path = BaseStore(self.config.state_dir).meta_path
-            base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
-        doc: dict[str, Any] = {
-            "node": st.node,
-            "pid": os.getpid(),
-            "started_at": st.started_at,
-            "last_sync_at": st.last_sync_at,
-            "last_success_at": st.last_success_at,
-            "last_outcome": st.last_outcome,
-            "last_reason": st.last_reason,
-            "last_error": st.last_error,
-            "action": st.action,
-            "last_error_type": st.last_error_type,
-            "consecutive_failures": st.consecutive_failures,
-            "drift": st.drift,
-            "base_generation": base_generation,
-            "shared_generation": st.shared_generation,
-            "shared_origin": st.shared_origin,
-            "conflicts_total": st.conflicts_total,
-            "requests_total": dict(st.requests_total),
-            "pushes_total": st.pushes_total,
-            "socket": self.config.socket,
-            "api": self.config.api,
-            "object": self.config.object,
-            "key": self.config.key,
-            "sozu_version": str(c.channel.version) if c is not None and _has_version(c.channel) else None,
-        }
+            meta_path = BaseStore(config.sync.state_dir).meta_path
+            st.base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
+        st.socket, st.api = config.sozu.socket, config.opensvc.api
+        st.object, st.key = config.opensvc.object, config.opensvc.key
+        st.sozu_version = str(c.channel.version) if c is not None and _has_version(c.channel) else None
         try:
-            StatusFile(self.config.state_dir).write(doc)
+            StatusFile(config.sync.state_dir).write(st)
         except OSError as e:
-            self.log.warning("status.write_failed", path=self.config.state_dir, error=str(e))
+            self.log.warning("status.write_failed", path=config.sync.state_dir, error=str(e))
 
     async def _do_reload(self) -> None:
+        """Apply a re-read configuration: every changed key takes effect now; only the pieces whose
+        settings changed are rebuilt (a connection whose settings did not change stays up). A key that
+        could not be applied is logged by name under ``not_applied``, with why."""
         self._reload = False
         if self._reload_config is None:
             return
+        old, running = self.config, self.components
         try:
             new = self._reload_config()
+            components = self._build(new, running)
         except SozudError as e:
             self.log.error("config.reload_failed", error=str(e), action="keeping the running configuration")
             return
         self.notifier.reloading()
-        old = self.config
+        old_values, new_values = values_by_place(old), values_by_place(new)
+        changed = [k for k, v in new_values.items() if old_values[k] != v]
         self.config = new
-        self._backoff = sync_retry_backoff(new)
-        await self._stop_trigger_tasks()
-        if self.components is not None:
-            await self.components.aclose()
-        self.components = self._build(new)
-        self.components.channel.add_reconnect_listener(self._on_reconnect)
-        self._start_trigger_tasks()
-        changed = sorted(k for k in Config.__struct_fields__ if getattr(old, k) != getattr(new, k))
-        self.log.info("config.reloaded", changed=changed)
+        not_applied: dict[str, str] = {}
+        if "log_level" in changed or "log_format" in changed:
+            configure_logging_from_settings(new.log_level, new.log_format)
+        if "node" in changed:
+            self.status.node = new.node
+            self.log = get_logger(node=new.node)
+        if "sync.retry_max_s" in changed:
+            self._backoff = sync_retry_backoff(new)
+        if "metrics_address" in changed:
+            try:
+                await self._serve_metrics(new.metrics_address)
+            except OSError as e:
+                not_applied["metrics_address"] = f"cannot serve on {new.metrics_address}: {e.strerror or e}"
+        new_channel = running is None or components.channel is not running.channel
+        new_om = running is None or components.om is not running.om
+        restart = {
+            name
+            for name, needed in (
+                ("sozu_events", new_channel),
+                ("opensvc_changes", new_om),
+                ("probe", "sync.poll_interval_s" in changed),
+                ("resync", "sync.resync_interval_s" in changed),
+            )
+            if needed
+        }
+        await self._stop_trigger_tasks(restart)
+        self.components = components
+        if new_channel:
+            components.channel.add_reconnect_listener(self._on_reconnect)
+        self._start_trigger_tasks(restart)
+        if running is not None:
+            await running.aclose(keep=components)
+        fields: dict[str, Any] = {
+            "applied": [k for k in changed if k not in not_applied],
+            "reconnected": [name for name, new_piece in (("sozu", new_channel), ("opensvc", new_om)) if new_piece],
+        }
+        if not_applied:
+            fields["not_applied"] = not_applied
+            self.log.error("config.reloaded", **fields, action="fix the keys named in not_applied and reload")
+        else:
+            self.log.info("config.reloaded", **fields)
         self.notifier.ready("configuration reloaded")
 
     # --- trigger loops
@@ -493,7 +553,7 @@ class Daemon:
 
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.poll_interval_s)
+            await asyncio.sleep(self.config.sync.poll_interval_s)
             c = self.components
             if c is None:
                 continue
@@ -520,12 +580,12 @@ class Daemon:
     async def _opensvc_loop(self) -> None:
         c = self.components
         assert c is not None
-        async for _ in c.om.changes(self.config.object, self.config.key):
+        async for _ in c.om.changes(self.config.opensvc.object, self.config.opensvc.key):
             self.trigger("opensvc_change")
 
     async def _resync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.resync_interval_s)
+            await asyncio.sleep(self.config.sync.resync_interval_s)
             self.trigger("periodic_resync")
 
     async def _watchdog_loop(self) -> None:
@@ -538,13 +598,14 @@ class Daemon:
 
 def _operator_action(error: BaseException, config: Config) -> str | None:
     """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
-    shared = f"opensvc {config.object} key {config.key}"
+    where = f"{config.opensvc.object} key {config.opensvc.key}"
+    shared = f"opensvc {where}"
     unusable = (isinstance(error, StateParseError) and error.source.startswith(shared)) or isinstance(
         error, VersionMismatchError
     )
     if unusable:
         return (
-            f"the shared state ({config.object} key {config.key}) cannot be used here (see last_error) and "
+            f"the shared state ({where}) cannot be used here (see last_error) and "
             "sozud never overwrites it by itself: on a node whose sozu holds the right configuration, run "
             "`sozud push --from-live` with the daemon's configuration (add --force if it removes many objects), "
             "or write a valid state file with `sozud key put`"

@@ -58,6 +58,14 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     )
 
 
+LOG_FORMATS: dict[str, bool | None] = {"auto": None, "json": True, "console": False}
+
+
+def configure_logging_from_settings(log_level: str, log_format: str) -> None:
+    """Configure structlog from the ``log_level`` and ``log_format`` settings (start-up and reload)."""
+    configure_logging(log_level, json=LOG_FORMATS[log_format])
+
+
 def get_logger(**bound: Any) -> Any:
     """A structlog logger with ``bound`` context (e.g. node, socket).
 

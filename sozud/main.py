@@ -21,31 +21,30 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sozud import __version__
-from sozud.config import DEFAULT_CONFIG_PATH, FIELD_HELP, Config, load_config
+from sozud.config import DEFAULT_CONFIG_PATH, SETTINGS, Config, Deprecation, load_config
 from sozud.errors import ConfigError, SozudError, UnsafePlanError
-from sozud.log import configure_logging
+from sozud.exitcodes import ExitCode
+from sozud.log import configure_logging, configure_logging_from_settings
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNSAFE = 3
+if typing.TYPE_CHECKING:
+    from sozud.persist import Status
 
 
 def _setting_flags() -> argparse.ArgumentParser:
-    """One flag per Config setting (same words as the TOML keys); only flags given end up in args."""
+    """One flag per setting (its flat name, as the SOZUD_* variable's); only flags given end up in args."""
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (also TOML keys and SOZUD_* environment variables)")
-    hints = typing.get_type_hints(Config)
-    defaults = Config.__struct_defaults__
-    fields = Config.__struct_fields__
-    for name, default in zip(fields, defaults, strict=True):
-        flag = "--" + name.replace("_", "-")
-        help_text = FIELD_HELP[name]
+    group = parent.add_argument_group("settings (also SOZUD_* environment variables and TOML keys, see README)")
+    for name, setting in SETTINGS.items():
+        default, tp = setting.default, setting.type
         shown = "" if default in (None, "") else f" (default: {default})"
-        tp = hints[name]
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text + shown}
+        keys = " and ".join(setting.places)
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": f"{setting.help}{shown} [TOML {keys}]",
+        }
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(setting.flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
         if origin is typing.Literal:
@@ -55,7 +54,7 @@ def _setting_flags() -> argparse.ArgumentParser:
             kwargs["metavar"] = "N"
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
-        group.add_argument(flag, **kwargs)
+        group.add_argument(setting.flag, **kwargs)
     return parent
 
 
@@ -66,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keeps the sozu reverse proxies of an OpenSVC cluster in sync, one delta request at a time.",
         epilog=f"Settings come from defaults < {DEFAULT_CONFIG_PATH} (or --config) < SOZUD_* environment < flags.",
         parents=[settings],
+        # The top-level parser also sees the sub-commands' options: an abbreviation matching several
+        # settings there (``--cluster``: --cluster-name, --cluster-conf-file) would refuse `status --cluster`.
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sozud {__version__}")
     parser.add_argument("--config", metavar="FILE", help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH})")
@@ -88,16 +90,17 @@ def _register(module: str, sub: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k in Config.__struct_fields__}
+    return {k: v for k, v in vars(args).items() if k in SETTINGS}
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), overrides=_overrides(args))
+def _load(args: argparse.Namespace, deprecations: list[Deprecation] | None = None) -> Config:
+    """The configuration of a command; old flat TOML keys are logged (``config.deprecated_key``) at once,
+    or added to ``deprecations`` for the caller to log once logging is set up."""
+    return load_config(getattr(args, "config", None), overrides=_overrides(args), deprecations=deprecations)
 
 
 def _configure_logging(config: Config) -> None:
-    fmt = {"auto": None, "json": True, "console": False}[config.log_format]
-    configure_logging(config.log_level, json=fmt)
+    configure_logging_from_settings(config.log_level, config.log_format)
 
 
 def _prepare(args: argparse.Namespace) -> Config:
@@ -106,11 +109,14 @@ def _prepare(args: argparse.Namespace) -> Config:
     from sozud.log import get_logger
     from sozud.persist import check_state_dir
 
-    config = _load(args)
+    deprecations: list[Deprecation] = []
+    config = _load(args, deprecations)
     _configure_logging(config)
+    for deprecation in deprecations:
+        deprecation.log()
     for name in unknown_env_names():
         get_logger().warning("config.unknown_environment_variable", variable=name, action="ignored: no such setting")
-    check_state_dir(config.state_dir)
+    check_state_dir(config.sync.state_dir)
     return config
 
 
@@ -120,7 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _prepare(args)
     daemon = Daemon(config, reload_config=lambda: _load(args))
     asyncio.run(run_daemon(daemon))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_once(args: argparse.Namespace) -> int:
@@ -147,41 +153,38 @@ def _cmd_once(args: argparse.Namespace) -> int:
                 f"its workers do not ({summary})",
                 file=sys.stderr,
             )
-            return EXIT_ERROR
+            return ExitCode.ERROR
         if report.in_sync:
             print(f"sozud: in sync ({summary})")
-            return EXIT_OK
+            return ExitCode.OK
         print(f"sozud: NOT in sync after one sync: {report.drift} object(s) differ ({summary})", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
 
     return asyncio.run(once())
 
 
-def _ago(ts: Any) -> str:
-    if not isinstance(ts, int | float):
+def _ago(ts: float | None) -> str:
+    if ts is None:
         return "never"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
-def format_status(s: dict[str, Any]) -> str:
-    rows = [
-        ("node", s.get("node")),
-        ("sozu", f"{s.get('socket')} (version {s.get('sozu_version') or 'unknown'})"),
-        ("opensvc", f"{s.get('api') or 'auto'} {s.get('object')} key {s.get('key')}"),
-        ("last sync", f"{_ago(s.get('last_sync_at'))}: {s.get('last_outcome')} (triggers: {s.get('last_reason')})"),
-        ("last success", _ago(s.get("last_success_at"))),
-        ("last error", s.get("last_error") or "-"),
-        ("action", s.get("action") or "-"),
-        ("drift", "unknown" if s.get("drift") is None else f"{s['drift']} object(s)"),
-        ("base generation", s.get("base_generation")),
-        (
-            "shared generation",
-            f"{s.get('shared_generation')} (written by {s.get('shared_origin') or 'unknown'})",
-        ),
-        ("applied here", f"generation {s.get('base_generation')} (node {s.get('node')})"),
-        ("conflicts", s.get("conflicts_total")),
-        ("pushes", s.get("pushes_total")),
-        ("requests sent", ", ".join(f"{k}={v}" for k, v in sorted((s.get("requests_total") or {}).items())) or "-"),
+def format_status(s: Status) -> str:
+    rows: list[tuple[str, object]] = [
+        ("node", s.node),
+        ("sozu", f"{s.socket} (version {s.sozu_version or 'unknown'})"),
+        ("opensvc", f"{s.api or 'auto'} {s.object} key {s.key}"),
+        ("last sync", f"{_ago(s.last_sync_at)}: {s.last_outcome} (triggers: {s.last_reason})"),
+        ("last success", _ago(s.last_success_at)),
+        ("last error", s.last_error or "-"),
+        ("action", s.action or "-"),
+        ("drift", "unknown" if s.drift is None else f"{s.drift} object(s)"),
+        ("base generation", s.base_generation),
+        ("shared generation", f"{s.shared_generation} (written by {s.shared_origin or 'unknown'})"),
+        ("applied here", f"generation {s.base_generation} (node {s.node})"),
+        ("conflicts", s.conflicts_total),
+        ("pushes", s.pushes_total),
+        ("requests sent", ", ".join(f"{k}={v}" for k, v in sorted(s.requests_total.items())) or "-"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -201,22 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_once(args)
         if func is None:
             parser.print_help(sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         result = func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
     except ConfigError as e:
         print(f"sozud: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except UnsafePlanError as e:
         print(f"sozud: refused: {e}", file=sys.stderr)
-        return EXIT_UNSAFE
+        return ExitCode.UNSAFE
     except SozudError as e:
         print(f"sozud: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

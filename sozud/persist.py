@@ -11,7 +11,6 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -55,7 +54,7 @@ def check_state_dir(state_dir: str | Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(
-            f"configuration key 'state_dir': cannot write in {path}: {e.strerror or e}", key="state_dir"
+            f"configuration key 'sync.state_dir': cannot write in {path}: {e.strerror or e}", key="sync.state_dir"
         ) from None
 
 
@@ -153,22 +152,51 @@ class BaseStore:
                 p.unlink()
 
 
+class Status(msgspec.Struct, kw_only=True):
+    """``status.json``: what the daemon last did. The daemon updates it after every sync and writes it;
+    ``sozud status`` reads it. Field names are the file's keys (files written before this struct existed
+    had the same keys and read as they are; a key missing from a file takes its default)."""
+
+    node: str = ""
+    pid: int = 0
+    started_at: float = 0.0
+    last_sync_at: float | None = None
+    last_success_at: float | None = None
+    last_outcome: str | None = None  # a SyncOutcome value, "<outcome>, with failures", or "failed"
+    last_reason: str | None = None  # the triggers of the last sync, comma-separated
+    last_error: str | None = None
+    action: str | None = None  # what an operator must do about the last failure, when sozud cannot
+    last_error_type: str | None = None
+    consecutive_failures: int = 0
+    drift: int | None = None
+    base_generation: int | None = None
+    shared_generation: int | None = None
+    shared_origin: str | None = None
+    conflicts_total: int = 0
+    requests_total: dict[str, int] = msgspec.field(default_factory=dict)
+    pushes_total: int = 0
+    socket: str = ""
+    api: str | None = None
+    object: str = ""
+    key: str = ""
+    sozu_version: str | None = None
+
+
 class StatusFile:
-    """``status.json``: the daemon's last known situation, for ``sozud status``."""
+    """``status.json`` in the state directory (see :class:`Status`)."""
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / "status.json"
 
-    def write(self, status: dict[str, Any]) -> None:
+    def write(self, status: Status) -> None:
         atomic_write(self.path, msgspec.json.encode(status), mode=0o644)
 
-    def read(self) -> dict[str, Any] | None:
+    def read(self) -> Status | None:
+        """The status, or None when there is none; a file that does not decode is a ``StateError``
+        naming the file and the field."""
         try:
-            value = msgspec.json.decode(self.path.read_bytes())
+            return msgspec.json.decode(self.path.read_bytes(), type=Status)
         except FileNotFoundError:
             return None
         except (OSError, msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
             raise StateError(f"cannot read status file {self.path}: {e}") from None
-        if not isinstance(value, dict):
-            raise StateError(f"status file {self.path} does not hold a JSON object")
-        return value

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +31,14 @@ def _quiet_logging() -> None:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def log_events(err: str) -> list[dict[str, Any]]:
+    """The JSON log events in captured stderr (other lines ignored)."""
+    out = []
+    for line in err.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and "event" in event:
+                out.append(event)
+    return out

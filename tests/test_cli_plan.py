@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from sozud.cli.plan import EXIT_ERROR, EXIT_OK, EXIT_UNSAFE, register
+from sozud.cli.plan import register
 from sozud.errors import SozuRequestError
+from sozud.exitcodes import ExitCode
 from sozud.log import configure_logging
 from sozud.proto import command_pb2 as pb
 from sozud.socket_proto import SozuChannel
@@ -86,7 +87,7 @@ async def test_offline_table(version: str, capsys: pytest.CaptureFixture[str]) -
     rc, out, err = await run(
         ["plan", "--from", state(version, "00-initial"), "--to", state(version, "01-populated")], capsys
     )
-    assert rc == EXIT_OK, err
+    assert rc == ExitCode.OK, err
     assert "add_cluster" in out and "add_certificate" in out and "add_backend" in out
     assert "cluster app1" in out
     assert "PRIVATE KEY" not in out + err
@@ -99,7 +100,7 @@ async def test_offline_json(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = await run(
         ["plan", "--json", "--from", state("2.1.0", "00-initial"), "--to", state("2.1.0", "01-populated")], capsys
     )
-    assert rc == EXIT_OK, err
+    assert rc == ExitCode.OK, err
     assert "PRIVATE KEY" not in out + err
     doc = json.loads(out)
     kinds = [step["request_type"] for step in doc["plan"]]
@@ -111,37 +112,37 @@ async def test_offline_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_offline_empty_plan(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = await run(["plan", "--from", state("1.1.1", "02-mid"), "--to", state("1.1.1", "02-mid")], capsys)
-    assert rc == EXIT_OK
+    assert rc == ExitCode.OK
     assert "nothing to do" in out
 
 
 async def test_offline_safety_valve_and_force(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "--from", state("2.1.0", "01-populated"), "--to", state("2.1.0", "00-initial")]
     rc, out, err = await run(argv, capsys)
-    assert rc == EXIT_UNSAFE
+    assert rc == ExitCode.UNSAFE
     assert "max_removal_ratio" in err and out == ""
     rc, out, err = await run([*argv, "--force"], capsys)
-    assert rc == EXIT_OK, err
+    assert rc == ExitCode.OK, err
     assert "remove_backend" in out
     rc, _, _ = await run([*argv, "--max-removal-ratio", "1.0"], capsys)
-    assert rc == EXIT_OK
+    assert rc == ExitCode.OK
 
 
 async def test_offline_errors_name_the_file(workdir: str, capsys: pytest.CaptureFixture[str]) -> None:
     missing = os.path.join(workdir, "missing.state")
     rc, _, err = await run(["plan", "--from", state("2.1.0", "00-initial"), "--to", missing], capsys)
-    assert rc == EXIT_ERROR and missing in err and len(err.strip().splitlines()) == 1
+    assert rc == ExitCode.ERROR and missing in err and len(err.strip().splitlines()) == 1
     broken = os.path.join(workdir, "broken.state")
     with open(broken, "wb") as f:  # noqa: ASYNC230 - a tiny test file
         f.write(b'{"id":"SAVE-0","content":{"request_type":{"ADD_CLUSTER":{}}}}')  # no final NUL
     rc, _, err = await run(["plan", "--from", state("2.1.0", "00-initial"), "--to", broken], capsys)
-    assert rc == EXIT_ERROR and broken in err and len(err.strip().splitlines()) == 1
+    assert rc == ExitCode.ERROR and broken in err and len(err.strip().splitlines()) == 1
     rc, _, err = await run(
         ["plan", "--from", state("2.1.0", "00-initial"), "--to", state("0.15.19", "01-populated")], capsys
     )
-    assert rc == EXIT_ERROR and "0.15" in err
+    assert rc == ExitCode.ERROR and "0.15" in err
     rc, _, err = await run(["plan", "--from", state("2.1.0", "00-initial")], capsys)
-    assert rc == EXIT_ERROR and "--to" in err
+    assert rc == ExitCode.ERROR and "--to" in err
 
 
 # --- against the simulator ------------------------------------------------------------------------------
@@ -160,10 +161,10 @@ async def test_plan_against_the_simulator_table_and_json(workdir: str, capsys: p
             "2.1.0",
         ]
         rc, out, err = await run([*argv, "--force"], capsys)
-        assert rc == EXIT_OK, err
+        assert rc == ExitCode.OK, err
         assert "remove_cluster" in out and "PRIVATE KEY" not in out + err
         rc, out, err = await run([*argv, "--force", "--json", "--shared-dir", workdir], capsys)
-        assert rc == EXIT_OK, err
+        assert rc == ExitCode.OK, err
         assert "PRIVATE KEY" not in out + err
         assert any(step["request_type"] == "remove_cluster" for step in json.loads(out)["plan"])
         # planning sends no mutation
@@ -176,11 +177,11 @@ async def test_apply_against_the_simulator(workdir: str, capsys: pytest.CaptureF
     async with simulator(workdir, "2.1.0", state("2.1.0", "01-populated")) as fake:
         argv = ["plan", "--socket", fake.socket_path, "--desired", target, "--shared-dir", workdir]
         rc, out, err = await run([*argv, "--apply"], capsys)
-        assert rc == EXIT_OK, err
+        assert rc == ExitCode.OK, err
         assert "converged" in out and "PRIVATE KEY" not in out + err
         assert "found no listener" in out  # the fixture's listener-less frontend: kept by main, refused by workers
         rc, out, err = await run(argv, capsys)
-        assert rc == EXIT_OK and "nothing to do" in out
+        assert rc == ExitCode.OK and "nothing to do" in out
         path = os.path.join(workdir, "after.state")
         ch = SozuChannel(fake.socket_path, version=SozuVersion.parse("2.1.0"))
         try:
@@ -198,10 +199,10 @@ async def test_apply_refused_by_the_safety_valve(workdir: str, capsys: pytest.Ca
         argv = ["plan", "--socket", fake.socket_path, "--desired", state("1.1.1", "00-initial"), "--apply"]
         before = len(fake.requests)
         rc, _, err = await run([*argv, "--sozu-version", "1.1.1"], capsys)
-        assert rc == EXIT_UNSAFE and "max_removal_ratio" in err
+        assert rc == ExitCode.UNSAFE and "max_removal_ratio" in err
         assert not [r for r in fake.requests[before:] if (r.WhichOneof("request_type") or "").startswith("remove_")]
         rc, out, err = await run([*argv, "--sozu-version", "1.1.1", "--force", "--json"], capsys)
-        assert rc == EXIT_OK, err
+        assert rc == ExitCode.OK, err
         assert json.loads(out)["apply"]["converged"] is True
         assert "PRIVATE KEY" not in out + err
 
@@ -214,7 +215,7 @@ async def test_unreachable_socket_is_one_clear_line(workdir: str, capsys: pytest
     rc, out, err = await run(
         ["plan", "--socket", sock, "--desired", state("2.1.0", "01-populated"), "--sozu-version", "2.1.0"], capsys
     )
-    assert rc == EXIT_ERROR and out == ""
+    assert rc == ExitCode.ERROR and out == ""
     ours = [line for line in err.splitlines() if line.startswith("sozud plan:")]  # besides structured log lines
     assert len(ours) == 1 and sock in ours[0] and "connect" in ours[0]
 
@@ -251,7 +252,7 @@ async def test_a_changed_frontend_whose_replacement_cannot_be_sent_is_not_remove
         rc, _, err = await run(["plan", "--desired", desired_path, "--socket", fake.socket_path, "--apply"], capsys)
         sent = [r.WhichOneof("request_type") for r in fake.requests[before:]]
         fronts = [f for f in fake.state.http_fronts.values() if f.hostname == "example.test"]
-    assert rc == EXIT_ERROR and "desired.state, record" in err and "could never load it back" in err
+    assert rc == ExitCode.ERROR and "desired.state, record" in err and "could never load it back" in err
     assert "remove_http_frontend" not in sent, "nothing may be removed when a request of the plan cannot be sent"
     assert any(f == original for f in fronts), "the /health route was lost"
 

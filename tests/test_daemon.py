@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import log_events
 
-from sozud.config import Config
+from sozud.config import Config, with_settings
 from sozud.daemon import Daemon, run_daemon
 from sozud.errors import ConfigError
 from sozud.proto import command_pb2 as pb
@@ -74,22 +75,108 @@ async def test_reload_applies_new_settings_and_keeps_old_ones_when_invalid(tmp_p
         task = asyncio.create_task(daemon.run())
         await wait_until(lambda: daemon.last_report is not None, what="first sync")
         new_state_dir = str(tmp_path / "new-state")
-        configs.append(msgspec.structs.replace(node.config, state_dir=new_state_dir, max_removal_ratio=0.2))
+        configs.append(with_settings(node.config, state_dir=new_state_dir, max_removal_ratio=0.2))
         marks = daemon.syncs_attempted
         daemon.request_reload()
         await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the reload")
-        assert daemon.config.state_dir == new_state_dir and daemon.config.max_removal_ratio == 0.2
+        assert daemon.config.sync.state_dir == new_state_dir and daemon.config.sync.max_removal_ratio == 0.2
         assert (Path(new_state_dir) / "status.json").exists()
         configs.append(ConfigError("configuration key 'poll_interval_s': must be > 0"))
         marks = daemon.syncs_attempted
         daemon.request_reload()
         await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the failed reload")
-        assert daemon.config.state_dir == new_state_dir, "a bad reload must keep the running configuration"
+        assert daemon.config.sync.state_dir == new_state_dir, "a bad reload must keep the running configuration"
         daemon.request_stop()
         await task
         await daemon.stop()
     finally:
         await cluster.stop()
+
+
+async def _http_get(address: str, path: str) -> bytes:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def _reload(daemon: Daemon, configs: list[Config], config: Config) -> None:
+    configs.append(config)
+    marks = daemon.syncs_attempted
+    daemon.request_reload()
+    await wait_until(lambda: daemon.syncs_attempted > marks, what="a sync after the reload")
+
+
+@contextlib.asynccontextmanager
+async def _reloadable_daemon() -> AsyncIterator[tuple[Daemon, list[Config], SimCluster]]:
+    """A running daemon on one simulated node, after its first sync; it reloads the configs appended to
+    the list it yields."""
+    cluster = await SimCluster.create(["a"])
+    node = cluster.node("a")
+    configs: list[Config] = []
+    daemon = Daemon(node.config, reload_config=lambda: configs.pop(0))
+    task: asyncio.Task[None] | None = None
+    try:
+        await node.request(pb.Request(add_cluster=build.cluster("c")))
+        await daemon.start()
+        task = asyncio.create_task(daemon.run())
+        await wait_until(lambda: daemon.last_report is not None, what="first sync")
+        yield daemon, configs, cluster
+        daemon.request_stop()
+        await task
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        await daemon.stop()
+        await cluster.stop()
+
+
+async def test_reload_serves_a_new_metrics_address(capsys: pytest.CaptureFixture[str]) -> None:
+    async with _reloadable_daemon() as (daemon, configs, _):
+        capsys.readouterr()
+        await _reload(daemon, configs, with_settings(daemon.config, metrics_address="127.0.0.1:0"))
+        events = log_events(capsys.readouterr().err)
+        serving = [e["address"] for e in events if e["event"] == "metrics.serving"]
+        assert len(serving) == 1, "the new metrics_address is not served"
+        assert b"sozud_" in await _http_get(serving[0], "/metrics")
+        reloaded = [e for e in events if e["event"] == "config.reloaded"]
+        assert len(reloaded) == 1, events
+        assert reloaded[0]["applied"] == ["metrics_address"] and "not_applied" not in reloaded[0]
+
+
+async def test_reload_applies_the_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    async with _reloadable_daemon() as (daemon, configs, cluster):
+        await _reload(daemon, configs, with_settings(daemon.config, log_level="error"))
+        capsys.readouterr()
+        await cluster.node("a").request(pb.Request(add_cluster=build.cluster("quiet")))
+        await wait_until(lambda: b"quiet" in (cluster.shared_value() or b""), what="a push after the reload")
+        events = log_events(capsys.readouterr().err)
+        assert events == [], "events below log_level = error were written after the reload"
+
+
+async def test_reload_rebuilds_only_the_connection_whose_settings_changed() -> None:
+    async with _reloadable_daemon() as (daemon, configs, cluster):
+        assert daemon.components is not None
+        channel, om = daemon.components.channel, daemon.components.om
+
+        await _reload(daemon, configs, with_settings(daemon.config, log_level="error", max_rounds=4))
+        assert daemon.components.channel is channel, "the sozu connection was rebuilt, its settings did not change"
+        assert daemon.components.om is om, "the OpenSVC client was rebuilt, its settings did not change"
+
+        await _reload(daemon, configs, with_settings(daemon.config, sozu_version="auto"))
+        assert daemon.components.channel is not channel and daemon.components.om is om
+        assert daemon.last_error is None, daemon.last_error
+        channel = daemon.components.channel
+
+        await _reload(daemon, configs, with_settings(daemon.config, opensvc_poll_interval_s=0.2))
+        assert daemon.components.channel is channel and daemon.components.om is not om
+        assert daemon.last_error is None, daemon.last_error
+
+        await cluster.node("a").request(pb.Request(add_cluster=build.cluster("after-reloads")))
+        await wait_until(lambda: b"after-reloads" in (cluster.shared_value() or b""), what="a push after the reloads")
 
 
 async def test_ready_and_status_are_notified_to_systemd(tmp_path: Path) -> None:

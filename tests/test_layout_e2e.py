@@ -40,7 +40,7 @@ async def test_a_large_state_is_migrated_and_a_change_reaches_the_others_on_a_sl
     data = _state(CLUSTERS)
     try:
         for n in cluster.nodes:
-            n.config.shared_dir = str(n.dir)  # one SaveState per live read
+            n.config.sozu.shared_dir = str(n.dir)  # one SaveState per live read
             n.sozu.state.load_state_file(data, source="bench")
         cluster.opensvc.set_value("a", cluster.obj, cluster.key, data)  # the first layout, as the old way wrote it
         await cluster.opensvc.settle()

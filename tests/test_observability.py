@@ -12,7 +12,7 @@ import pytest
 
 from sozud.main import format_status, main
 from sozud.metrics import Metrics, MetricsServer
-from sozud.persist import StatusFile, atomic_write
+from sozud.persist import Status, StatusFile, atomic_write
 from sozud.sdnotify import Notifier
 
 
@@ -78,23 +78,23 @@ def test_status_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["status", "--state-dir", str(tmp_path)]) == 1
     assert "no status yet" in capsys.readouterr().err
     StatusFile(tmp_path).write(
-        {
-            "node": "n1",
-            "last_outcome": "applied",
-            "drift": 0,
-            "base_generation": 7,
-            "shared_generation": 7,
-            "shared_origin": "n2",
-            "requests_total": {"add_backend": 2},
-            "last_error": None,
-        }
+        Status(
+            node="n1",
+            last_outcome="applied",
+            drift=0,
+            base_generation=7,
+            shared_generation=7,
+            shared_origin="n2",
+            requests_total={"add_backend": 2},
+            last_error=None,
+        )
     )
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "base generation" in out and "written by n2" in out and "add_backend=2" in out
     assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["base_generation"] == 7
-    assert "0 object(s)" in format_status({"drift": 0})
+    assert "0 object(s)" in format_status(Status(drift=0))
 
 
 def test_help_tells_the_settings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sozud.exitcodes import ExitCode
 from sozud.proto import command_pb2 as pb
 from sozud.testing import builders as build
 
@@ -78,11 +79,11 @@ async def _demo(version: str, root: Path) -> int:
         _say(f"   requests sent to node-b's sozu for the removal: {mutation_count(b.sozu) - before}")
         _say("\nBoth nodes are in sync. What `sozud status` shows on node-b:\n")
         from sozud.main import format_status
-        from sozud.persist import StatusFile
+        from sozud.persist import Status, StatusFile
 
-        status = StatusFile(b.config.state_dir).read() or {}
+        status = StatusFile(b.config.sync.state_dir).read() or Status()
         _say("   " + format_status(status).replace("\n", "\n   "))
-        return 0
+        return ExitCode.OK
     finally:
         await cluster.stop()
 
@@ -96,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return asyncio.run(_demo(args.sozu_version, root))
     except AssertionError as e:
         print(f"demo failed: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sozud.errors import ConfigError, SozudError
+from sozud.exitcodes import ExitCode
 from sozud.log import configure_logging
 from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+_DEFAULTS = OMSettings()  # the client's own defaults, shown in --help
 
 
 def register(subparsers: Any) -> None:
@@ -60,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-name", metavar="NAME", help="raw://: cluster name (default: from cluster.conf)")
     parser.add_argument("--secret-file", metavar="FILE", help="raw://, https://: file holding the cluster secret")
     parser.add_argument(
-        "--cluster-conf", metavar="FILE", help="agent cluster config (default /etc/opensvc/cluster.conf)"
+        "--cluster-conf", metavar="FILE", help=f"agent cluster config (default {_DEFAULTS.cluster_conf_file})"
     )
     parser.add_argument("--ca-file", metavar="FILE", help="https: CA of the agent's certificate")
     parser.add_argument("--cert-file", metavar="FILE", help="https: client certificate")
@@ -69,9 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-file", metavar="FILE", help="om3+https: file holding the password")
     parser.add_argument("--token-file", metavar="FILE", help="om3+https: file holding a bearer token")
     parser.add_argument(
-        "--run-dir", metavar="DIR", help="where the local agent's sockets are (default /var/lib/opensvc/lsnr)"
+        "--run-dir", metavar="DIR", help=f"where the local agent's sockets are (default {_DEFAULTS.run_dir})"
     )
-    parser.add_argument("--timeout-s", type=float, default=10.0, help="request timeout in seconds (default 10)")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=_DEFAULTS.request_timeout_s,
+        help=f"request timeout in seconds (default {_DEFAULTS.request_timeout_s:g})",
+    )
 
 
 class _UsageError(Exception):
@@ -136,7 +140,7 @@ async def run_key(args: argparse.Namespace) -> int:
         value = _read_value(args) if args.action == "put" else b""
     except _UsageError as exc:
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         client = client_from_url(args.api, settings)
         try:
@@ -144,7 +148,7 @@ async def run_key(args: argparse.Namespace) -> int:
                 got = await _assembled(client, args) if args.assemble else await client.get_key(args.object, args.key)
                 if got is None:
                     print(f"sozud: {args.object} has no key {args.key}", file=sys.stderr)
-                    return EXIT_FAILURE
+                    return ExitCode.ERROR
                 sys.stdout.buffer.write(got)
                 sys.stdout.buffer.flush()
             elif args.action == "put":
@@ -156,11 +160,11 @@ async def run_key(args: argparse.Namespace) -> int:
             await client.aclose()
     except ConfigError as exc:  # a bad --api URL, unreadable secret or TLS file: fix the command
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except SozudError as exc:
         print(f"sozud: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.ERROR
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

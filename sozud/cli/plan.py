@@ -24,15 +24,13 @@ import sys
 from typing import Any
 
 from sozud.errors import SozudError, UnsafePlanError
+from sozud.exitcodes import ExitCode
 from sozud.redact import redact_text
 from sozud.state.model import ConfigState
 from sozud.versions import SozuVersion
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_UNSAFE", "register", "run_plan"]
+__all__ = ["register", "run_plan"]
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_UNSAFE = 3
 
 DEFAULT_SOCKET = "/run/sozu/sozu.sock"
 
@@ -94,14 +92,14 @@ async def run_plan(args: argparse.Namespace) -> int:
         return await _online(args, version)
     except UnsafePlanError as e:
         print(f"sozud plan: {redact_text(str(e))}", file=sys.stderr)
-        return EXIT_UNSAFE
+        return ExitCode.UNSAFE
     except SozudError as e:
         return _fail(str(e))
 
 
 def _fail(message: str) -> int:
     print(f"sozud plan: {redact_text(message)}", file=sys.stderr)
-    return EXIT_ERROR
+    return ExitCode.ERROR
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -129,7 +127,7 @@ def _offline(args: argparse.Namespace, version: SozuVersion | None) -> int:
     b = _parse(args.to_file, version or a.version, "state file")
     p = plan(a, b, max_removal_ratio=args.max_removal_ratio, force=args.force)
     _print_plan(p, args, notes=[], header=f"plan from {args.from_file} to {args.to_file}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def _online(args: argparse.Namespace, version: SozuVersion | None) -> int:
@@ -151,7 +149,7 @@ async def _online(args: argparse.Namespace, version: SozuVersion | None) -> int:
         header = f"plan from the live sozu at {args.socket} to {args.desired}"
         if not args.apply:
             _print_plan(p, args, notes=read.notes, header=header)
-            return EXIT_OK
+            return ExitCode.OK
         report = await apply_plan(
             ch,
             desired,
@@ -176,8 +174,8 @@ async def _online(args: argparse.Namespace, version: SozuVersion | None) -> int:
             f"first failure: {redact_text(report.first_failure_text() or 'none')}",
             file=sys.stderr,
         )
-        return EXIT_ERROR
-    return EXIT_OK
+        return ExitCode.ERROR
+    return ExitCode.OK
 
 
 def _plan_json(p: Any) -> Any:

@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from sozud.daemon import build_components
-    from sozud.main import EXIT_OK, _prepare
+    from sozud.exitcodes import ExitCode
+    from sozud.main import _prepare
 
     config = _prepare(args)
 
@@ -45,9 +46,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
         finally:
             await components.aclose()
         print(
-            f"sozud: pushed this node's live state ({report.local_changes} objects) to {config.object} key "
-            f"{config.key} as generation {report.generation}, replacing {replaced}"
+            f"sozud: pushed this node's live state ({report.local_changes} objects) to {config.opensvc.object} key "
+            f"{config.opensvc.key} as generation {report.generation}, replacing {replaced}"
         )
-        return EXIT_OK
+        return ExitCode.OK
 
     return asyncio.run(push())

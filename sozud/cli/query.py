@@ -34,6 +34,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from sozud.errors import SozuConnectionError, SozudError, SozuTimeoutError
+from sozud.exitcodes import ExitCode
 from sozud.log import configure_logging
 from sozud.proto import command_pb2 as pb
 from sozud.redact import REDACTED, redact_text
@@ -45,8 +46,6 @@ __all__ = ["DEFAULT_SOCKET", "WHAT", "redact_message", "register", "run_query"]
 
 DEFAULT_SOCKET = "/run/sozu/sozu.sock"
 WHAT = ("listeners", "frontends", "clusters", "certificates", "status")
-EXIT_OK = 0
-EXIT_ERROR = 1
 
 
 def register(subparsers: Any) -> None:
@@ -92,13 +91,13 @@ async def run_query(args: argparse.Namespace) -> int:
         if isinstance(e, SozuConnectionError | SozuTimeoutError) and args.sozu_version:
             hint = f" (is --sozu-version {args.sozu_version} right? leave it out to detect the version)"
         print(f"sozud query {args.what}: {redact_text(str(e))}{hint}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     if args.json:
         doc = {"socket": socket_path, "sozu_version": sozu_version, args.what: _json_view(data)}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
         print(_RENDER[args.what](data, sozu_version))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -408,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run_query(args))
     except BrokenPipeError:  # stdout closed early (| head)
-        return EXIT_OK
+        return ExitCode.OK
 
 
 if __name__ == "__main__":

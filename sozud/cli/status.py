@@ -20,9 +20,14 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-EXIT_UP, EXIT_DOWN, EXIT_WARN = 0, 1, 2
+import msgspec
+
+from sozud.exitcodes import CheckCode, ExitCode
+
+if TYPE_CHECKING:
+    from sozud.persist import Status
 
 
 def register(sub: Any) -> None:
@@ -47,33 +52,33 @@ def register(sub: Any) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from sozud.main import EXIT_ERROR, EXIT_OK, _load, format_status
+    from sozud.main import _load, format_status
     from sozud.persist import StatusFile
 
     config = _load(args)
     if args.cluster:
         return asyncio.run(_cluster(config, args.service, args.rid))
-    status = StatusFile(config.state_dir).read()
+    status = StatusFile(config.sync.state_dir).read()
     if args.check or args.info:
-        code, state, line = health(status, config.state_dir)
+        code, state, line = health(status, config.sync.state_dir)
         if args.check:
             print(line)
             return code
         for k, v in info_lines(status, state, line):
             print(f"{k}: {v}")
-        return EXIT_OK
+        return ExitCode.OK
     if status is None:
-        print(f"sozud: no status yet in {config.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"sozud: no status yet in {config.sync.state_dir} (the daemon has not run a sync there)", file=sys.stderr)
+        return ExitCode.ERROR
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return EXIT_OK
+        print(json.dumps(msgspec.to_builtins(status), indent=2, sort_keys=True))
+        return ExitCode.OK
     print(format_status(status))
-    return EXIT_OK
+    return ExitCode.OK
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def _alive(pid: int) -> bool:
+    if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -84,66 +89,68 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def health(status: dict[str, Any] | None, state_dir: str) -> tuple[int, str, str]:
+def health(status: Status | None, state_dir: str) -> tuple[CheckCode, str, str]:
     """(exit code, state word, one line) of this node's sozud."""
     if status is None:
-        return EXIT_DOWN, "down", f"down: no status in {state_dir} (sozud has not run here)"
-    if not _alive(status.get("pid")):
-        return EXIT_DOWN, "down", f"down: sozud (pid {status.get('pid')}) is not running"
-    if status.get("last_sync_at") is None:
-        return EXIT_WARN, "starting", "starting: no sync yet"
-    applied = status.get("base_generation")
-    shared = status.get("shared_generation")
-    origin = status.get("shared_origin") or "?"
-    if status.get("last_outcome") == "failed" and status.get("last_error_type") == "ConvergenceError":
-        error = status.get("last_error")
+        return CheckCode.DOWN, "down", f"down: no status in {state_dir} (sozud has not run here)"
+    if not _alive(status.pid):
+        return CheckCode.DOWN, "down", f"down: sozud (pid {status.pid}) is not running"
+    if status.last_sync_at is None:
+        return CheckCode.WARN, "starting", "starting: no sync yet"
+    applied, shared, origin = status.base_generation, status.shared_generation, status.shared_origin or "?"
+    if status.last_outcome == "failed" and status.last_error_type == "ConvergenceError":
         return (
-            EXIT_WARN,
+            CheckCode.WARN,
             "drifting",
-            f"drifting: sozu cannot take the shared state (generation {applied} applied): {error}",
+            f"drifting: sozu cannot take the shared state (generation {applied} applied): {status.last_error}",
         )
-    if status.get("last_outcome") == "failed":
-        action = f"; {status['action']}" if status.get("action") else ""
-        n = status.get("consecutive_failures")
-        return EXIT_WARN, "failing", f"failing ({n} in a row): {status.get('last_error')}{action}"
-    drift = status.get("drift")
-    if isinstance(drift, int) and drift > 0:
-        return EXIT_WARN, "drifting", f"drifting: {drift} object(s) differ from shared generation {shared} ({origin})"
-    if status.get("last_error"):
-        return EXIT_WARN, "degraded", f"in sync with requests sozu refused: {status.get('last_error')}"
-    return EXIT_UP, "in_sync", f"in sync: generation {applied} applied, shared generation {shared} ({origin})"
+    if status.last_outcome == "failed":
+        action = f"; {status.action}" if status.action else ""
+        n = status.consecutive_failures
+        return CheckCode.WARN, "failing", f"failing ({n} in a row): {status.last_error}{action}"
+    if status.drift is not None and status.drift > 0:
+        drift = status.drift
+        return (
+            CheckCode.WARN,
+            "drifting",
+            f"drifting: {drift} object(s) differ from shared generation {shared} ({origin})",
+        )
+    if status.last_error:
+        return CheckCode.WARN, "degraded", f"in sync with requests sozu refused: {status.last_error}"
+    return CheckCode.UP, "in_sync", f"in sync: generation {applied} applied, shared generation {shared} ({origin})"
 
 
-def info_lines(status: dict[str, Any] | None, state: str, line: str) -> list[tuple[str, Any]]:
-    s = status or {}
-    last = s.get("last_sync_at")
+def info_lines(status: Status | None, state: str, line: str) -> list[tuple[str, object]]:
+    from sozud.persist import Status
+
+    s = status or Status()
+    last = s.last_sync_at
     return [
         ("sozud_state", state),
         ("sozud_summary", line),
-        ("generation_applied", s.get("base_generation")),
-        ("shared_generation", s.get("shared_generation")),
-        ("shared_origin", s.get("shared_origin")),
-        ("drift_objects", s.get("drift")),
-        ("last_sync", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if isinstance(last, float) else None),
-        ("consecutive_failures", s.get("consecutive_failures")),
-        ("sozu_version", s.get("sozu_version")),
+        ("generation_applied", s.base_generation),
+        ("shared_generation", s.shared_generation),
+        ("shared_origin", s.shared_origin),
+        ("drift_objects", s.drift),
+        ("last_sync", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last is not None else None),
+        ("consecutive_failures", s.consecutive_failures),
+        ("sozu_version", s.sozu_version),
     ]
 
 
 async def _cluster(config: Any, service: str, rid: str) -> int:
     from sozud.daemon import om_settings
-    from sozud.main import EXIT_ERROR, EXIT_OK
     from sozud.om_api import client_from_url
 
-    client = client_from_url(config.api, om_settings(config))
+    client = client_from_url(config.opensvc.api, om_settings(config))
     try:
         rows = await client.resource_status(service, rid)
     finally:
         await client.aclose()
     if not rows:
         print(f"sozud: the agent reports no instance of {service} with a resource {rid}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     width = max(len(node) for node in rows)
     for node, (state, message) in sorted(rows.items()):
         print(f"{node.ljust(width)}  {state:<5}  {message}")
-    return EXIT_OK
+    return ExitCode.OK

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sozud.config import Config
+from sozud.config import Config, config_from_settings
 from sozud.daemon import Daemon
 from sozud.proto import command_pb2 as pb
 from sozud.testing._fake_opensvc_cost import AgentCost
@@ -128,7 +128,7 @@ class SimCluster:
                 "log_level": "warning",
             }
             base.update(settings or {})
-            cluster.nodes.append(SimNode(name, d, sozu, agent, Config(**base)))
+            cluster.nodes.append(SimNode(name, d, sozu, agent, config_from_settings(base)))
         return cluster
 
     def node(self, name: str) -> SimNode:

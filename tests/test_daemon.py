@@ -165,6 +165,9 @@ async def test_reload_rebuilds_only_the_connection_whose_settings_changed() -> N
         await _reload(daemon, configs, with_settings(daemon.config, log_level="error", max_rounds=4))
         assert daemon.components.channel is channel, "the sozu connection was rebuilt, its settings did not change"
         assert daemon.components.om is om, "the OpenSVC client was rebuilt, its settings did not change"
+        engine = daemon.components.engine
+        await _reload(daemon, configs, with_settings(daemon.config, log_level="warning"))
+        assert daemon.components.engine is engine, "the engine was rebuilt (forgetting the pushes it remembers)"
 
         await _reload(daemon, configs, with_settings(daemon.config, sozu_version="auto"))
         assert daemon.components.channel is not channel and daemon.components.om is om

@@ -11,6 +11,7 @@ from sozud.errors import LiveChangedError, SozuError
 from sozud.log import get_logger
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
+from sozud.state.codec import RecordCache
 from sozud.state.live import Fingerprint, LiveRead, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
 from sozud.sync import ApplyOutcome
@@ -52,6 +53,7 @@ class SozuAdapter:
         # changed after it is not in that state, so the daemon compares later probes against this one.
         self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
+        self._records = RecordCache()  # SaveState records of the last live read (a re-read decodes the new ones)
         self._restart_unverified = False  # the connection was lost before the counters after an apply were seen
         self.log = get_logger(socket=channel.socket_path)
         self._lock = asyncio.Lock()
@@ -98,7 +100,10 @@ class SozuAdapter:
 
     async def _read(self) -> ConfigState:
         report = await read_live_report(
-            self.channel, shared_dir=self.shared_dir, shared_dir_sozu_path=self.shared_dir_sozu_path
+            self.channel,
+            shared_dir=self.shared_dir,
+            shared_dir_sozu_path=self.shared_dir_sozu_path,
+            records=self._records,
         )
         self._last_read = report
         if self._assumed_epoch != self.channel.epoch:
@@ -147,6 +152,7 @@ class SozuAdapter:
                 force=force,
                 desired_is_complete=desired_is_complete,
                 initial=self._last_read,
+                records=self._records,
             )
             await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)

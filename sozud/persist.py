@@ -122,12 +122,14 @@ class BaseStore:
             self._cached = (ident, meta_ident, version, state, msgspec.structs.replace(meta))
         return state, meta
 
-    def save(self, state: ConfigState, meta: BaseMeta) -> None:
-        meta.digest = state.digest()
+    def save(self, state: ConfigState, meta: BaseMeta, *, data: bytes | None = None, digest: str | None = None) -> None:
+        """Persist ``state`` as the base. ``data`` / ``digest``: a state file of ``state`` and its
+        :meth:`ConfigState.digest`, when the caller already has them (the shared state it read)."""
+        meta.digest = digest or state.digest()
         # The meta is written first: a crash between the two leaves a digest mismatch, which load()
         # reports instead of silently using a base that does not match its metadata.
         atomic_write(self.meta_path, msgspec.json.encode(meta))
-        atomic_write(self.state_path, write_state_file(state, cache=self._records))
+        atomic_write(self.state_path, data if data is not None else write_state_file(state, cache=self._records))
         ident, meta_ident = self._identity(self.state_path), self._identity(self.meta_path)
         if ident is not None and meta_ident is not None:
             self._cached = (ident, meta_ident, state.version, state, msgspec.structs.replace(meta))

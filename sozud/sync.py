@@ -185,6 +185,8 @@ class SyncInputs:
     base: ConfigState | None
     base_meta: BaseMeta
     merge_base: ConfigState | None
+    shared_bytes: bytes = b""  # the state file ``shared`` was parsed from
+    shared_digest: str = ""  # ``shared.digest()``
 
 
 # --- the engine ----------------------------------------------------------------------------------------
@@ -301,7 +303,10 @@ class SyncEngine:
             for k, v in merge_base.objects.items():
                 if k not in live.objects and self.sozu.hides(k, v):
                     live.objects[k] = v
-        return SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
+        inputs = SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
+        if shared is not None and state_bytes is not None:
+            inputs.shared_bytes, inputs.shared_digest = state_bytes, shared_digest
+        return inputs
 
     def _check_mismatch(self, state_bytes: bytes, digest: str, meta: SharedMeta) -> bool:
         """A state whose digest is not its metadata's: wait while it may be a write in progress, then
@@ -415,7 +420,7 @@ class SyncEngine:
         base_meta.generation = inputs.meta.generation if inputs.meta else 0
         base_meta.sozu_version = str(self.sozu.version)
         base_meta.saved_at = time.time()
-        self.base.save(shared, base_meta)
+        self.base.save(shared, base_meta, data=inputs.shared_bytes or None, digest=inputs.shared_digest or None)
 
     async def push_live(self) -> tuple[SyncReport, str]:
         """Rewrite the shared state from this node's live sozu (the operator's repair of a shared key that

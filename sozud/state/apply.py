@@ -55,7 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
@@ -68,6 +68,9 @@ from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_r
 from sozud.state.model import ConfigState, ObjKey, add_request, describe
 from sozud.state.plan import Plan, PlanStep, plan
 from sozud.versions import Family, SozuVersion
+
+if TYPE_CHECKING:
+    from sozud.state.codec import RecordCache
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -241,6 +244,7 @@ async def apply_plan(
     raise_on_failure: bool = True,
     load_state_timeout_s: float = DEFAULT_LOAD_STATE_TIMEOUT_S,
     initial: LiveRead | None = None,
+    records: RecordCache | None = None,
 ) -> ApplyReport:
     """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
 
@@ -248,7 +252,8 @@ async def apply_plan(
     ``shared_dir_sozu_path`` (as sozu sees it, default the same): exact live reads with one SaveState,
     and batch mode from ``batch_threshold`` steps on, in LoadState chunks of at most ``chunk_bytes``
     bytes of records, each given ``load_state_timeout_s``. ``max_removal_ratio``, ``force``,
-    ``desired_is_complete``: the planner's safety valve, applied to every (re)plan.
+    ``desired_is_complete``: the planner's safety valve, applied to every (re)plan. ``records``: the
+    caller's cache of SaveState records (a re-read decodes only what changed).
 
     Raises ``UnsafePlanError`` (from the planner) when the safety valve refuses the plan and ``force``
     is false, before anything is sent; ``ConvergenceError`` when the live state still differs at the
@@ -267,6 +272,7 @@ async def apply_plan(
         max_removal_ratio=max_removal_ratio,
         force=force,
         desired_is_complete=desired_is_complete,
+        records=records,
     )
     report = run.report
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
@@ -315,8 +321,10 @@ class _Apply:
         max_removal_ratio: float,
         force: bool,
         desired_is_complete: bool,
+        records: RecordCache | None = None,
     ) -> None:
         self.cch = _CountingChannel(ch)
+        self.records = records
         self.desired = desired
         self.shared_dir = shared_dir
         self.sozu_dir = sozu_dir
@@ -331,7 +339,9 @@ class _Apply:
         self.report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
 
     async def read(self) -> LiveRead:
-        r = await read_live_report(self.cch, shared_dir=self.shared_dir, shared_dir_sozu_path=self.sozu_dir)
+        r = await read_live_report(
+            self.cch, shared_dir=self.shared_dir, shared_dir_sozu_path=self.sozu_dir, records=self.records
+        )
         self.report.live_reads += 1
         for note in r.notes:
             if note not in self.report.notes:

@@ -41,7 +41,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from google.protobuf.descriptor import Descriptor
@@ -93,15 +93,16 @@ class RecordCache:
     previous one in a few records costs a few records to read or write, not the whole file.
 
     Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
-    maps to the request it decoded to, kept serialized (protobuf), so every parse gets messages of its
-    own. Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``.
-    Only the last call's records are kept, so memory follows the state's size. One cache per source:
-    the shared key, sozu's SaveState output, the base file.
+    maps to what it decoded to (:class:`_Seen`), kept serialized (protobuf), so every parse gets messages
+    of its own; a record that added one object is added again by its key, without re-applying it.
+    Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
+    last call's records are kept, so memory follows the state's size. One cache per source: the shared
+    key, sozu's SaveState output, the base file.
     """
 
     def __init__(self) -> None:
         self.version: SozuVersion | None = None
-        self._parsed: dict[bytes, bytes] = {}
+        self._parsed: dict[bytes, _Seen] = {}
         self._written: dict[bytes, bytes] = {}
         self.decoded = 0  # records decoded from JSON (the others were reused), for tests and benchmarks
         self.encoded = 0
@@ -111,6 +112,16 @@ class RecordCache:
             self.version = version
             self._parsed = {}
             self._written = {}
+
+
+class _Seen(NamedTuple):
+    """A record parsed before: its request, and for a record that added one object (every ``add_*``), that
+    object's key, message type and stored value (serialized as the state held it)."""
+
+    request: bytes
+    key: ObjKey | None = None
+    value_type: type[Message] | None = None
+    value: bytes = b""
 
 
 def _digest(data: bytes) -> bytes:
@@ -205,13 +216,13 @@ def parse_state_file(
     else:
         known = {}
     bodies = [_body_digest(raw) for _, raw in raws] if cache is not None else []
-    # (record number, serialized request seen before, or the record's JSON value to decode)
+    # each record's JSON value to decode, or None when the cache's last parse saw it (``reused``)
     values: list[Any] = []
-    reused: dict[int, bytes] = {}
+    reused: dict[int, _Seen] = {}
     for n, raw in raws:
-        blob = known.get(bodies[n]) if known else None
-        if blob is not None:
-            reused[n] = blob
+        seen = known.get(bodies[n]) if known else None
+        if seen is not None:
+            reused[n] = seen
             values.append(None)
         else:
             values.append(_decode(raw, source, n))
@@ -220,13 +231,17 @@ def parse_state_file(
     else:
         _check_compatible(version, [v for v in values if v is not None], source)
     state = ConfigState(version)
-    parsed: dict[bytes, bytes] = {}
+    objects = state.objects
+    parsed: dict[bytes, _Seen] = {}
     for n, value in enumerate(values):
-        blob = reused.get(n)
-        req = pb.Request.FromString(blob) if blob is not None else _record_request(value, version, source, n)
+        seen = reused.get(n)
+        if seen is not None and seen.key is not None and seen.value_type is not None and seen.key not in objects:
+            objects[seen.key] = seen.value_type.FromString(seen.value)  # what applying it added before
+            parsed[bodies[n]] = seen
+            continue
+        req = pb.Request.FromString(seen.request) if seen is not None else _record_request(value, version, source, n)
         kind = req.WhichOneof("request_type") or ""
-        if cache is not None:
-            parsed[bodies[n]] = blob if blob is not None else req.SerializeToString(deterministic=True)
+        size = len(objects)
         try:
             apply_request(state, req, copy=False)
         except StateError as e:
@@ -236,11 +251,23 @@ def parse_state_file(
                 record=n,
                 path=f"content.request_type.{kind.upper()}",
             ) from None
+        if cache is not None:
+            parsed[bodies[n]] = _seen(req, kind, objects, added=len(objects) == size + 1)
     _check_expectations(state, len(values), source, expect_records, expect_digest)
     if cache is not None:
         cache._parsed = parsed
         cache.decoded += len(values) - len(reused)
     return state
+
+
+def _seen(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, added: bool) -> _Seen:
+    """What the cache keeps of a record just applied to ``objects``."""
+    blob = req.SerializeToString(deterministic=True)
+    if not (added and kind.startswith("add_")):
+        return _Seen(blob)
+    key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
+    stored = objects[key]
+    return _Seen(blob, key, type(stored), stored.SerializeToString(deterministic=True))
 
 
 def _record_request(value: Any, version: SozuVersion, source: str, n: int) -> pb.Request:

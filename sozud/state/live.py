@@ -65,7 +65,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
@@ -77,6 +77,9 @@ from sozud.proto import command_pb2 as pb
 from sozud.serde import address_text
 from sozud.state.model import ConfigState, Kind, ObjKey
 from sozud.versions import Family, SozuVersion
+
+if TYPE_CHECKING:
+    from sozud.state.codec import RecordCache
 
 __all__ = [
     "Fingerprint",
@@ -215,15 +218,17 @@ async def read_live_report(
     *,
     shared_dir: str | None = None,
     shared_dir_sozu_path: str | None = None,
+    records: RecordCache | None = None,
 ) -> LiveRead:
     """Like :func:`read_live`, with how it was read and what could not be seen.
 
     ``shared_dir`` is the directory as sozud sees it; ``shared_dir_sozu_path`` the same directory as
-    sozu's main process sees it (a container mount), default ``shared_dir``.
+    sozu's main process sees it (a container mount), default ``shared_dir``. ``records``: the SaveState
+    records of the last read, so that this one decodes only the records that changed.
     """
     started = time.monotonic()
     if shared_dir is not None:
-        read = await _read_by_save_state(ch, shared_dir, shared_dir_sozu_path or shared_dir)
+        read = await _read_by_save_state(ch, shared_dir, shared_dir_sozu_path or shared_dir, records)
     else:
         read = await _read_by_queries(ch)
     read.duration_s = time.monotonic() - started
@@ -238,7 +243,9 @@ async def read_live_report(
     return read
 
 
-async def _read_by_save_state(ch: SozuRequester, shared_dir: str, sozu_dir: str) -> LiveRead:
+async def _read_by_save_state(
+    ch: SozuRequester, shared_dir: str, sozu_dir: str, records: RecordCache | None = None
+) -> LiveRead:
     from sozud.state.codec import parse_state_file  # another module of the package, imported late
 
     version = _version(ch)
@@ -270,6 +277,7 @@ async def _read_by_save_state(ch: SozuRequester, shared_dir: str, sozu_dir: str)
             allow_empty=True,
             max_record_bytes=None,
             max_state_bytes=None,
+            cache=records,
         )
     finally:
         try:

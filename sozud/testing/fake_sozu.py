@@ -34,6 +34,7 @@ import json
 import os
 import struct
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -215,6 +216,7 @@ class FakeSozu:
         self.worker_fail_for_missing_listener = True
         self.state = SozuMainState(self.version)
         self.requests: list[pb.Request] = []
+        self.busy_s = 0.0  # time spent handling requests (benchmarks subtract the simulator's share)
         self.connections_opened = 0
         self.stalls = 0  # requests that waited worker_timeout_s because another connection was busy
         self.crashed = False
@@ -517,6 +519,13 @@ class FakeSozu:
     # -- request handling ------------------------------------------------------------------------
 
     async def _handle(self, conn: _Conn, req: pb.Request) -> None:
+        started = time.perf_counter()
+        try:
+            await self._handle_request(conn, req)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    async def _handle_request(self, conn: _Conn, req: pb.Request) -> None:
         kind = req.WhichOneof("request_type")
         if kind is not None and not self.version.knows_request(kind):
             kind = None  # decodes as an empty request in this version

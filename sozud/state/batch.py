@@ -56,11 +56,11 @@ QUEUE_BUDGET_BYTES = 65_536
 DEFAULT_LOAD_STATE_TIMEOUT_S = 120.0  # sozu has no timeout of its own for load_state
 
 
-def encode_records(requests: Sequence[pb.Request], version: SozuVersion, *, first_id: int = 0) -> list[bytes]:
+def encode_records(requests: Sequence[pb.Request], version: SozuVersion) -> list[bytes]:
     """Each request as one state-file record: compact ``WorkerRequest`` JSON followed by ``\\n\\0``."""
     out = []
     for i, req in enumerate(requests):
-        record = {"id": f"SOZUD-{first_id + i}", "content": serde.to_json(req, version)}
+        record = {"id": f"SOZUD-{i}", "content": serde.to_json(req, version)}
         text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
         out.append(text.encode("utf-8") + b"\n\0")
     return out

@@ -54,10 +54,6 @@ class Plan:
     def __len__(self) -> int:
         return len(self.steps)
 
-    @property
-    def requests(self) -> list[pb.Request]:
-        return [s.request for s in self.steps]
-
     def digest(self) -> str:
         """Stable sha-256 hex of the ordered requests (for logs; 16 hex digits are plenty there)."""
         h = hashlib.sha256()
@@ -66,13 +62,6 @@ class Plan:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
         return h.hexdigest()
-
-    def counts(self) -> dict[str, int]:
-        """Number of requests per request type."""
-        out: dict[str, int] = {}
-        for step in self.steps:
-            out[step.request_type] = out.get(step.request_type, 0) + 1
-        return out
 
     def to_table(self) -> str:
         """A human table of the steps (no private keys)."""

@@ -70,8 +70,8 @@ class StepBuilder:
         self.upserts("cluster")
         self.certificates()
         self.upserts("backend")
-        self.http_frontends("http_frontend")
-        self.http_frontends("https_frontend")
+        self.upserts("http_frontend", remove_first=True)
+        self.upserts("https_frontend", remove_first=True)
         self.l4_frontends("tcp_frontend")
         self.l4_frontends("udp_frontend")
         self.removals(deactivate_later)
@@ -130,14 +130,20 @@ class StepBuilder:
         if getattr(want, "active"):  # noqa: B009
             self.emit(_activation(key, want, True), "activate", key, note)
 
-    def upserts(self, kind: str) -> None:
+    def upserts(self, kind: str, *, remove_first: bool = False) -> None:
+        """New objects of ``kind`` are added; changed ones are sent again (an upsert) or, ``remove_first``
+        (HTTP/HTTPS frontends: what changes is not part of sozu's route key), removed with their stored
+        values then added."""
         for key in self.keys(kind, self.desired):
             want = self.desired[key]
             have = self.work.objects.get(key)
             if have is None:
                 self.emit(add_request(key, want), "add", key)
-            elif have != want:
+            elif have != want and not remove_first:
                 self.emit(add_request(key, want), "update", key)
+            elif have != want:
+                self.emit(_remove_frontend(key, have), "remove", key, "changed: remove then add")
+                self.emit(add_request(key, want), "add", key, "changed")
 
     def certificates(self) -> None:
         work, desired = self.work.objects, self.desired
@@ -157,16 +163,6 @@ class StepBuilder:
         for k in self.keys("certificate", desired):
             if k in work and work[k] != desired[k]:
                 self.emit(_replace_certificate(k, desired[k], k[2]), "replace", k, "same fingerprint, new metadata")
-
-    def http_frontends(self, kind: str) -> None:
-        for key in self.keys(kind, self.desired):
-            want = self.desired[key]
-            have = self.work.objects.get(key)
-            if have is None:
-                self.emit(add_request(key, want), "add", key)
-            elif have != want:
-                self.emit(_remove_frontend(key, have), "remove", key, "changed: remove then add")
-                self.emit(add_request(key, want), "add", key, "changed")
 
     def l4_frontends(self, kind: str) -> None:
         work, desired = self.work.objects, self.desired

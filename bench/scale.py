@@ -129,7 +129,8 @@ def main() -> None:
     configure_logging("error")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
-        "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | requests to a's sozu | bytes to OpenSVC | max RSS MB |"
+        "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | requests to a's sozu "
+        "| bytes to OpenSVC | max RSS MB |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     results = {}

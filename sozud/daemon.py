@@ -10,43 +10,35 @@ Triggers (each only *asks* for a sync; the sync reads the real states):
 
 Bursts coalesce: a sync starts ``debounce_ms`` after the last trigger, and at most ``max_wait_ms`` after
 the first. SIGTERM/SIGINT stop the daemon after the sync in progress (an apply is never cut short).
+
+The pieces it runs are built by :mod:`sozud.components` (``build_components``, ``om_settings``, re-exported
+here); what each sync attempt leaves behind (``status.json``, metrics, the operator's action) is
+:mod:`sozud.outcome`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from sozud.adapters import SozuAdapter
 from sozud.backoff import Backoff
-from sozud.config import Config, get_place, values_by_place
-from sozud.errors import (
-    SharedInFlightError,
-    SozudError,
-    StateParseError,
-    UnsafePlanError,
-    VersionMismatchError,
-)
-from sozud.layout import OpenSVCShared
+from sozud.components import Components, build_components, om_settings
+from sozud.config import Config, values_by_place
+from sozud.errors import SharedInFlightError, SozudError, UnsafePlanError
 from sozud.log import configure_logging_from_settings, get_logger
 from sozud.metrics import Metrics, MetricsServer
-from sozud.om_api import OMClient, OMSettings, client_from_url, read_secret_file
-from sozud.persist import BaseMeta, BaseStore, Status, StatusFile
+from sozud.outcome import AgentCounters, record_failure, record_success, write_status
+from sozud.persist import Status
 from sozud.sdnotify import Notifier
-from sozud.socket_proto import SozuChannel
-from sozud.state.codec import MAX_STATE_BYTES
-from sozud.sync import EngineSettings, SharedPort, SyncEngine, SyncReport
+from sozud.sync import SyncReport
 from sozud.versions import SozuVersion
+
+__all__ = ["Components", "Daemon", "build_components", "om_settings", "run_daemon", "sync_retry_backoff"]
 
 # Waits before retrying a failed sync: a ceiling from 1 s, doubling up to ``retry_max_s`` (full jitter).
 SYNC_RETRY_INITIAL_S = 1.0
@@ -59,118 +51,6 @@ TRIGGER_HEALTHY_RUN_S = 60.0
 
 def sync_retry_backoff(config: Config) -> Backoff:
     return Backoff(initial_s=SYNC_RETRY_INITIAL_S, max_s=config.sync.retry_max_s)
-
-
-def om_settings(config: Config) -> OMSettings:
-    """The OpenSVC client's settings: the ``[opensvc]`` section itself (an ``OMSettings``), with the secrets
-    its ``password_file`` and ``token_file`` hold and this node's name."""
-    osvc = config.opensvc
-    return msgspec.structs.replace(
-        osvc,
-        password=read_secret_file(osvc.password_file, "configuration key 'opensvc.password_file'"),
-        token=read_secret_file(osvc.token_file, "configuration key 'opensvc.token_file'"),
-        nodename=config.node,
-    )
-
-
-# The settings each long-lived piece is built from (dotted keys): a reload (SIGHUP) rebuilds a piece only
-# when one of its settings changed, so a reload that changes neither keeps the sozu and OpenSVC connections up.
-SOZU_CHANNEL_KEYS = ("sozu.socket", "sozu.version", "sozu.request_timeout_s")
-SOZU_ADAPTER_KEYS = ("sozu.shared_dir", "sozu.shared_dir_sozu_path", "sync.max_rounds", "sync.max_removal_ratio")
-OPENSVC_CLIENT_KEYS = ("opensvc", "node")  # the whole section: the client's settings and the shared state's place
-
-
-def _unchanged(old: Config, new: Config, keys: tuple[str, ...]) -> bool:
-    return all(get_place(old, k) == get_place(new, k) for k in keys)
-
-
-@dataclass
-class Components:
-    """The live objects built from one Config (on SIGHUP, a piece is rebuilt only when its settings change)."""
-
-    config: Config
-    channel: SozuChannel
-    om: OMClient
-    sozu: SozuAdapter
-    shared: SharedPort
-    engine: SyncEngine
-
-    async def aclose(self, *, keep: Components | None = None) -> None:
-        """Close the connections, except those ``keep`` (the pieces replacing these) still uses."""
-        if keep is None or keep.channel is not self.channel:
-            with contextlib.suppress(Exception):
-                await self.channel.aclose()
-        if keep is None or keep.om is not self.om:
-            with contextlib.suppress(Exception):
-                await self.om.aclose()
-
-
-def build_components(config: Config, reuse: Components | None = None) -> Components:
-    """The live objects for ``config``. With ``reuse`` (the running pieces, on reload), each of its pieces
-    whose settings did not change is kept, connections included."""
-    old = reuse.config if reuse is not None else None
-    channel: SozuChannel
-    if reuse is not None and old is not None and _unchanged(old, config, SOZU_CHANNEL_KEYS):
-        channel = reuse.channel
-    else:
-        version = None if config.sozu.version == "auto" else SozuVersion.parse(config.sozu.version)
-        channel = SozuChannel(config.sozu.socket, version=version, request_timeout_s=config.sozu.request_timeout_s)
-    om: OMClient
-    if reuse is not None and old is not None and _unchanged(old, config, OPENSVC_CLIENT_KEYS):
-        om = reuse.om
-    else:
-        om = client_from_url(config.opensvc.api, om_settings(config))
-    sozu: SozuAdapter
-    if (
-        reuse is not None
-        and old is not None
-        and reuse.channel is channel
-        and _unchanged(old, config, SOZU_ADAPTER_KEYS)
-    ):
-        sozu = reuse.sozu
-    else:
-        sozu = SozuAdapter(
-            channel,
-            shared_dir=config.sozu.shared_dir,
-            shared_dir_sozu_path=config.sozu.shared_dir_sozu_path,
-            max_rounds=config.sync.max_rounds,
-            max_removal_ratio=config.sync.max_removal_ratio,
-        )
-    osvc = config.opensvc
-    shared: SharedPort
-    if reuse is not None and reuse.om is om:  # the client is rebuilt whenever [opensvc] changes
-        shared = reuse.shared
-    else:
-        shared = OpenSVCShared(
-            om,
-            osvc.object,
-            osvc.key,
-            osvc.meta_key,
-            max_state_bytes=MAX_STATE_BYTES,
-            sharded=osvc.layout == "sharded",
-        )
-    settings = EngineSettings(
-        node=config.node,
-        object=config.opensvc.object,
-        key=config.opensvc.key,
-        max_removal_ratio=config.sync.max_removal_ratio,
-        force=config.sync.force,
-        boot_state_file=config.sozu.boot_state_file,
-    )
-    engine: SyncEngine
-    if (
-        reuse is not None
-        and reuse.sozu is sozu
-        and reuse.shared is shared
-        and reuse.engine.base.dir == Path(config.sync.state_dir)
-        and reuse.engine.settings.node == settings.node
-    ):
-        # same ports and base: keep the engine, and what it remembers (the pushes its live held, caches)
-        engine = reuse.engine
-        engine.settings = settings
-    else:
-        engine = SyncEngine(sozu, shared, BaseStore(config.sync.state_dir), settings)
-    return Components(config, channel, om, sozu, shared, engine)
 
 
 class Daemon:
@@ -205,8 +85,7 @@ class Daemon:
         self.syncs_attempted = 0
         self.last_report: SyncReport | None = None
         self.last_error: BaseException | None = None
-        self._wake_counts: tuple[OMClient | None, int, int] = (None, 0, 0)
-        self._latency_seen: dict[tuple[int, str], tuple[int, float]] = {}
+        self._agent_counters = AgentCounters()
         self.last_refusal: str | None = None  # the last removal-valve refusal reported (each is logged once)
 
     # --- triggers
@@ -347,34 +226,9 @@ class Daemon:
         self.last_report = report
         self.last_error = None
         self.last_refusal = None
-        self.status.action = None
-        self.status.last_error_type = None
         self._backoff.reset()
-        st = self.status
-        st.last_success_at = time.time()
-        st.last_outcome = report.outcome if not report.failures else f"{report.outcome}, with failures"
-        st.last_error = "; ".join(report.failures[:3]) or None
-        st.consecutive_failures = 0
-        st.drift = report.drift
-        st.shared_generation = report.generation
-        st.shared_origin = report.origin or None
-        st.conflicts_total += len(report.conflicts)
-        for kind, n in report.requests_by_type.items():
-            st.requests_total[kind] = st.requests_total.get(kind, 0) + n
-        st.pushes_total += int(report.pushed)
-        m = self.metrics
-        m.syncs.inc(outcome=report.outcome)
-        m.conflicts.inc(len(report.conflicts))
-        for kind, n in report.requests_by_type.items():
-            m.requests.inc(n, type=kind)
-        if report.pushed:
-            m.pushes.inc()
-        m.drift.set(report.drift)
-        m.last_success.set(st.last_success_at)
-        m.generation.set(report.generation)
-        m.sync_duration.set(report.duration_s)
+        record_success(self.status, self.metrics, report)
         if report.failures:
-            m.sync_failures.inc(len(report.failures), error="SozuRequestFailure")
             self.log.error("sync.requests_failed", failures=report.failures[:10], count=len(report.failures))
         self.log.info("sync.done", **report.as_log())
         self.notifier.status(f"in sync (generation {report.generation})" if report.in_sync else "drift")
@@ -383,13 +237,8 @@ class Daemon:
         self.last_report = None
         self.last_error = error
         st = self.status
-        st.last_outcome = "failed"
-        st.last_error = str(error)
-        st.last_error_type = type(error).__name__
-        st.consecutive_failures += 1
-        self.metrics.sync_failures.inc(error=type(error).__name__)
+        record_failure(st, self.metrics, error, self.config)
         delay = self._backoff.next_delay_s()
-        st.action = _operator_action(error, self.config)
         if isinstance(error, UnsafePlanError):
             # A refusal repeats identically until something changes: report each distinct one once.
             if str(error) != self.last_refusal:
@@ -424,11 +273,12 @@ class Daemon:
     async def _after_sync(self) -> None:
         self.syncs_attempted += 1
         if self.components is not None:
-            self._count_wakes(self.components.om)
+            self._agent_counters.carry(self.components.om, self.metrics)
             # What this sync read, not a probe taken now: a change made during the sync must still
             # look new to the probe loop (None after an apply: the next probe triggers one more sync).
             self._last_probe = self.components.sozu.read_fingerprint
-        self._write_status()
+        channel = None if self.components is None else self.components.channel
+        write_status(self.status, self.config, channel, self.log)
         if self.config.metrics_textfile:
             try:
                 self.metrics.write_textfile(self.config.metrics_textfile)
@@ -436,35 +286,6 @@ class Daemon:
                 self.log.warning("metrics.textfile_failed", path=self.config.metrics_textfile, error=str(e))
         async with self.sync_done:
             self.sync_done.notify_all()
-
-    def _count_wakes(self, om: OMClient) -> None:
-        """Carry the client's wake_monitor counts into the metrics (the client is rebuilt on reload)."""
-        if self._wake_counts[0] is not om:
-            self._wake_counts = (om, 0, 0)
-        _, wakes, failures = self._wake_counts
-        self.metrics.wakes.inc(om.wakes - wakes, outcome="ok")
-        self.metrics.wakes.inc(om.wake_failures - failures, outcome="failed")
-        self._wake_counts = (om, om.wakes, om.wake_failures)
-        for operation, (count, total) in om.latency.items():
-            seen_count, seen_total = self._latency_seen.get((id(om), operation), (0, 0.0))
-            self.metrics.agent_requests.inc(count - seen_count, operation=operation)
-            self.metrics.agent_seconds.inc(total - seen_total, operation=operation)
-            self._latency_seen[(id(om), operation)] = (count, total)
-
-    def _write_status(self) -> None:
-        st, c, config = self.status, self.components, self.config
-        st.pid = os.getpid()
-        st.base_generation = None
-        with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
-            meta_path = BaseStore(config.sync.state_dir).meta_path
-            st.base_generation = msgspec.json.decode(meta_path.read_bytes(), type=BaseMeta).generation
-        st.socket, st.api = config.sozu.socket, config.opensvc.api
-        st.object, st.key = config.opensvc.object, config.opensvc.key
-        st.sozu_version = str(c.channel.version) if c is not None and _has_version(c.channel) else None
-        try:
-            StatusFile(config.sync.state_dir).write(st)
-        except OSError as e:
-            self.log.warning("status.write_failed", path=config.sync.state_dir, error=str(e))
 
     async def _do_reload(self) -> None:
         """Apply a re-read configuration: every changed key takes effect now; only the pieces whose
@@ -594,37 +415,6 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
-
-
-def _operator_action(error: BaseException, config: Config) -> str | None:
-    """What an operator must do about a failure that retrying alone will not fix (None: sozud retries)."""
-    where = f"{config.opensvc.object} key {config.opensvc.key}"
-    shared = f"opensvc {where}"
-    unusable = (isinstance(error, StateParseError) and error.source.startswith(shared)) or isinstance(
-        error, VersionMismatchError
-    )
-    if unusable:
-        return (
-            f"the shared state ({where}) cannot be used here (see last_error) and "
-            "sozud never overwrites it by itself: on a node whose sozu holds the right configuration, run "
-            "`sozud push --from-live` with the daemon's configuration (add --force if it removes many objects), "
-            "or write a valid state file with `sozud key put`"
-        )
-    if isinstance(error, UnsafePlanError):
-        return (
-            "a plan or push was refused by the removal safety valve (max_removal_ratio) and is retried as "
-            "the states change; check the objects named in last_error: if the removal is intended, run "
-            "`sozud --once --force` on this node with the daemon's configuration, otherwise restore them"
-        )
-    return None
-
-
-def _has_version(channel: SozuChannel) -> bool:
-    try:
-        channel.version  # noqa: B018 - raises before the first connection
-    except Exception:
-        return False
-    return True
 
 
 async def run_daemon(daemon: Daemon) -> None:

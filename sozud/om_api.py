@@ -19,7 +19,8 @@ Without a URL, ``client_from_url`` looks for the local agent's sockets in ``sett
 
 The client adds to the transports: one write at a time per object (the v2 agent loses concurrent
 writes), retries of get/list/put with capped jittered backoff while the agent is unreachable, the
-value policy (v2 text rule, private keys in ``cfg`` objects), and the change watch.
+value policy (v2 text rule, private keys in ``cfg`` objects), and the change watch
+(``sozud/_om/watch.py``). ``sozud/_om/url.py`` turns a URL into its transport.
 
 Errors (``sozud.errors``): OpenSVCUnreachableError, OpenSVCAuthError, OpenSVCNotFoundError,
 OpenSVCRefusedError, OpenSVCTooLargeError; every message names transport, object and key.
@@ -28,30 +29,23 @@ OpenSVCRefusedError, OpenSVCTooLargeError; every message names transport, object
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
-import httpx
-
-from sozud._om.base import OMSettings, Transport, cluster_identity, read_secret_file, request_deadline
+from sozud._om.base import OMSettings, Transport, read_secret_file, request_deadline
 from sozud._om.h2 import H2_WINDOW_BYTES, H2Transport
-from sozud._om.http import tls_factory, uds_factory
 from sozud._om.memory import MemoryTransport
 from sozud._om.om3 import Om3Transport
 from sozud._om.raw import RawTcpTransport, RawUnixTransport
+from sozud._om.url import transport_from_url
+from sozud._om.v2 import parse_resource_status
+from sozud._om.watch import ChangeWatch
 from sozud.backoff import Backoff
-from sozud.errors import (
-    ConfigError,
-    OpenSVCError,
-    OpenSVCRefusedError,
-    OpenSVCUnreachableError,
-)
+from sozud.errors import OpenSVCError, OpenSVCRefusedError, OpenSVCUnreachableError
 from sozud.log import get_logger
 
 __all__ = [
@@ -66,6 +60,7 @@ __all__ = [
     "Transport",
     "client_from_url",
     "read_secret_file",
+    "transport_from_url",
 ]
 
 _T = TypeVar("_T")
@@ -78,16 +73,16 @@ SLOW_REQUEST_S = 1.0  # an agent request at least this long is logged (opensvc.s
 # delays a sync instead of failing it; an agent that refuses connections still fails fast.
 AGENT_MIN_BYTES_PER_S = 1_000_000
 MAX_DEADLINE_S = 300.0
+# Waits between the attempts of a get/list/put while the agent is unreachable (``retry_attempts`` in all):
+# from RETRY_INITIAL_S, doubling up to RETRY_MAX_S, full jitter.
+RETRY_INITIAL_S = 0.1
+RETRY_MAX_S = 2.0
 
 
 def _log() -> Any:
     # Looked up at each use: a logger bound at import time would ignore configure_logging() (stderr,
     # redaction) done later by the command line.
     return get_logger()
-
-
-# A stream that stayed up this long counts as healthy: the reconnect backoff starts over.
-_STABLE_STREAM_S = 30.0
 
 
 def _is_cfg(obj: str) -> bool:
@@ -220,7 +215,7 @@ class OMClient:
     ) -> _T:
         """Run ``call``, again after a backoff delay while the agent is unreachable (``retry_attempts``),
         each attempt with its deadline (:meth:`deadline_s`)."""
-        backoff = Backoff(initial_s=0.1, max_s=2.0)
+        backoff = Backoff(initial_s=RETRY_INITIAL_S, max_s=RETRY_MAX_S)
         attempts = max(1, self.settings.retry_attempts)
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
@@ -260,121 +255,9 @@ class OMClient:
         with ``aclose()`` to stop the watch.
         """
         projected = os.path.abspath(self.settings.projected_file) if self.settings.projected_file else None
-        return self._changes(obj, key, projected)
-
-    async def _changes(self, obj: str, key: str, projected: str | None) -> AsyncGenerator[None, None]:
-        wake = asyncio.Event()
-        stop = asyncio.Event()
-        sources: list[asyncio.Task[None]] = []
-        if self.events_transport is not None:
-            sources.append(asyncio.create_task(self._watch_events(self.events_transport, obj, key, wake)))
-        else:
-            sources.append(asyncio.create_task(self._poll(obj, key, wake)))
-        if projected is not None:
-            sources.append(asyncio.create_task(self._watch_file(projected, wake, stop)))
-        try:
-            while True:
-                waiter = asyncio.create_task(wake.wait())
-                try:
-                    await asyncio.wait([waiter, *sources], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                for source in sources:
-                    if source.done():  # sources loop forever: one that stopped has crashed
-                        source.result()
-                        raise AssertionError("a change source ended")
-                wake.clear()
-                yield None
-        finally:
-            stop.set()
-            for source in sources:
-                source.cancel()
-            await asyncio.gather(*sources, return_exceptions=True)
-
-    async def _watch_events(self, transport: Transport, obj: str, key: str, wake: asyncio.Event) -> None:
-        backoff = Backoff(initial_s=0.2, max_s=self.reconnect_max_s)
-        loop = asyncio.get_running_loop()
-        lost = False
-        while True:
-            started_s = loop.time()
-            max_idle_s = self.settings.events_max_idle_s
-            idle = asyncio.timeout_at(loop.time() + max_idle_s)
-            try:
-                signals = 0
-                async with idle:
-                    async for _ in transport.events(obj, key):
-                        idle.reschedule(loop.time() + max_idle_s)
-                        signals += 1
-                        if signals == 1 and lost:
-                            _log().info("opensvc.events_reconnected", transport=transport.name, obj=obj)
-                        wake.set()
-                raise OpenSVCUnreachableError("event stream ended", transport=transport.name, obj=obj)
-            except TimeoutError:
-                if not idle.expired():
-                    raise
-                _log().debug("opensvc.events_reopened", transport=transport.name, obj=obj, idle_s=max_idle_s)
-                backoff.reset()
-                lost = False
-                continue
-            except OpenSVCError as exc:
-                if loop.time() - started_s >= _STABLE_STREAM_S:
-                    backoff.reset()
-                delay_s = backoff.next_delay_s()
-                lost = True
-                _log().warning(
-                    "opensvc.events_lost",
-                    transport=transport.name,
-                    obj=obj,
-                    error=str(exc),
-                    retry_in_s=round(delay_s, 3),
-                )
-            await asyncio.sleep(delay_s)
-
-    async def _poll(self, obj: str, key: str, wake: asyncio.Event) -> None:
-        backoff = Backoff(initial_s=0.2, max_s=min(self.reconnect_max_s, self.settings.poll_interval_s))
-        last: bytes | None = None
-        known = False
-        while True:
-            try:
-                value = await self.transport.get_key(obj, key)
-            except OpenSVCError as exc:
-                known = False  # whatever comes back next is news
-                delay_s = backoff.next_delay_s()
-                _log().warning(
-                    "opensvc.poll_failed", transport=self.transport.name, obj=obj, key_name=key, error=str(exc)
-                )
-            else:
-                digest = None if value is None else hashlib.sha256(value).digest()
-                if not known or digest != last:
-                    wake.set()
-                last, known = digest, True
-                backoff.reset()
-                delay_s = self.settings.poll_interval_s
-            await asyncio.sleep(delay_s)
-
-    async def _watch_file(self, target: str, wake: asyncio.Event, stop: asyncio.Event) -> None:
-        import watchfiles
-
-        backoff = Backoff(initial_s=0.5, max_s=self.reconnect_max_s)
-
-        def concerns(_change: watchfiles.Change, changed: str) -> bool:
-            return changed == target
-
-        while not stop.is_set():
-            try:
-                async for _ in watchfiles.awatch(
-                    os.path.dirname(target),
-                    watch_filter=concerns,
-                    debounce=200,
-                    step=50,
-                    stop_event=stop,
-                    recursive=False,
-                ):
-                    backoff.reset()
-                    wake.set()
-            except (OSError, RuntimeError) as exc:  # directory missing or unwatchable
-                _log().warning("opensvc.projected_file_unwatchable", path=target, error=str(exc))
-            await asyncio.sleep(backoff.next_delay_s())
+        return ChangeWatch(self.transport, self.events_transport, self.settings, self.reconnect_max_s).run(
+            obj, key, projected
+        )
 
     async def aclose(self) -> None:
         """Close the transports' connections."""
@@ -390,123 +273,6 @@ class OMClient:
 
 
 # --- construction from a URL ---------------------------------------------------------------------
-
-
-def parse_resource_status(data: Any, path: str, rid: str) -> dict[str, tuple[str, str]]:
-    """``monitor.nodes.<node>.services.status.<path>.resources.<rid>`` of v2 daemon status data: (status,
-    last log line) per node. Anything else in the reply is ignored; a malformed entry reads as n/a."""
-    out: dict[str, tuple[str, str]] = {}
-    monitor = data.get("monitor") if isinstance(data, dict) else None
-    nodes = monitor.get("nodes") if isinstance(monitor, dict) else None
-    if not isinstance(nodes, dict):
-        return out
-    for node, ndata in nodes.items():
-        services = ndata.get("services") if isinstance(ndata, dict) else None
-        status = services.get("status") if isinstance(services, dict) else None
-        instance = status.get(path) if isinstance(status, dict) else None
-        resources = instance.get("resources") if isinstance(instance, dict) else None
-        res = resources.get(rid) if isinstance(resources, dict) else None
-        if not isinstance(res, dict):
-            continue
-        state = res.get("status")
-        log = res.get("log")
-        last = log[-1] if isinstance(log, list) and log else ""
-        if isinstance(last, dict):
-            last = last.get("message", "")
-        out[str(node)] = (state if isinstance(state, str) else "n/a", str(last)[:500])
-    return out
-
-
-def _socket_path(url: str, scheme: str) -> str:
-    parts = urlsplit(url)
-    path = unquote(parts.path)
-    if parts.netloc or not path.startswith("/"):
-        raise ConfigError(f"api URL {url!r}: expected {scheme}:///absolute/path/to/socket")
-    return path
-
-
-def _host_port(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        raise ConfigError("api URL must not carry credentials; use the settings (password, token, secret_file)")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise ConfigError(f"api URL {url!r}: bad port") from None
-    if not host or parts.path not in ("", "/"):
-        raise ConfigError(f"api URL {url!r}: expected {parts.scheme}://HOST[:PORT]")
-    return host, port or default_port
-
-
-def _v2_tls_headers(settings: OMSettings) -> dict[str, str]:
-    if settings.cert_file:
-        return {}
-    _name, secret = cluster_identity(settings, need_name=False)
-    return {"o-secret": secret[:32]}
-
-
-def _om3_auth(settings: OMSettings) -> httpx.Auth | None:
-    if settings.token:
-        token = settings.token
-
-        class _Bearer(httpx.Auth):
-            def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
-                request.headers["authorization"] = f"Bearer {token}"
-                yield request
-
-        return _Bearer()
-    if settings.username is not None and settings.password is not None:
-        return httpx.BasicAuth(settings.username, settings.password)
-    return None
-
-
-def transport_from_url(url: str, settings: OMSettings) -> Transport:
-    """The transport a URL names (see the module docstring for the forms)."""
-    scheme = urlsplit(url).scheme
-    timeout_s = settings.request_timeout_s
-    if scheme == "unix":
-        return RawUnixTransport(_socket_path(url, scheme), timeout_s=timeout_s)
-    if scheme == "raw":
-        host, port = _host_port(url, 1214)
-        name, secret = cluster_identity(settings)
-        return RawTcpTransport(
-            host, port, cluster_name=name, secret=secret, nodename=settings.nodename, timeout_s=timeout_s
-        )
-    if scheme == "h2+unix":
-        path = _socket_path(url, scheme)
-        return H2Transport(url, base_url="http://localhost", make_transport=uds_factory(path), timeout_s=timeout_s)
-    if scheme == "https":
-        host, port = _host_port(url, 1215)
-        return H2Transport(
-            f"https://{host}:{port}",
-            base_url=f"https://{host}:{port}",
-            make_transport=tls_factory(settings),
-            headers=_v2_tls_headers(settings),
-            timeout_s=timeout_s,
-        )
-    if scheme == "om3+unix":
-        path = _socket_path(url, scheme)
-        return Om3Transport(
-            url,
-            base_url="http://localhost",
-            make_transport=uds_factory(path),
-            nodename=settings.nodename or "localhost",
-            timeout_s=timeout_s,
-        )
-    if scheme == "om3+https":
-        host, port = _host_port(url, 1215)
-        return Om3Transport(
-            f"om3+https://{host}:{port}",
-            base_url=f"https://{host}:{port}",
-            make_transport=tls_factory(settings),
-            auth=_om3_auth(settings),
-            nodename=settings.nodename or "localhost",
-            timeout_s=timeout_s,
-        )
-    raise ConfigError(
-        f"api URL {url!r}: unknown scheme {scheme!r} "
-        "(expected unix://, raw://, h2+unix://, https://, om3+unix:// or om3+https://)"
-    )
 
 
 def client_from_url(api_url: str | None, settings: OMSettings) -> OMClient:

@@ -15,7 +15,7 @@ import httpx
 import msgspec
 
 from sozud._om.base import describe, request_deadline_s
-from sozud._om.http import TransportFactory, unreachable_on_transport_errors
+from sozud._om.http import ReusedClient, TransportFactory, unreachable_on_transport_errors
 from sozud._om.sse import json_events
 from sozud._om.v2 import CONNECTED, V2Transport, check_text_value
 from sozud.errors import OpenSVCAuthError, OpenSVCRefusedError, OpenSVCTooLargeError, OpenSVCUnreachableError
@@ -50,7 +50,8 @@ class H2Transport(V2Transport):
         self._make_transport = make_transport
         self._headers = dict(headers or {})
         self.timeout_s = timeout_s
-        self._reads: httpx.AsyncClient | None = None
+        # reads (no body) share one connection, once more on a new one if it had died (agent restarted)
+        self._reads = ReusedClient(lambda: self._client(read_timeout_s=self.timeout_s))
 
     def __repr__(self) -> str:  # headers may hold o-secret
         return f"H2Transport({self.name!r})"
@@ -83,7 +84,9 @@ class H2Transport(V2Transport):
     async def call(self, action: str, method: str, options: dict[str, Any], *, obj: str, key: str | None) -> Any:
         with unreachable_on_transport_errors(self.name, obj, key):
             if method == "GET":
-                response = await self._read(action, options)
+                response = await self._reads.request(
+                    "GET", f"/{action}", params=options, timeout=request_deadline_s(self.timeout_s)
+                )
             else:
                 body = _json_encoder.encode(options)
                 if len(body) > H2_WINDOW_BYTES:  # never send what the agent would leave unanswered
@@ -103,23 +106,6 @@ class H2Transport(V2Transport):
                         timeout=request_deadline_s(self.timeout_s),
                     )
         return self._reply(response, obj=obj, key=key)
-
-    async def _read(self, action: str, options: dict[str, Any]) -> httpx.Response:
-        """A GET on the shared connection; once more on a new one if the shared one had died (agent
-        restarted since the last read)."""
-        reused = self._reads is not None
-        if self._reads is None:
-            self._reads = self._client(read_timeout_s=self.timeout_s)
-        try:
-            return await self._reads.get(f"/{action}", params=options, timeout=request_deadline_s(self.timeout_s))
-        except httpx.TimeoutException:
-            raise
-        except httpx.TransportError:
-            await self.aclose()
-            if not reused:
-                raise
-        self._reads = self._client(read_timeout_s=self.timeout_s)
-        return await self._reads.get(f"/{action}", params=options, timeout=request_deadline_s(self.timeout_s))
 
     def _reply(self, response: httpx.Response, *, obj: str, key: str | None) -> Any:
         try:
@@ -165,6 +151,4 @@ class H2Transport(V2Transport):
             await client.aclose()
 
     async def aclose(self) -> None:
-        if self._reads is not None:
-            await self._reads.aclose()
-            self._reads = None
+        await self._reads.aclose()

@@ -1,10 +1,12 @@
-"""What the HTTP/2 transports (v2 ``h2+unix``/``https``, om3) share: client set-up and error mapping."""
+"""What the HTTP/2 transports (v2 ``h2+unix``/``https``, om3) share: client set-up, the kept client that
+retries once on a new connection, and error mapping."""
 
 from __future__ import annotations
 
 import contextlib
 import ssl
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -67,3 +69,37 @@ def unreachable_on_transport_errors(transport: str, obj: str | None, key: str | 
         raise OpenSVCUnreachableError(
             f"cannot talk to the agent: {exc.strerror or exc}", transport=transport, obj=obj, key=key
         ) from None
+
+
+class ReusedClient:
+    """One httpx client kept for the requests that may share a connection.
+
+    A request that fails on the kept client with a transport error (the agent restarted since the last
+    request and the connection died) is sent once more on a new client. A timeout is not retried (the
+    agent may still be working on it), nor a failure on a client that was new: those propagate. Only
+    for requests that are safe to send twice (reads, and om3's idempotent writes).
+    """
+
+    def __init__(self, new_client: Callable[[], httpx.AsyncClient]) -> None:
+        self._new_client = new_client
+        self._client: httpx.AsyncClient | None = None
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        reused = self._client is not None
+        if self._client is None:
+            self._client = self._new_client()
+        try:
+            return await self._client.request(method, url, **kwargs)
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError:
+            await self.aclose()
+            if not reused:
+                raise
+        self._client = self._new_client()
+        return await self._client.request(method, url, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -15,7 +15,7 @@ import httpx
 import msgspec
 
 from sozud._om.base import Transport, describe, request_deadline_s, split_path
-from sozud._om.http import TransportFactory, unreachable_on_transport_errors
+from sozud._om.http import ReusedClient, TransportFactory, unreachable_on_transport_errors
 from sozud._om.sse import json_events
 from sozud.errors import (
     OpenSVCAuthError,
@@ -78,7 +78,9 @@ class Om3Transport(Transport):
         self._make_transport = make_transport
         self._headers = dict(headers or {})
         self._auth = auth
-        self._client: httpx.AsyncClient | None = None
+        # every om3 request we send is idempotent (POST answers 409 if it did land): all share one
+        # connection, once more on a new one if it had died (agent restarted)
+        self._client = ReusedClient(lambda: self._new_client(read_timeout_s=self.timeout_s))
 
     def __repr__(self) -> str:  # headers/auth may hold a token or password
         return f"Om3Transport({self.name!r})"
@@ -101,27 +103,6 @@ class Om3Transport(Transport):
     ) -> httpx.Response:
         headers = {"content-type": "application/octet-stream"} if content is not None else None
         with unreachable_on_transport_errors(self.name, obj, key):
-            reused = self._client is not None
-            if self._client is None:
-                self._client = self._new_client(read_timeout_s=self.timeout_s)
-            try:
-                return await self._client.request(
-                    method,
-                    url,
-                    params=params,
-                    content=content,
-                    headers=headers,
-                    timeout=request_deadline_s(self.timeout_s),
-                )
-            except httpx.TimeoutException:
-                raise
-            except httpx.TransportError:
-                # The shared connection may have died with an agent restart: once more on a new one
-                # (every om3 request we send is idempotent, and POST answers 409 if it did land).
-                await self.aclose()
-                if not reused:
-                    raise
-            self._client = self._new_client(read_timeout_s=self.timeout_s)
             return await self._client.request(
                 method, url, params=params, content=content, headers=headers, timeout=request_deadline_s(self.timeout_s)
             )
@@ -221,6 +202,4 @@ class Om3Transport(Transport):
             await client.aclose()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._client.aclose()

@@ -180,3 +180,28 @@ class V2Transport(Transport):
                 check_reply(event, transport=self.name, obj=obj, key=key)  # an error instead of events
             elif event_concerns(event, obj):
                 yield None
+
+
+def parse_resource_status(data: Any, path: str, rid: str) -> dict[str, tuple[str, str]]:
+    """``monitor.nodes.<node>.services.status.<path>.resources.<rid>`` of v2 daemon status data: (status,
+    last log line) per node. Anything else in the reply is ignored; a malformed entry reads as n/a."""
+    out: dict[str, tuple[str, str]] = {}
+    monitor = data.get("monitor") if isinstance(data, dict) else None
+    nodes = monitor.get("nodes") if isinstance(monitor, dict) else None
+    if not isinstance(nodes, dict):
+        return out
+    for node, ndata in nodes.items():
+        services = ndata.get("services") if isinstance(ndata, dict) else None
+        status = services.get("status") if isinstance(services, dict) else None
+        instance = status.get(path) if isinstance(status, dict) else None
+        resources = instance.get("resources") if isinstance(instance, dict) else None
+        res = resources.get(rid) if isinstance(resources, dict) else None
+        if not isinstance(res, dict):
+            continue
+        state = res.get("status")
+        log = res.get("log")
+        last = log[-1] if isinstance(log, list) and log else ""
+        if isinstance(last, dict):
+            last = last.get("message", "")
+        out[str(node)] = (state if isinstance(state, str) else "n/a", str(last)[:500])
+    return out

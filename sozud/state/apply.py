@@ -16,25 +16,9 @@ refused it: a frontend or certificate on an address without a listener) leaves t
 state (docs/sozu-command-protocol.md §3.3): the re-read sees it, the next plan does not resend it, and
 the report keeps the failure with sozu's message.
 
-**Batch mode** (a shared directory and a plan of at least ``batch_threshold`` steps): the plan's
-requests, in order, are written as state files (``WorkerRequest`` JSON records, ``\\n\\0``) and sent as
-one ``load_state`` per chunk. ``load_state`` skips silently the records the main state refuses and
-reports worker failures only as counts, so the live state is read and planned again afterwards and
-what remains is sent one request at a time, where every failure is attributed to its request.
-Worker-side failures inside a chunk stay attributed to the chunk (its ``load_state`` message).
-
-Chunk size. ``load_state`` queues, for every worker, one main→worker message per record applied; the
-queue is capped by sozu's ``max_command_buffer_size`` (default 2 000 000 bytes) and an overflow makes
-sozu kill its workers and never answer (§11.10). Chunks are cut on the size of *our JSON records*,
-which is larger than what sozu queues: 1.x/2.x send protobuf to workers (the fixtures' 10 000-object
-file is 3.2 MB of JSON and fits the 2 MB default), 0.15 sends the same JSON plus a short id. The
-default ``chunk_bytes`` of 400 000 keeps a chunk at or below a fifth of the default cap. Chunks are also
-cut on what they queue per worker (``QUEUE_BUDGET_BYTES``, 65 536: the protobuf ``WorkerRequest`` plus its
-8-byte length for 1.x/2.x, the JSON record for 0.15), 40% of the 163 840-byte cap of the published
-OpenSVC template's ``config.toml``: with that cap a 400 000-byte chunk queued up to ~123 000 bytes on
-2.x and ~400 000 on 0.15, and a 10 000-object file in one piece is never answered.
-A record above ``MAX_RECORD_BYTES`` (``load_state`` reads through a 200 000-byte buffer, §3.8) is never
-batched: it is sent on its own.
+**Batch mode** (a shared directory and a plan of at least ``batch_threshold`` steps): the first
+round sends the plan as ``load_state`` chunks (:mod:`sozud.state.batch`), then reads and plans again
+and sends what remains one request at a time, where every failure is attributed to its request.
 
 With a shared directory, live reads use one ``save_state`` (exact, see ``sozud.state.live``). Without,
 some objects cannot be seen (backends of removed clusters, certificates no worker serves): objects of
@@ -44,17 +28,15 @@ lacks cannot be removed (the report's notes say so).
 
 A lost connection (``SozuConnectionError``) is not handled here: it propagates, and the caller
 re-syncs after reconnecting. A timeout (the request's effect is unknown) ends the round like a failure.
+
+The report's types live in :mod:`sozud.state.apply_report`, batch mode in :mod:`sozud.state.batch`;
+both are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
@@ -64,6 +46,17 @@ from sozud.errors import ConvergenceError, SozuRequestError, SozuTimeoutError, S
 from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
 from sozud.redact import redact_text
+from sozud.state.apply_report import ApplyReport, BatchResult, StepResult
+from sozud.state.batch import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_LOAD_STATE_TIMEOUT_S,
+    MAX_RECORD_BYTES,
+    QUEUE_BUDGET_BYTES,
+    batch_chunks,
+    encode_records,
+    send_batches,
+)
+from sozud.state.batch import _chunks as _chunks  # tests check the chunking rule directly
 from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_report
 from sozud.state.model import ConfigState, ObjKey, add_request, describe
 from sozud.state.plan import Plan, PlanStep, plan
@@ -83,119 +76,6 @@ __all__ = [
     "batch_chunks",
     "encode_records",
 ]
-
-DEFAULT_CHUNK_BYTES = 400_000
-MAX_RECORD_BYTES = 190_000  # load_state's 200 000-byte read buffer, minus a margin
-# What one chunk may queue to each worker: 40% of the 163 840-byte max_command_buffer_size that the
-# published OpenSVC template's config.toml sets (§11.10), so chunks fit that cap as well as the default.
-QUEUE_BUDGET_BYTES = 65_536
-DEFAULT_LOAD_STATE_TIMEOUT_S = 120.0  # sozu has no timeout of its own for load_state
-
-
-@dataclass
-class StepResult:
-    """One request sent one at a time, and what sozu answered."""
-
-    round: int
-    kind: str  # request type, e.g. add_backend
-    summary: str
-    ok: bool
-    message: str  # sozu's message (FAILURE text, or the OK text)
-    main_accepted: bool  # the main state took it (OK, or FAILURE after PROCESSING: workers refused)
-    key: ObjKey | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "request": self.kind,
-            "summary": self.summary,
-            "ok": self.ok,
-            "main_accepted": self.main_accepted,
-            "message": self.message,
-        }
-
-
-@dataclass
-class BatchResult:
-    """One ``load_state`` of a chunk of the plan."""
-
-    index: int
-    first_step: int  # index in the round's plan
-    steps: int
-    bytes: int
-    ok: bool
-    message: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "chunk": self.index,
-            "first_step": self.first_step,
-            "steps": self.steps,
-            "bytes": self.bytes,
-            "ok": self.ok,
-            "message": self.message,
-        }
-
-
-@dataclass
-class ApplyReport:
-    """What ``apply_plan`` did: applied steps, failures, batches, and the final re-read plan."""
-
-    plan_digest: str  # of the first plan
-    first_plan_steps: int
-    live_after: ConfigState  # the last live read
-    steps: list[StepResult] = field(default_factory=list)
-    batches: list[BatchResult] = field(default_factory=list)
-    rounds: int = 0
-    converged: bool = False
-    remaining: Plan | None = None  # the plan computed from the last re-read (empty when converged)
-    requests_by_type: dict[str, int] = field(default_factory=dict)
-    live_reads: int = 0
-    last_read: LiveRead | None = None  # the final re-read (what it could not see: ``hides``)
-    notes: list[str] = field(default_factory=list)
-    duration_s: float = 0.0
-
-    @property
-    def applied(self) -> list[StepResult]:
-        return [s for s in self.steps if s.ok]
-
-    @property
-    def failures(self) -> list[StepResult]:
-        return [s for s in self.steps if not s.ok]
-
-    @property
-    def requests_sent(self) -> int:
-        return sum(self.requests_by_type.values())
-
-    def first_failure_text(self) -> str | None:
-        for s in self.steps:
-            if not s.ok:
-                return f"{s.kind} {s.summary}: {s.message}"
-        for b in self.batches:
-            if not b.ok:
-                return f"load_state of chunk {b.index} ({b.steps} steps): {b.message}"
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        remaining = self.remaining
-        return {
-            "converged": self.converged,
-            "rounds": self.rounds,
-            "plan_digest": self.plan_digest,
-            "first_plan_steps": self.first_plan_steps,
-            "applied": [s.to_json() for s in self.steps if s.ok],
-            "failed": [s.to_json() for s in self.steps if not s.ok],
-            "batches": [b.to_json() for b in self.batches],
-            "remaining": [] if remaining is None else [_step_json(s) for s in remaining.steps],
-            "requests_by_type": dict(sorted(self.requests_by_type.items())),
-            "live_reads": self.live_reads,
-            "notes": list(self.notes),
-            "duration_ms": round(self.duration_s * 1000, 2),
-        }
-
-
-def _step_json(step: PlanStep) -> dict[str, Any]:
-    return {"request": serde.request_kind(step.request), "action": step.action, "summary": step.summary}
 
 
 # --- the request counter --------------------------------------------------------------------------------
@@ -294,7 +174,7 @@ async def apply_plan(
         report.rounds = round_no
         if round_no == 1 and shared_dir is not None and len(current.steps) >= batch_threshold:
             assert sozu_dir is not None
-            await _send_batches(run.cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
+            await send_batches(run.cch, current.steps, shared_dir, sozu_dir, chunk_bytes, load_state_timeout_s, report)
             live = await run.read()
             current = run.replan(live)
             if current.is_empty:
@@ -547,121 +427,3 @@ async def _send(cch: _CountingChannel, req: pb.Request, round_no: int, summary: 
     return StepResult(
         round=round_no, kind=kind, summary=summary, ok=True, message=str(message), main_accepted=True, key=key
     )
-
-
-# --- batch mode -----------------------------------------------------------------------------------------
-
-
-def encode_records(requests: Sequence[pb.Request], version: SozuVersion, *, first_id: int = 0) -> list[bytes]:
-    """Each request as one state-file record: compact ``WorkerRequest`` JSON followed by ``\\n\\0``."""
-    out = []
-    for i, req in enumerate(requests):
-        record = {"id": f"SOZUD-{first_id + i}", "content": serde.to_json(req, version)}
-        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-        out.append(text.encode("utf-8") + b"\n\0")
-    return out
-
-
-def batch_chunks(
-    requests: Sequence[pb.Request],
-    version: SozuVersion,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    queue_budget: int = QUEUE_BUDGET_BYTES,
-) -> list[tuple[int, list[bytes]]]:
-    """The state-file chunks batch mode sends, cut on both the file size and what each queues to a worker."""
-    records = encode_records(requests, version)
-    if version.family is Family.V0_15:
-        queued = [len(r) for r in records]  # 0.15 forwards the JSON record
-    else:  # 1.x/2.x forward a length-prefixed protobuf WorkerRequest
-        queued = [
-            len(pb.WorkerRequest(id=f"SOZUD-{i}", content=req).SerializeToString()) + 8
-            for i, req in enumerate(requests)
-        ]
-    return _chunks(records, chunk_bytes, queued, queue_budget)
-
-
-def _chunks(
-    records: Sequence[bytes],
-    chunk_bytes: int,
-    queued: Sequence[int] | None = None,
-    queue_budget: int | None = None,
-) -> list[tuple[int, list[bytes]]]:
-    """Consecutive runs of records, each at most ``chunk_bytes`` (a lone bigger record is left out) and,
-    with ``queued`` (per-record bytes queued to a worker), at most ``queue_budget`` queued bytes."""
-    chunks: list[tuple[int, list[bytes]]] = []
-    current: list[bytes] = []
-    start, size, load = 0, 0, 0
-    for i, rec in enumerate(records):
-        q = queued[i] if queued is not None else 0
-        if len(rec) > MAX_RECORD_BYTES or len(rec) > chunk_bytes:
-            # never batched: close the current chunk; the record goes one by one after the batches
-            if current:
-                chunks.append((start, current))
-            start, current, size, load = i + 1, [], 0, 0
-            continue
-        over_budget = queue_budget is not None and load + q > queue_budget
-        if current and (size + len(rec) > chunk_bytes or over_budget):
-            chunks.append((start, current))
-            start, current, size, load = i, [], 0, 0
-        current.append(rec)
-        size += len(rec)
-        load += q
-    if current:
-        chunks.append((start, current))
-    return chunks
-
-
-async def _send_batches(
-    cch: _CountingChannel,
-    steps: Sequence[PlanStep],
-    shared_dir: str,
-    sozu_dir: str,
-    chunk_bytes: int,
-    load_state_timeout_s: float,
-    report: ApplyReport,
-) -> None:
-    version = cch.version
-    if version is None:
-        raise StateError("apply_plan: the channel's sozu version is unknown (connect first)")
-    log = get_logger()
-    for index, (first, chunk) in enumerate(batch_chunks([s.request for s in steps], version, chunk_bytes)):
-        name = f".sozud-apply-{os.getpid()}-{secrets.token_hex(8)}-{index}.state"
-        local_path = os.path.join(shared_dir, name)
-        sozu_path = os.path.join(sozu_dir, name)
-        data = b"".join(chunk)
-        try:
-            # private (certificates carry keys), created exclusively under a random name
-            fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except OSError as e:
-            report.notes.append(f"batch mode abandoned: cannot write {local_path}: {e}")
-            log.warning("sozu.apply_batch_unwritable", path=local_path, error=str(e))
-            return
-        try:
-            ok, message = True, ""
-            try:
-                reply = await cch.request(pb.Request(load_state=sozu_path), timeout_s=load_state_timeout_s)
-                message = str(reply.response.message)
-            except SozuRequestError as e:
-                ok, message = False, redact_text(e.sozu_message)
-            except SozuTimeoutError as e:
-                report.batches.append(
-                    BatchResult(index, first, len(chunk), len(data), False, f"no answer in time ({e})")
-                )
-                log.warning(
-                    "sozu.apply_batch_timeout",
-                    chunk=index,
-                    steps=len(chunk),
-                    hint="sozu answers no load_state of this size when max_command_buffer_size is small (the "
-                    "published template's 163840 overflows its worker channels): raise it to 2000000 in sozu's "
-                    "config.toml; sozud goes on one request at a time",
-                )
-                return
-        finally:
-            try:
-                os.unlink(local_path)
-            except OSError as e:
-                log.warning("sozu.apply_batch_cleanup_failed", path=local_path, error=str(e))
-        report.batches.append(BatchResult(index, first, len(chunk), len(data), ok, message))
-        log.info("sozu.apply_batch", chunk=index, steps=len(chunk), bytes=len(data), ok=ok, sozu_message=message)

@@ -159,11 +159,11 @@ class SozuAdapter:
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read
-            if report.converged:
-                # what sozu accepted from us but a read cannot show is remembered for later reads
-                self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
-                self._assumed_epoch = self.channel.epoch
-            live_after = (report.live_after or ConfigState(desired.version)).copy()
+            # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot show
+            # is remembered for later reads
+            self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
+            self._assumed_epoch = self.channel.epoch
+            live_after = report.live_after.copy()
             for k, v in self._assumed.items():
                 if k not in live_after.objects and self.hides(k, v):
                     live_after.objects[k] = v

@@ -11,16 +11,12 @@ from dataclasses import dataclass
 
 from sozud.state.merge import Conflict, MergeResult, merge
 from sozud.state.model import ConfigState
+from sozud.state.plan import diff
 
 
 def drift(a: ConfigState, b: ConfigState) -> int:
     """How many objects differ between two states (present in one only, or different)."""
-    n = 0
-    for k, v in a.objects.items():
-        w = b.objects.get(k)
-        if w is None or w != v:
-            n += 1
-    return n + sum(1 for k in b.objects if k not in a.objects)
+    return len(diff(a, b))
 
 
 class Branch(enum.Enum):

@@ -148,11 +148,6 @@ class SyncReport:
     def in_sync(self) -> bool:
         return self.drift == 0
 
-    @property
-    def ok(self) -> bool:
-        """In sync, and every request sozu got was accepted by its main process and all its workers."""
-        return self.in_sync and not self.failures
-
     def as_log(self) -> dict[str, Any]:
         return {
             "reason": self.reason,

@@ -51,7 +51,7 @@ def decide(
     """What one sync step should make live and shared hold. Pure: no I/O, inputs are not modified.
 
     ``base`` is the merge base (the newest state both sides are known to descend from, see
-    :meth:`SyncEngine._merge_base`), None when there is none; ``complete`` is False when removals from
+    :meth:`sozud.lineage.Lineage.merge_base`), None when there is none; ``complete`` is False when removals from
     ``shared`` must not propagate (truncated, or not descended from anything this node knows): shared is
     then merged with the base's objects added back. ``restarted``: sozu restarted since the last step.
     ``repair``: shared's layout must be rewritten (torn shards, a plain key from an older sozud): the

@@ -31,158 +31,41 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import msgspec
-from google.protobuf.message import Message
 
 from sozud.decision import Branch, Decision, decide, drift
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
+from sozud.lineage import HISTORY, Lineage
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore, atomic_write
 from sozud.state.codec import RecordCache, parse_state_file, write_state_file
-from sozud.state.merge import Conflict
-from sozud.state.model import ConfigState, ObjKey
+from sozud.state.model import ConfigState
+from sozud.sync_model import (
+    META_FORMAT,
+    ApplyOutcome,
+    SharedMeta,
+    SharedPort,
+    SozuPort,
+    SyncInputs,
+    SyncReport,
+)
 from sozud.versions import SozuVersion
 
-META_FORMAT = 1
-HISTORY = 16  # states a node remembers as possible merge bases, and ancestors a meta lists
-
-
-# --- ports -----------------------------------------------------------------------------------------
-
-
-class SozuPort(Protocol):
-    """The local sozu, as the engine needs it (implemented over the command channel)."""
-
-    @property
-    def version(self) -> SozuVersion: ...
-
-    @property
-    def restarts(self) -> int:
-        """How many times sozu was seen to restart (a new main process) since sozud started."""
-        ...
-
-    async def read_live(self) -> ConfigState: ...
-
-    def hides(self, key: ObjKey, value: Message) -> bool:
-        """Whether the last live read could not have seen this object even if sozu holds it."""
-        ...
-
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome: ...
-
-
-@dataclass
-class ApplyOutcome:
-    requests_sent: int
-    requests_by_type: dict[str, int]
-    plan_digest: str
-    live_after: ConfigState
-    failures: list[str] = field(default_factory=list)  # requests sozu answered FAILURE to (summary: message)
-
-
-class SharedPort(Protocol):
-    """The shared state in OpenSVC: the state key and its metadata key."""
-
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        """(state bytes or None when absent, meta bytes or None when absent)."""
-        ...
-
-    async def write(self, state: bytes, meta: bytes) -> None:
-        """Write the state key, then the metadata key (one write at a time)."""
-        ...
-
-    @property
-    def caveat(self) -> str:
-        """Why the state the last :meth:`read` returned may not be the one its metadata describes (a torn
-        sharded layout, a plain key rewritten by an older sozud), "" when it is: no removal propagates
-        from it, and the next step pushes to repair it."""
-        ...
-
-
-class SharedMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """The metadata key written beside the state key (never inside the state file)."""
-
-    format: int = META_FORMAT
-    generation: int
-    origin: str
-    parent: str
-    # This push's id, and the ids of the pushes it descends from, newest first (parent first), at most
-    # HISTORY: a reader tells a state derived from one it knows from one that overwrote it (ids, not
-    # content digests: the same content pushed twice is two events).
-    id: str = ""
-    ancestors: list[str] = []
-    digest: str
-    records: int
-    sozu_family: str
-    sozu_version: str
-    written_at: float
-
-
-# --- reports -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class SyncReport:
-    reason: str
-    outcome: str  # "in_sync", "applied", "pushed", "applied+pushed", "bootstrapped"
-    requests_sent: int = 0
-    requests_by_type: dict[str, int] = field(default_factory=dict)
-    pushed: bool = False
-    pushed_id: str = ""  # the id of what this step pushed
-    plan_digest: str = ""
-    conflicts: list[Conflict] = field(default_factory=list)
-    local_changes: int = 0
-    remote_changes: int = 0
-    generation: int = 0
-    origin: str = ""
-    drift: int = 0  # objects that differ between live and shared after the step
-    failures: list[str] = field(default_factory=list)  # requests sozu refused (its main state may hold them)
-    duration_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def in_sync(self) -> bool:
-        return self.drift == 0
-
-    def as_log(self) -> dict[str, Any]:
-        return {
-            "reason": self.reason,
-            "outcome": self.outcome,
-            "requests": self.requests_sent,
-            "requests_by_type": self.requests_by_type,
-            "pushed": self.pushed,
-            "plan_hash": self.plan_digest[:16],
-            "conflicts": len(self.conflicts),
-            "local_changes": self.local_changes,
-            "remote_changes": self.remote_changes,
-            "generation": self.generation,
-            "drift": self.drift,
-            "failures": self.failures,
-            "duration_ms": round(self.duration_s * 1000, 1),
-        }
-
-
-@dataclass
-class SyncInputs:
-    """What one step read: live (with what the read cannot see filled in), shared and its metadata, the
-    persisted base and the merge base chosen for shared."""
-
-    live: ConfigState
-    shared: ConfigState | None
-    meta: SharedMeta | None
-    lineage: SharedMeta | None  # ``meta`` when it describes ``shared`` (same digest)
-    complete: bool
-    repair: bool  # shared's layout must be rewritten (see SharedPort.caveat)
-    base: ConfigState | None
-    base_meta: BaseMeta
-    merge_base: ConfigState | None
-    shared_bytes: bytes = b""  # the state file ``shared`` was parsed from
-    shared_digest: str = ""  # ``shared.digest()``
-
+__all__ = [
+    "HISTORY",
+    "META_FORMAT",
+    "ApplyOutcome",
+    "EngineSettings",
+    "SharedMeta",
+    "SharedPort",
+    "SozuPort",
+    "SyncEngine",
+    "SyncInputs",
+    "SyncReport",
+]
 
 # --- the engine ----------------------------------------------------------------------------------------
 
@@ -216,8 +99,8 @@ class SyncEngine:
         self._shared_cache: tuple[str, SozuVersion, ConfigState, str] | None = None
         # The state/metadata mismatch being waited out, and since when (monotonic).
         self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
-        # Pushes this node's live held (bases, own pushes once applied), by push id: candidate merge bases.
-        self._history: OrderedDict[str, ConfigState] = OrderedDict()
+        # Pushes this node's live held (bases, own pushes once applied): candidate merge bases.
+        self.lineage = Lineage(self.log)
         self._boot_digest: str | None = None  # the state last written to the boot state file
         self._caveat_logged = ""  # the shared port's caveat last logged (logged once while it lasts)
         # The shared state's records last parsed and written: a new shared state costs its new records.
@@ -251,7 +134,7 @@ class SyncEngine:
         if decision.branch is Branch.BOOTSTRAP:
             await self._push(inputs.live, None, inputs.meta, report, lineage=None)
             report.outcome = "bootstrapped"
-            self._remember(report.pushed_id, inputs.live)
+            self.lineage.remember(report.pushed_id, inputs.live)
             self._write_boot_file(inputs.live)
         elif decision.branch is not Branch.NOTHING:
             await self._execute(decision, inputs, report)
@@ -288,10 +171,10 @@ class SyncEngine:
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
         if base is not None and base_meta.shared_id:
-            self._remember(base_meta.shared_id, base)
+            self.lineage.remember(base_meta.shared_id, base)
         merge_base = base
         if shared is not None and complete and not restarted:
-            merge_base, complete = self._merge_base(base, lineage)
+            merge_base, complete = self.lineage.merge_base(base, lineage)
         repair = bool(caveat) and shared is not None
         if merge_base is not None:
             # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
@@ -376,7 +259,7 @@ class SyncEngine:
         report.drift = drift(live_after, merged)
         if report.drift == 0 and report.pushed_id:
             # live holds our push: a state later pushes may descend from, a merge base for later syncs
-            self._remember(report.pushed_id, merged)
+            self.lineage.remember(report.pushed_id, merged)
         if not report.pushed and report.drift == 0:
             self._move_base(inputs)
         if report.drift == 0:
@@ -410,7 +293,7 @@ class SyncEngine:
         if base is not None and base.same_as(shared) and base_meta.shared_id == shared_id:
             return
         if shared_id:
-            self._remember(shared_id, shared)
+            self.lineage.remember(shared_id, shared)
         base_meta.shared_id = shared_id
         base_meta.generation = inputs.meta.generation if inputs.meta else 0
         base_meta.sozu_version = str(self.sozu.version)
@@ -451,44 +334,11 @@ class SyncEngine:
             self._check_push_removals(shared, live)
         report = SyncReport(reason="push --from-live", outcome="pushed")
         await self._push(live, shared, meta, report, lineage=meta)  # live replaces what meta describes
-        self._remember(report.pushed_id, live)
+        self.lineage.remember(report.pushed_id, live)
         report.local_changes = len(live)
         report.duration_s = time.monotonic() - started
         self.log.warning("sync.pushed_from_live", objects=len(live), replaced=replaced, generation=report.generation)
         return report, replaced
-
-    def _remember(self, shared_id: str, state: ConfigState) -> None:
-        self._history[shared_id] = state
-        self._history.move_to_end(shared_id)
-        while len(self._history) > HISTORY:
-            self._history.popitem(last=False)
-
-    def _merge_base(self, base: ConfigState | None, meta: SharedMeta | None) -> tuple[ConfigState | None, bool]:
-        """The merge base for the shared state ``meta`` describes, and whether its removals may propagate.
-
-        Nodes push one after the other without locks, so a push can overwrite one it never read. Each push
-        has an id and lists its ancestors' ids; this node remembers the pushes its live held (bases, and
-        its own pushes once applied). A removal is trusted only when shared descends from one of those:
-        the newest such ancestor is the merge base. With no lineage (no metadata, or written by an older
-        sozud) base is used as before. When shared descends from nothing this node knows (it overwrote this
-        node's last push, or is a fresh bootstrap), what it lacks was never seen by its writer rather than
-        removed: additions only, and the next push restores the rest. No base and nothing known: None (the
-        caller takes the union)."""
-        if meta is None or not meta.id:
-            return base, True
-        for shared_id in [meta.id, *meta.ancestors]:
-            known = self._history.get(shared_id)
-            if known is not None:
-                return known, True
-        if base is None:
-            return None, True
-        self.log.warning(
-            "shared.diverged",
-            meta_origin=meta.origin,
-            generation=meta.generation,
-            action="it does not descend from a state this node knows: additions only, the next push restores the rest",
-        )
-        return base, False
 
     def _still_settling(self, digest: str, meta: SharedMeta) -> bool:
         """Whether a state/metadata mismatch is recent enough to be a write in progress: the same pair
@@ -564,11 +414,7 @@ class SyncEngine:
             origin=self.settings.node,
             id=secrets.token_hex(8),
             parent=parent.digest() if parent is not None else "",
-            ancestors=(
-                [lineage.id, *lineage.ancestors][:HISTORY]
-                if parent is not None and lineage is not None and lineage.id
-                else []
-            ),
+            ancestors=Lineage.ancestors(lineage) if parent is not None else [],
             digest=state.digest(),
             records=data.count(b"\0"),
             sozu_family=version.family.value,

@@ -38,10 +38,9 @@ Writing (:func:`write_state_file`)
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from google.protobuf.descriptor import Descriptor
@@ -57,9 +56,11 @@ from sozud.state.model import (
     add_request,
     apply_request,
 )
+from sozud.state.records import RecordCache, Seen, body_digest, digest16, seen_after
 from sozud.versions import STORED_REQUESTS, V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
 
 __all__ = [
+    "RecordCache",
     "detect_family",
     "detect_version",
     "file_digest",
@@ -81,56 +82,6 @@ _DECODER = msgspec.json.Decoder()
 # a hostile file costs no more than reading it.
 MAX_RECORD_BYTES = 190_000
 MAX_STATE_BYTES = 256 * 1024 * 1024
-
-
-# --- records already seen -------------------------------------------------------------------------------
-
-_RECORD_ID = re.compile(rb'^\{"id":"[^"]*",')
-
-
-class RecordCache:
-    """The records of one source's last parse and last write, so that a state file differing from the
-    previous one in a few records costs a few records to read or write, not the whole file.
-
-    Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
-    maps to what it decoded to (:class:`_Seen`), kept serialized (protobuf), so every parse gets messages
-    of its own; a record that added one object is added again by its key, without re-applying it.
-    Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
-    last call's records are kept, so memory follows the state's size. One cache per source: the shared
-    key, sozu's SaveState output, the base file.
-    """
-
-    def __init__(self) -> None:
-        self.version: SozuVersion | None = None
-        self._parsed: dict[bytes, _Seen] = {}
-        self._written: dict[bytes, bytes] = {}
-        self.decoded = 0  # records decoded from JSON (the others were reused), for tests and benchmarks
-        self.encoded = 0
-
-    def _for(self, version: SozuVersion) -> None:
-        if version != self.version:
-            self.version = version
-            self._parsed = {}
-            self._written = {}
-
-
-class _Seen(NamedTuple):
-    """A record parsed before: its request, and for a record that added one object (every ``add_*``), that
-    object's key, message type and stored value (serialized as the state held it)."""
-
-    request: bytes
-    key: ObjKey | None = None
-    value_type: type[Message] | None = None
-    value: bytes = b""
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _body_digest(raw: bytes) -> bytes:
-    m = _RECORD_ID.match(raw)
-    return _digest(raw[m.end() :] if m else raw)
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -210,15 +161,14 @@ def parse_state_file(
                     source=source,
                     record=n,
                 )
+    known: dict[bytes, Seen] = {}
     if cache is not None and version is not None:
         cache._for(version)
         known = cache._parsed
-    else:
-        known = {}
-    bodies = [_body_digest(raw) for _, raw in raws] if cache is not None else []
+    bodies = [body_digest(raw) for _, raw in raws] if cache is not None else []
     # each record's JSON value to decode, or None when the cache's last parse saw it (``reused``)
     values: list[Any] = []
-    reused: dict[int, _Seen] = {}
+    reused: dict[int, Seen] = {}
     for n, raw in raws:
         seen = known.get(bodies[n]) if known else None
         if seen is not None:
@@ -230,9 +180,29 @@ def parse_state_file(
         version = detect_version(values, source=source)
     else:
         _check_compatible(version, [v for v in values if v is not None], source)
+    state, parsed = _build_state(version, values, reused, bodies, source, cached=cache is not None)
+    _check_expectations(state, len(values), source, expect_records, expect_digest)
+    if cache is not None:
+        cache._parsed = parsed
+        cache.decoded += len(values) - len(reused)
+    return state
+
+
+def _build_state(
+    version: SozuVersion,
+    values: list[Any],
+    reused: dict[int, Seen],
+    bodies: list[bytes],
+    source: str,
+    *,
+    cached: bool,
+) -> tuple[ConfigState, dict[bytes, Seen]]:
+    """Apply every record in order, as sozu's main state would: decoded ``values``, or the ``reused``
+    records a cache saw (an object added again by its key when that is all the record did). Returns the
+    state and, when ``cached``, what the cache keeps of each record."""
     state = ConfigState(version)
     objects = state.objects
-    parsed: dict[bytes, _Seen] = {}
+    parsed: dict[bytes, Seen] = {}
     for n, value in enumerate(values):
         seen = reused.get(n)
         if seen is not None and seen.key is not None and seen.value_type is not None and seen.key not in objects:
@@ -251,23 +221,9 @@ def parse_state_file(
                 record=n,
                 path=f"content.request_type.{kind.upper()}",
             ) from None
-        if cache is not None:
-            parsed[bodies[n]] = _seen(req, kind, objects, added=len(objects) == size + 1)
-    _check_expectations(state, len(values), source, expect_records, expect_digest)
-    if cache is not None:
-        cache._parsed = parsed
-        cache.decoded += len(values) - len(reused)
-    return state
-
-
-def _seen(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, added: bool) -> _Seen:
-    """What the cache keeps of a record just applied to ``objects``."""
-    blob = req.SerializeToString(deterministic=True)
-    if not (added and kind.startswith("add_")):
-        return _Seen(blob)
-    key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
-    stored = objects[key]
-    return _Seen(blob, key, type(stored), stored.SerializeToString(deterministic=True))
+        if cached:
+            parsed[bodies[n]] = seen_after(req, kind, objects, added=len(objects) == size + 1)
+    return state, parsed
 
 
 def _record_request(value: Any, version: SozuVersion, source: str, n: int) -> pb.Request:
@@ -495,7 +451,7 @@ def write_state_file(state: ConfigState, *, cache: RecordCache | None = None) ->
             record = pb.WorkerRequest(id=f"SAVE-{n}", content=req)
             chunks.append(_ENCODER.encode(serde.to_json(record, version)))
         else:
-            key = _digest(req.SerializeToString(deterministic=True))
+            key = digest16(req.SerializeToString(deterministic=True))
             content = known.get(key)
             if content is None:
                 content = _ENCODER.encode(serde.to_json(req, version))

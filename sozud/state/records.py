@@ -1,0 +1,73 @@
+"""Records already seen: a cache that makes a state file read or written again cost its new records
+(issue 10). Used by :mod:`sozud.state.codec` (``parse_state_file(..., cache=)``, ``write_state_file(...,
+cache=)``); one cache per source (the shared key, sozu's SaveState output, the base file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import NamedTuple
+
+from google.protobuf.message import Message
+
+from sozud.proto import command_pb2 as pb
+from sozud.state.model import ObjKey
+from sozud.versions import SozuVersion
+
+_RECORD_ID = re.compile(rb'^\{"id":"[^"]*",')
+
+
+class RecordCache:
+    """The records of one source's last parse and last write, so that a state file differing from the
+    previous one in a few records costs a few records to read or write, not the whole file.
+
+    Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
+    maps to what it decoded to (:class:`Seen`), kept serialized (protobuf), so every parse gets messages
+    of its own; a record that added one object is added again by its key, without re-applying it.
+    Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
+    last call's records are kept, so memory follows the state's size. One cache per source: the shared
+    key, sozu's SaveState output, the base file.
+    """
+
+    def __init__(self) -> None:
+        self.version: SozuVersion | None = None
+        self._parsed: dict[bytes, Seen] = {}
+        self._written: dict[bytes, bytes] = {}
+        self.decoded = 0  # records decoded from JSON (the others were reused), for tests and benchmarks
+        self.encoded = 0
+
+    def _for(self, version: SozuVersion) -> None:
+        if version != self.version:
+            self.version = version
+            self._parsed = {}
+            self._written = {}
+
+
+class Seen(NamedTuple):
+    """A record parsed before: its request, and for a record that added one object (every ``add_*``), that
+    object's key, message type and stored value (serialized as the state held it)."""
+
+    request: bytes
+    key: ObjKey | None = None
+    value_type: type[Message] | None = None
+    value: bytes = b""
+
+
+def digest16(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def body_digest(raw: bytes) -> bytes:
+    m = _RECORD_ID.match(raw)
+    return digest16(raw[m.end() :] if m else raw)
+
+
+def seen_after(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, added: bool) -> Seen:
+    """What the cache keeps of a record just applied to ``objects``."""
+    blob = req.SerializeToString(deterministic=True)
+    if not (added and kind.startswith("add_")):
+        return Seen(blob)
+    key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
+    stored = objects[key]
+    return Seen(blob, key, type(stored), stored.SerializeToString(deterministic=True))

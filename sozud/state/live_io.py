@@ -107,7 +107,7 @@ def derived_names(pem: str) -> list[str] | None:
     return out
 
 
-class Counter:
+class RequestCounter:
     """Sends requests and counts them."""
 
     def __init__(self, ch: SozuRequester) -> None:

@@ -12,8 +12,8 @@ from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
 from sozud.serde import address_text
 from sozud.state.live_io import (
-    Counter,
     LiveRead,
+    RequestCounter,
     SozuRequester,
     derived_names,
     version_of,
@@ -28,7 +28,7 @@ async def read_by_queries(ch: SozuRequester) -> LiveRead:
     version = version_of(ch)
     state = ConfigState(version)
     read = LiveRead(state=state, method="queries", requests=0)
-    counter = Counter(ch)
+    counter = RequestCounter(ch)
     await _read_listeners(counter, state)
     per_cluster_frontends = await _read_clusters(counter, state)
     await _read_frontends(counter, read, per_cluster_frontends)
@@ -42,7 +42,7 @@ async def read_by_queries(ch: SozuRequester) -> LiveRead:
     return read
 
 
-async def _read_listeners(counter: Counter, state: ConfigState) -> None:
+async def _read_listeners(counter: RequestCounter, state: ConfigState) -> None:
     listeners = await counter.ask(pb.Request(list_listeners=pb.ListListeners()), "listeners_list")
     ll = listeners.listeners_list
     for kind, configs in (
@@ -55,7 +55,7 @@ async def _read_listeners(counter: Counter, state: ConfigState) -> None:
             state.add_listener(kind, cfg)
 
 
-async def _read_clusters(counter: Counter, state: ConfigState) -> list[tuple[Kind, Message]]:
+async def _read_clusters(counter: RequestCounter, state: ConfigState) -> list[tuple[Kind, Message]]:
     """Clusters and their backends into ``state``; returns their frontends (used when list_frontends is
     unavailable)."""
     hashes = await counter.main_entry(pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
@@ -72,7 +72,7 @@ async def _read_clusters(counter: Counter, state: ConfigState) -> list[tuple[Kin
     return per_cluster_frontends
 
 
-async def _read_frontends(counter: Counter, read: LiveRead, per_cluster: list[tuple[Kind, Message]]) -> None:
+async def _read_frontends(counter: RequestCounter, read: LiveRead, per_cluster: list[tuple[Kind, Message]]) -> None:
     """Every frontend (list_frontends), or the clusters' frontends when sozu cannot list them."""
     version = read.state.version
     frontends: list[tuple[Kind, Message]] | None = None
@@ -104,7 +104,7 @@ async def _read_frontends(counter: Counter, read: LiveRead, per_cluster: list[tu
         read.state.add(kind, front)
 
 
-async def _read_certificates(counter: Counter, read: LiveRead) -> None:
+async def _read_certificates(counter: RequestCounter, read: LiveRead) -> None:
     """Certificates from the main state, placed at the addresses the workers serve them on."""
     state = read.state
     certs = await counter.ask(
@@ -152,7 +152,7 @@ def _frontends_of(
         yield "tcp_frontend", t
 
 
-async def _certificate_addresses(counter: Counter) -> dict[str, dict[str, pb.SocketAddress]]:
+async def _certificate_addresses(counter: RequestCounter) -> dict[str, dict[str, pb.SocketAddress]]:
     """fingerprint -> {address text: address} over every worker's HTTPS listeners."""
     reply = await counter.ask(
         pb.Request(query_certificates_from_workers=pb.QueryCertificatesFilters()), "worker_responses"

@@ -58,6 +58,19 @@ def _setting_flags() -> argparse.ArgumentParser:
     return parent
 
 
+def add_configured_command(sub: Any, name: str, *, help: str, description: str | None) -> argparse.ArgumentParser:
+    """A sub-command that reads the daemon's configuration: every setting flag, and ``--config``."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=[_setting_flags()],
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     settings = _setting_flags()
     parser = argparse.ArgumentParser(

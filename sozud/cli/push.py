@@ -18,16 +18,14 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    from sozud.main import _setting_flags
+    from sozud.main import add_configured_command
 
-    p = sub.add_parser(
+    p = add_configured_command(
+        sub,
         "push",
-        parents=[_setting_flags()],
         help="rewrite the shared state from this node's live sozu (repair of an unusable shared key)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
     p.add_argument("--from-live", action="store_true", required=True, help="the state to push: this node's live sozu")
     p.set_defaults(func=_cmd_push)
 

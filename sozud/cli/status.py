@@ -31,16 +31,14 @@ if TYPE_CHECKING:
 
 
 def register(sub: Any) -> None:
-    from sozud.main import _setting_flags
+    from sozud.main import add_configured_command
 
-    st = sub.add_parser(
+    st = add_configured_command(
+        sub,
         "status",
-        parents=[_setting_flags()],
         help="show what the daemon last did (STATE_DIR/status.json); --check/--info for OpenSVC, --cluster",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    st.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
     mode = st.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_true", help="print the status file as JSON")
     mode.add_argument("--check", action="store_true", help="one line; exit 0 in sync, 1 down, 2 drifting/failing")

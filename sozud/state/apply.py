@@ -401,28 +401,18 @@ async def _send_one(cch: _CountingChannel, step: PlanStep, round_no: int, read: 
 
 async def _send(cch: _CountingChannel, req: pb.Request, round_no: int, summary: str, key: ObjKey | None) -> StepResult:
     kind = serde.request_kind(req)
+
+    def failed(message: str, main_accepted: bool) -> StepResult:
+        return StepResult(
+            round=round_no, kind=kind, summary=summary, ok=False, message=message, main_accepted=main_accepted, key=key
+        )
+
     try:
         reply = await cch.request(req)
     except SozuRequestError as e:
-        return StepResult(
-            round=round_no,
-            kind=kind,
-            summary=summary,
-            ok=False,
-            message=redact_text(e.sozu_message),
-            main_accepted=bool(e.processing),
-            key=key,
-        )
+        return failed(redact_text(e.sozu_message), bool(e.processing))
     except SozuTimeoutError as e:
-        return StepResult(
-            round=round_no,
-            kind=kind,
-            summary=summary,
-            ok=False,
-            message=f"no final answer in time, effect unknown ({e})",
-            main_accepted=False,
-            key=key,
-        )
+        return failed(f"no final answer in time, effect unknown ({e})", False)
     message = reply.response.message if hasattr(reply, "response") else ""
     return StepResult(
         round=round_no, kind=kind, summary=summary, ok=True, message=str(message), main_accepted=True, key=key

@@ -6,7 +6,8 @@
 For every size N (objects: N/4 clusters, N/2 backends, N/4 HTTP frontends, plus two listeners, the
 mix of docs/sozu-command-protocol.md §11.10) it prints, in one table:
 
-- parse time of the state file and plan time from an empty state (baseline: the time to encode it),
+- parse time of the state file next to a plain msgspec.json.decode of its records (the baseline), a
+  re-parse after a one-backend change with the record cache, and plan time from an empty state,
 - the requests of a live read without and with a shared directory (SaveState), and their times,
 - the requests sozud sends for a one-object change (a backend's weight) next to what a full replay
   sends (one request per record, the old way), and their ratio,
@@ -39,11 +40,13 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import msgspec
+
 from sozud.log import configure_logging
 from sozud.proto import command_pb2 as pb
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import apply_plan
-from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.codec import RecordCache, parse_state_file, write_state_file
 from sozud.state.live import read_live_report
 from sozud.state.model import ConfigState
 from sozud.state.plan import plan
@@ -177,6 +180,27 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
     assert parsed.same_as(state), "the codec does not round-trip the generated state"
     rows.append(Row("state file size", n, f"{len(data) / 1e6:.2f} MB"))
     rows.append(Row("parse state file", n, ms(t_parse), f"encode {ms(t_encode)}", ratio(t_parse, t_encode)))
+    records = data.split(b"\0")[:-1]
+    _, t_msgspec = timed(lambda: [msgspec.json.decode(r) for r in records])
+    rows.append(
+        Row(
+            "parse state file (full)", n, ms(t_parse), f"msgspec.json.decode {ms(t_msgspec)}", ratio(t_parse, t_msgspec)
+        )
+    )
+    cache = RecordCache()
+    parse_state_file(data, version, source="bench", cache=cache)
+    changed_data = write_state_file(one_backend_changed(state))
+    again, t_again = timed(lambda: parse_state_file(changed_data, version, source="bench", cache=cache))
+    assert again.same_as(one_backend_changed(state))
+    rows.append(
+        Row(
+            "re-parse, one backend changed (record cache)",
+            n,
+            ms(t_again),
+            f"full parse {ms(t_parse)}",
+            ratio(t_again, t_parse),
+        )
+    )
     empty = ConfigState(version)
     p, t_plan = timed(lambda: plan(empty, state, force=True))
     rows.append(
@@ -209,6 +233,7 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
     rows.append(
         Row("peak python memory: parse / plan from empty", n, f"{peak_parse / 1e6:.1f} MB / {peak_plan / 1e6:.1f} MB")
     )
+    rows.append(Row("parse peak memory per object", n, f"{peak_parse / max(len(state), 1):.0f} bytes"))
 
     # live reads: load the state into a sozu first
     ch, _processed = await target.open()

@@ -50,11 +50,12 @@ place, so the mode stays. sozu must be able to write a file that sozud created (
 ``shared_dir_sozu_path`` is the directory as sozu's main process sees it when that differs (container).
 The file is deleted after parsing, also on errors.
 
-The probe (:func:`probe`) costs two requests: ``count_requests`` (per-request-type counters of the
+The probe (:func:`probe`) costs one small request: ``count_requests`` (per-request-type counters of the
 main state, bumped by every configuration request it dispatches, backends included, whichever client
-sent it; never decreasing while sozu runs) and ``query_clusters_hashes`` (a hash per cluster over its
-configuration, backends and frontends). It also carries the channel's connection epoch, so a sozu
-restart (which resets the counters) reads as a change even when the counters happen to match.
+sent it; never decreasing while sozu runs). It also carries the channel's connection epoch, so a sozu
+restart (which resets the counters) reads as a change even when the counters happen to match. It does
+not ask for ``query_clusters_hashes``: its reply grows with the cluster count, and 2.x closes the
+connection on a reply above ``max_command_buffer_size`` (2 MB by default: about 80,000 clusters).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from typing import TYPE_CHECKING
 from sozud.errors import StateError
 from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
-from sozud.state.live_io import LiveRead, SozuRequester, ask, derived_names, main_entry, version_of
+from sozud.state.live_io import LiveRead, SozuRequester, ask, derived_names, version_of
 from sozud.state.live_queries import read_by_queries
 from sozud.state.model import ConfigState
 
@@ -94,35 +95,25 @@ class Fingerprint:
     """A comparable summary of a live sozu: equal fingerprints mean nothing configured changed.
 
     ``epoch`` is the channel's connection counter (a reconnect may be a restart), ``request_counts``
-    the main state's per-request-type counters, ``cluster_hashes`` the main process's hash per cluster.
+    the main state's per-request-type counters.
     """
 
     epoch: int
     request_counts: tuple[tuple[str, int], ...]
-    cluster_hashes: tuple[tuple[str, int], ...]
 
 
 async def probe(ch: SozuRequester) -> Fingerprint:
-    """Two cheap requests; compare the result with the one taken before the last full read.
+    """One small request; compare the result with the one taken before the last full read.
 
     It cannot miss a change: every configuration request the main state dispatches (backends
     included, which 2.x reports with no event) bumps a counter, counters never go down while sozu
     runs, and a restart changes the epoch. It can report a change that changed nothing (a refused
-    request is counted on 1.x/2.x; a request that re-adds an identical object too).
+    request is counted on 1.x/2.x; a request that re-adds an identical object too). Its size does not
+    grow with the state.
     """
-    for _ in range(3):
-        counts = await ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
-        epoch = ch.epoch  # of the connection that answered (a request may reconnect first)
-        hashes = await main_entry(ch, pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
-        if ch.epoch == epoch:
-            break
-        # A reconnection between the two requests: the counts may come from a sozu that has since
-        # restarted. Labelled with the new epoch they would hide that restart; ask again.
-    return Fingerprint(
-        epoch=ch.epoch,
-        request_counts=tuple(sorted(counts.request_counts.map.items())),
-        cluster_hashes=tuple(sorted(hashes.cluster_hashes.map.items())),
-    )
+    counts = await ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
+    # the epoch of the connection that answered (a request may reconnect first): counts and epoch agree
+    return Fingerprint(epoch=ch.epoch, request_counts=tuple(sorted(counts.request_counts.map.items())))
 
 
 # --- full read ----------------------------------------------------------------------------------------

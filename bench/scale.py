@@ -34,6 +34,7 @@ from sozud._om.memory import MemoryTransport
 from sozud.adapters import SozuAdapter
 from sozud.layout import OpenSVCShared
 from sozud.log import configure_logging
+from sozud.main import tune_gc
 from sozud.om_api import OMClient, OMSettings
 from sozud.persist import BaseStore
 from sozud.proto import command_pb2 as pb
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--no-shared-dir", action="store_true", help="live reads by queries, not SaveState")
     args = parser.parse_args()
     configure_logging("error")
+    tune_gc()  # as the daemon does (sozud run)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
         "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | requests to a's sozu "

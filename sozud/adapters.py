@@ -123,11 +123,11 @@ class SozuAdapter:
             self.read_fingerprint = fingerprint
             epoch = self.channel.epoch
             if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
-                return self._cache[2].copy()
+                return self._cache[2].shallow_copy()
             state = await self._read()
             # The probe is taken before the read: a change racing with the read shows up next time.
             self._cache = (epoch, fingerprint, state)
-            return state.copy()
+            return state.shallow_copy()
 
     async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
         async with self._lock:
@@ -163,7 +163,7 @@ class SozuAdapter:
             # is remembered for later reads
             self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
             self._assumed_epoch = self.channel.epoch
-            live_after = report.live_after.copy()
+            live_after = report.live_after.shallow_copy()
             for k, v in self._assumed.items():
                 if k not in live_after.objects and self.hides(k, v):
                     live_after.objects[k] = v
@@ -175,6 +175,6 @@ class SozuAdapter:
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),
                 plan_digest=report.plan_digest,
-                live_after=live_after.copy(),
+                live_after=live_after.shallow_copy(),
                 failures=failures,
             )

@@ -77,7 +77,7 @@ def decide(
         )
     effective = shared
     if not complete:
-        effective = shared.copy()
+        effective = shared.shallow_copy()
         for k, v in base.objects.items():
             if k not in effective.objects:
                 effective.objects[k] = v

@@ -234,13 +234,13 @@ class _Apply:
         # one entry per fingerprint, so a fingerprint held at two addresses shows one address's values.
         extra = {k: v for k, v in self.assumed.items() if r.hides(k, v) or (k[0] == "certificate" and not r.exact)}
         if extra:
-            view = r.state.copy()
+            view = r.state.shallow_copy()
             view.objects.update(extra)
         target = self.desired
         if self.scope is not None:
             # A re-plan only finishes what the first plan set out to do: any other difference appeared
             # while we applied (an operator's request) and is left alone for the next sync to merge.
-            target = view.copy()
+            target = view.shallow_copy()
             for k in self.scope:
                 v = self.desired.objects.get(k)
                 if v is None:

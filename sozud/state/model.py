@@ -182,6 +182,12 @@ class ConfigState:
             out.objects[k] = c
         return out
 
+    def shallow_copy(self) -> ConfigState:
+        """A state with its own mapping but the same messages: for callers that add, replace or remove
+        objects but never modify a message in place (sozud's own code changes an object by storing a new
+        message, see :func:`apply_request`). :meth:`copy` copies the messages too."""
+        return ConfigState(self.version, dict(self.objects))
+
     def digest(self) -> str:
         """A content hash independent of order and record ids (sha-256 hex)."""
         h = hashlib.sha256()

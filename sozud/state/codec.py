@@ -205,11 +205,16 @@ def _build_state(
     parsed: dict[bytes, Seen] = {}
     for n, value in enumerate(values):
         seen = reused.get(n)
-        if seen is not None and seen.key is not None and seen.value_type is not None and seen.key not in objects:
-            objects[seen.key] = seen.value_type.FromString(seen.value)  # what applying it added before
-            parsed[bodies[n]] = seen
-            continue
-        req = pb.Request.FromString(seen.request) if seen is not None else _record_request(value, version, source, n)
+        if seen is not None and seen.key is not None and seen.value is not None:
+            if seen.key not in objects:
+                objects[seen.key] = seen.value  # what applying it added before (messages are never changed)
+                parsed[bodies[n]] = seen
+                continue
+            req = add_request(seen.key, seen.value)  # an object added twice: applying it tells what sozu does
+        elif seen is not None:
+            req = pb.Request.FromString(seen.request)
+        else:
+            req = _record_request(value, version, source, n)
         kind = req.WhichOneof("request_type") or ""
         size = len(objects)
         try:

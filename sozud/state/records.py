@@ -23,8 +23,10 @@ class RecordCache:
     previous one in a few records costs a few records to read or write, not the whole file.
 
     Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
-    maps to what it decoded to (:class:`Seen`), kept serialized (protobuf), so every parse gets messages
-    of its own; a record that added one object is added again by its key, without re-applying it.
+    maps to what it decoded to (:class:`Seen`); a record that added one object is added again by its key,
+    the very message the last parse stored (states never modify a message in place: see
+    :meth:`~sozud.state.model.ConfigState.shallow_copy`), so successive parses of a source, and the states
+    derived from them, share the messages of the records they have in common.
     Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
     last call's records are kept, so memory follows the state's size. One cache per source: the shared
     key, sozu's SaveState output, the base file.
@@ -45,13 +47,12 @@ class RecordCache:
 
 
 class Seen(NamedTuple):
-    """A record parsed before: its request, and for a record that added one object (every ``add_*``), that
-    object's key, message type and stored value (serialized as the state held it)."""
+    """A record parsed before: for a record that added one object (every ``add_*``), that object's key and
+    the message the state stored; for any other record, its request (serialized)."""
 
-    request: bytes
+    request: bytes = b""
     key: ObjKey | None = None
-    value_type: type[Message] | None = None
-    value: bytes = b""
+    value: Message | None = None
 
 
 def digest16(data: bytes) -> bytes:
@@ -65,9 +66,7 @@ def body_digest(raw: bytes) -> bytes:
 
 def seen_after(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, added: bool) -> Seen:
     """What the cache keeps of a record just applied to ``objects``."""
-    blob = req.SerializeToString(deterministic=True)
     if not (added and kind.startswith("add_")):
-        return Seen(blob)
+        return Seen(req.SerializeToString(deterministic=True))
     key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
-    stored = objects[key]
-    return Seen(blob, key, type(stored), stored.SerializeToString(deterministic=True))
+    return Seen(key=key, value=objects[key])

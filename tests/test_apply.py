@@ -150,6 +150,29 @@ async def test_apply_every_pair_by_queries(workdir: str, version: str, a: str, b
     assert_documented_failures(report.steps, desired)
 
 
+@pytest.mark.parametrize("version", ["2.1.0", "1.1.1", "0.15.19"])
+async def test_a_round_sozu_accepted_whole_is_not_read_again(workdir: str, version: str) -> None:
+    """Issue 10: after a round whose every request sozu accepted, the state it holds is known from the
+    answers; with an exact read (SaveState) the apply does not read it again. What it predicts is exactly
+    what a read then shows."""
+    from sozud.state.codec import write_state_file
+    from sozud.testing import builders as build
+
+    v = SozuVersion.parse(version)
+    before = build.fleet_state(50, listener="127.0.0.1:18080", version=v)
+    desired = build.fleet_state(50, listener="127.0.0.1:18080", version=v, changed_weight=7)
+    desired.add("cluster", build.cluster("added"))
+    async with sozu(workdir, version) as (fake, ch):
+        fake.state.load_state_file(write_state_file(before))
+        initial = await read_live_report(ch, shared_dir=workdir)
+        start = len(fake.requests)
+        report = await apply_plan(ch, desired, shared_dir=workdir, force=True, initial=initial)
+        sent = [r.WhichOneof("request_type") for r in fake.requests[start:]]
+        assert report.converged and report.predicted_reads == 1 and report.live_reads == 0
+        assert "save_state" not in sent
+        assert report.live_after == await saved(ch, workdir) == desired
+
+
 # --- failures --------------------------------------------------------------------------------------------
 
 

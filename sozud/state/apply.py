@@ -58,7 +58,7 @@ from sozud.state.batch import (
 )
 from sozud.state.batch import _chunks as _chunks  # tests check the chunking rule directly
 from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_report
-from sozud.state.model import ConfigState, ObjKey, add_request, describe
+from sozud.state.model import ConfigState, ObjKey, add_request, apply_request, describe
 from sozud.state.plan import Plan, PlanStep, plan
 from sozud.versions import Family, SozuVersion
 
@@ -181,10 +181,15 @@ async def apply_plan(
                 break
         _preflight(ch, current)
         # (a round whose every step was accepted but that leaves a diff behind made no progress either)
-        if not await run.send_round(current, live, round_no):
+        progressed, all_ok = await run.send_round(current, live, round_no)
+        if not progressed:
             stalled += 1
-        live = await run.read()
-        current = run.replan(live)
+        predicted = run.predict(live, current) if all_ok else None
+        if predicted is not None:
+            live, current = predicted, run.replan(predicted)
+        else:
+            live = await run.read()
+            current = run.replan(live)
     return run.finish(live, current, time.monotonic() - started, raise_on_failure=raise_on_failure)
 
 
@@ -255,9 +260,27 @@ class _Apply:
             desired_is_complete=self.desired_is_complete,
         )
 
-    async def send_round(self, current: Plan, live: LiveRead, round_no: int) -> bool:
-        """Send ``current``'s steps until one fails; whether the round made progress (it ended on a
-        request the main state accepted)."""
+    def predict(self, live: LiveRead, sent: Plan) -> LiveRead | None:
+        """What sozu holds after accepting every step of ``sent`` from ``live``, without reading it again:
+        only from an exact read (SaveState), and only when the planner agrees nothing is left (else None:
+        read). The next sync reads sozu in full anyway (the adapter drops its cached read after an apply)."""
+        if not live.exact:
+            return None
+        state = live.state.shallow_copy()
+        try:
+            for step in sent.steps:
+                apply_request(state, step.request)
+        except StateError:
+            return None
+        predicted = LiveRead(state=state, method=live.method, requests=0)
+        if not self.replan(predicted).is_empty:
+            return None
+        self.report.predicted_reads += 1
+        return predicted
+
+    async def send_round(self, current: Plan, live: LiveRead, round_no: int) -> tuple[bool, bool]:
+        """Send ``current``'s steps until one fails: whether the round made progress (it ended on a
+        request the main state accepted), and whether every step was accepted."""
         replaced: dict[ObjKey, Message] = {}  # what this round removed to re-add with other values
         for step in current.steps:
             if step.action == "remove" and step.key in live.state.objects:
@@ -280,8 +303,8 @@ class _Apply:
                 main_accepted=result.main_accepted,
                 sozu_message=result.message,
             )
-            return result.main_accepted
-        return False
+            return result.main_accepted, False
+        return False, True
 
     def finish(self, live: LiveRead, current: Plan, duration_s: float, *, raise_on_failure: bool) -> ApplyReport:
         report = self.report

@@ -75,7 +75,9 @@ class ApplyReport:
     remaining: Plan | None = None  # the plan computed from the last re-read (empty when converged)
     requests_by_type: dict[str, int] = field(default_factory=dict)
     live_reads: int = 0
-    last_read: LiveRead | None = None  # the final re-read (what it could not see: ``hides``)
+    # rounds whose every request sozu accepted, verified by the answers instead of a re-read (exact reads)
+    predicted_reads: int = 0
+    last_read: LiveRead | None = None  # the final re-read or prediction (what it could not see: ``hides``)
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
 

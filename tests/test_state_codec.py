@@ -426,3 +426,17 @@ def test_a_record_cache_decodes_only_the_records_it_has_not_seen() -> None:
     # unchanged records give the very messages of the last parse: successive states share them (memory)
     again = parse_state_file(renumbered, state.version, source="third", cache=cache)
     assert all(again.objects[k] is v for k, v in parsed.objects.items())
+
+
+def test_the_suite_catches_a_message_modified_in_place_while_the_cache_shares_it() -> None:
+    from sozud.state import records
+    from sozud.testing import builders as build
+
+    assert records.CHECK_SHARED_MESSAGES, "tests/conftest.py turns the check on for the whole suite"
+    cache = RecordCache()
+    state = build.fleet_state(3, listener="127.0.0.1:18080")
+    data = write_state_file(state)
+    parsed = parse_state_file(data, state.version, source="first", cache=cache)
+    parsed.objects[("cluster", "app-000001")].load_balancing = 1  # type: ignore[attr-defined]
+    with pytest.raises(AssertionError, match=r"modified in place: \('cluster', 'app-000001'\)"):
+        parse_state_file(data, state.version, source="second", cache=cache)

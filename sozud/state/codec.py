@@ -207,7 +207,7 @@ def _build_state(
         seen = reused.get(n)
         if seen is not None and seen.key is not None and seen.value is not None:
             if seen.key not in objects:
-                objects[seen.key] = seen.value  # what applying it added before (messages are never changed)
+                objects[seen.key] = seen.reused()  # what applying it added before (messages are never changed)
                 parsed[bodies[n]] = seen
                 continue
             req = add_request(seen.key, seen.value)  # an object added twice: applying it tells what sozu does

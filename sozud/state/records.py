@@ -6,6 +6,7 @@ cache=)``); one cache per source (the shared key, sozu's SaveState output, the b
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import NamedTuple
 
@@ -16,6 +17,10 @@ from sozud.state.model import ObjKey
 from sozud.versions import SozuVersion
 
 _RECORD_ID = re.compile(rb'^\{"id":"[^"]*",')
+
+# Set by the test suite (tests/conftest.py): every reuse of a cached message checks that nobody modified
+# it in place since it was stored (states share the cache's messages: see ConfigState.shallow_copy).
+CHECK_SHARED_MESSAGES = os.environ.get("SOZUD_CHECK_SHARED_MESSAGES") == "1"
 
 
 class RecordCache:
@@ -53,6 +58,14 @@ class Seen(NamedTuple):
     request: bytes = b""
     key: ObjKey | None = None
     value: Message | None = None
+    wire: bytes = b""  # ``value`` serialized when stored (only with CHECK_SHARED_MESSAGES)
+
+    def reused(self) -> Message:
+        """The stored message, checked unchanged when the test suite asks for it."""
+        assert self.value is not None
+        if CHECK_SHARED_MESSAGES and self.value.SerializeToString(deterministic=True) != self.wire:
+            raise AssertionError(f"a message shared by parsed states was modified in place: {self.key}")
+        return self.value
 
 
 def digest16(data: bytes) -> bytes:
@@ -69,4 +82,7 @@ def seen_after(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, ad
     if not (added and kind.startswith("add_")):
         return Seen(req.SerializeToString(deterministic=True))
     key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
-    return Seen(key=key, value=objects[key])
+    value = objects[key]
+    return Seen(
+        key=key, value=value, wire=value.SerializeToString(deterministic=True) if CHECK_SHARED_MESSAGES else b""
+    )

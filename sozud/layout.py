@@ -183,6 +183,7 @@ class OpenSVCShared:
     ) -> tuple[bytes | None, bytes | None]:
         self._last_layout = "plain"
         self._torn = None
+        self._stored = {}  # the shards may be older than the plain key: the next sharded write sends them all
         if manifest is not None and not _has_lineage(plain_meta):
             # written after the manifest by a sozud that does not read it: derived from an older state
             self.caveat = f"{self.key} was rewritten by a sozud that reads only the plain key: additions only"

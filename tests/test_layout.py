@@ -174,8 +174,20 @@ async def test_the_first_layout_is_read_and_migrated_once() -> None:
     )
     # a node still on the first layout writes after the migration: its newer generation is read
     transport.objects[OBJ]["state.json.meta"] = b'{"generation":9}\n'
-    state, meta = await _port(transport).read()
+    reader = _port(transport)
+    state, meta = await reader.read()
     assert meta == b'{"generation":9}\n' and state == plain
+    # written by a sozud that does not read the manifest (no push id): its state is merged additions only
+    assert "additions only" in reader.caveat
+    # and the next sharded write sends every shard (those stored may be older than the plain key)
+    before = len(transport.writes)
+    await reader.write(plain, b'{"generation":10,"id":"x"}\n')
+    assert len(transport.writes) - before == SHARDS + 1
+    # a plain key written by this version (layout = plain: metadata with a push id) is read as it is
+    transport.objects[OBJ]["state.json.meta"] = b'{"generation":11,"id":"y"}\n'
+    reader = _port(transport)
+    _, meta = await reader.read()
+    assert meta == b'{"generation":11,"id":"y"}\n' and reader.caveat == ""
 
 
 async def test_private_keys_are_checked_on_the_state_not_on_its_compressed_shards() -> None:

@@ -186,7 +186,7 @@ async def apply_plan(
             stalled += 1
         predicted = run.predict(live, current) if all_ok else None
         if predicted is not None:
-            live, current = predicted, run.replan(predicted)
+            live, current = predicted
         else:
             live = await run.read()
             current = run.replan(live)
@@ -260,10 +260,11 @@ class _Apply:
             desired_is_complete=self.desired_is_complete,
         )
 
-    def predict(self, live: LiveRead, sent: Plan) -> LiveRead | None:
-        """What sozu holds after accepting every step of ``sent`` from ``live``, without reading it again:
-        only from an exact read (SaveState), and only when the planner agrees nothing is left (else None:
-        read). The next sync reads sozu in full anyway (the adapter drops its cached read after an apply)."""
+    def predict(self, live: LiveRead, sent: Plan) -> tuple[LiveRead, Plan] | None:
+        """What sozu holds after accepting every step of ``sent`` from ``live``, without reading it again,
+        and the (empty) plan from it: only from an exact read (SaveState), and only when the planner agrees
+        nothing is left (else None: read). The next sync reads sozu in full anyway (the adapter drops its
+        cached read after an apply)."""
         if not live.exact:
             return None
         state = live.state.shallow_copy()
@@ -273,10 +274,11 @@ class _Apply:
         except StateError:
             return None
         predicted = LiveRead(state=state, method=live.method, requests=0)
-        if not self.replan(predicted).is_empty:
+        remaining = self.replan(predicted)
+        if not remaining.is_empty:
             return None
         self.report.predicted_reads += 1
-        return predicted
+        return predicted, remaining
 
     async def send_round(self, current: Plan, live: LiveRead, round_no: int) -> tuple[bool, bool]:
         """Send ``current``'s steps until one fails: whether the round made progress (it ended on a

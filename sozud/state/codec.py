@@ -161,6 +161,8 @@ def parse_state_file(
                     source=source,
                     record=n,
                 )
+    if version is None:
+        cache = None  # records are kept per version: a parse that must detect it keeps none
     known: dict[bytes, Seen] = {}
     if cache is not None and version is not None:
         cache._for(version)

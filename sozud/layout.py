@@ -184,7 +184,7 @@ class OpenSVCShared:
         self._last_layout = "plain"
         self._torn = None
         self._stored = {}  # the shards may be older than the plain key: the next sharded write sends them all
-        if manifest is not None and not _has_lineage(plain_meta):
+        if manifest is not None and not _meta_fields(plain_meta).id:
             # written after the manifest by a sozud that does not read it: derived from an older state
             self.caveat = f"{self.key} was rewritten by a sozud that reads only the plain key: additions only"
         return await self.client.get_key(self.obj, self.key), plain_meta
@@ -192,7 +192,7 @@ class OpenSVCShared:
     def _plain_is_newer(self, manifest: Manifest, plain_meta: bytes | None) -> bool:
         """Whether the plain key was written after the manifest (by a node writing the plain layout)."""
         if manifest.plain_meta is None:  # a manifest from before the field: compare generations
-            return _generation(plain_meta) > _generation(bytes(manifest.meta))
+            return _meta_fields(plain_meta).generation > _meta_fields(bytes(manifest.meta)).generation
         return self._plain_meta_digest != manifest.plain_meta
 
     async def _read_shards(self, manifest: Manifest) -> tuple[list[bytes], list[str]]:
@@ -288,23 +288,18 @@ class OpenSVCShared:
         return manifest
 
 
-def _has_lineage(meta: bytes | None) -> bool:
-    """Whether plain metadata carries a push id (written by a sozud that reads the manifest too)."""
-    if not meta:
-        return False
-    try:
-        value = msgspec.json.decode(meta)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return False
-    return isinstance(value, dict) and isinstance(value.get("id"), str) and bool(value["id"])
+class _MetaFields(msgspec.Struct):
+    """The two fields of sozud's metadata the layout looks at (any other field is ignored)."""
+
+    generation: int = -1
+    id: str = ""
 
 
-def _generation(meta: bytes | None) -> int:
+def _meta_fields(meta: bytes | None) -> _MetaFields:
+    """``meta``'s generation and push id; the defaults when it is absent or not such metadata."""
     if not meta:
-        return -1
+        return _MetaFields()
     try:
-        value = msgspec.json.decode(meta)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return -1
-    generation = value.get("generation") if isinstance(value, dict) else None
-    return generation if isinstance(generation, int) else -1
+        return msgspec.json.decode(meta, type=_MetaFields)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+        return _MetaFields()

@@ -19,6 +19,7 @@ simulator's share is printed separately (``sim s``), and ``sozud s`` is the diff
 from __future__ import annotations
 
 import argparse
+import cProfile
 import asyncio
 import os
 import resource
@@ -47,6 +48,7 @@ from sozud.versions import SozuVersion
 
 OBJ = "igw/sec/sozu"
 VERSION = SozuVersion(2, 1, 0)
+PROFILE: cProfile.Profile | None = None  # --profile: a's measured syncs only
 MUTATIONS = {"add_backend", "remove_backend", "add_cluster", "remove_cluster", "add_http_frontend"}
 
 
@@ -102,7 +104,11 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, fl
             sent = len(a.sozu.requests)
             sim = a.sim_seconds()
             started = time.perf_counter()
+            if PROFILE is not None:
+                PROFILE.enable()
             report = await a.engine.sync_once("bench")
+            if PROFILE is not None:
+                PROFILE.disable()
             elapsed = time.perf_counter() - started
             a_times.append(elapsed)
             a_sozud.append(elapsed - (a.sim_seconds() - sim))
@@ -126,7 +132,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,10000,100000")
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--no-shared-dir", action="store_true", help="live reads by queries, not SaveState")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of a's measured syncs to FILE")
     args = parser.parse_args()
+    global PROFILE
+    if args.profile:
+        PROFILE = cProfile.Profile()
     configure_logging("error")
     tune_gc()  # as the daemon does (sozud run)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -147,6 +157,8 @@ def main() -> None:
         )
     first, last = sizes[0], sizes[-1]
     ratio = results[last]["a_sozud_s"] / max(results[first]["a_sozud_s"], 1e-9)
+    if PROFILE is not None:
+        PROFILE.dump_stats(args.profile)
     print(f"\nratio {last:,}/{first:,} of a's sozud time: {ratio:.1f} (goal <= 3); pid {os.getpid()}")
 
 

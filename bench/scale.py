@@ -19,8 +19,8 @@ simulator's share is printed separately (``sim s``), and ``sozud s`` is the diff
 from __future__ import annotations
 
 import argparse
-import cProfile
 import asyncio
+import cProfile
 import os
 import resource
 import statistics

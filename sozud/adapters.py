@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 
 from google.protobuf.message import Message
 
@@ -53,6 +54,7 @@ class SozuAdapter:
         # changed after it is not in that state, so the daemon compares later probes against this one.
         self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
+        self.live_version = 0  # bumped by every full read and every apply (sozud.sync.SozuPort.live_version)
         self._records = RecordCache()  # SaveState records of the last live read (a re-read decodes the new ones)
         self._restart_unverified = False  # the connection was lost before the counters after an apply were seen
         self.log = get_logger(socket=channel.socket_path)
@@ -106,6 +108,7 @@ class SozuAdapter:
             records=self._records,
         )
         self._last_read = report
+        self.live_version += 1
         if self._assumed_epoch != self.channel.epoch:
             self._assumed.clear()  # sozu may have restarted: assume nothing
             self._assumed_epoch = self.channel.epoch
@@ -129,8 +132,16 @@ class SozuAdapter:
             self._cache = (epoch, fingerprint, state)
             return state.shallow_copy()
 
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
+    async def apply(
+        self,
+        desired: ConfigState,
+        *,
+        force: bool,
+        desired_is_complete: bool,
+        scope: Collection[ObjKey] | None = None,
+    ) -> ApplyOutcome:
         async with self._lock:
+            self.live_version += 1
             # Optimistic concurrency: the merged state was computed from the last read; if sozu changed
             # since (an operator's request), applying would revert that change. Send nothing; the next
             # sync reads it as a local change.

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from sozud.state.merge import Conflict, MergeResult, merge
-from sozud.state.model import ConfigState
+from sozud.state.model import ConfigState, ObjKey
 from sozud.state.plan import diff
 
 
@@ -96,4 +96,31 @@ def _from_merge(
         result.local_changes,
         result.remote_changes,
         note,
+    )
+
+
+def decide_settled(shared: ConfigState, changed: frozenset[ObjKey]) -> Decision:
+    """:func:`decide` for an incremental step, in O(``changed``): live and the merge base are the shared
+    state the last settled step read, and ``changed`` are the keys where ``shared`` differs from it.
+    With live equal to the base, the merge takes every remote change and nothing else: no conflict, no
+    local change, nothing to push (``shared`` is the merged state)."""
+    return Decision(
+        Branch.MERGE,
+        shared,
+        True,
+        False,
+        remote_changes=len(changed),
+        note=f"three-way merge (incremental: {len(changed)} changed object{'s' if len(changed) != 1 else ''})",
+    )
+
+
+def same_decision(a: Decision, b: Decision) -> bool:
+    """Whether two decisions ask for the same thing (their notes aside)."""
+    return (
+        a.branch is b.branch
+        and a.complete == b.complete
+        and a.push == b.push
+        and a.conflicts == b.conflicts
+        and (a.local_changes, a.remote_changes) == (b.local_changes, b.remote_changes)
+        and a.desired.same_as(b.desired)
     )

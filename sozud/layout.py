@@ -32,6 +32,8 @@ import hashlib
 import re
 import time
 import zlib
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import msgspec
@@ -119,6 +121,34 @@ def digest(value: bytes) -> str:
     return hashlib.sha256(value).hexdigest()
 
 
+@dataclass(frozen=True, eq=False)
+class SharedData:
+    """The shared state as one read found it: its parts in order (the shards of the sharded layout, or
+    the one plain key), each a sozu state file with an id that changes whenever its bytes do. A reader
+    that saw a part's id before may reuse what it made of it."""
+
+    parts: tuple[tuple[str, bytes], ...]
+    # Every part is the one the metadata lists (a sharded read, no torn shard): the state is the one the
+    # metadata describes, whose digest its writer computed; no need to compute it again.
+    vouched: bool = False
+
+    @classmethod
+    def plain(cls, data: bytes) -> SharedData:
+        """One plain state file (its id: the sha-256 of its bytes)."""
+        return cls(((hashlib.sha256(data).hexdigest(), data),))
+
+    @cached_property
+    def assembled(self) -> bytes:
+        """The parts as one plain state file (records renumbered across parts)."""
+        if len(self.parts) == 1:
+            return self.parts[0][1]
+        return assemble([data for _, data in self.parts])
+
+    def is_blank(self) -> bool:
+        """No record at all (an absent, empty or whitespace-only key)."""
+        return not any(data.strip(b"\n\0 \t\r") for _, data in self.parts)
+
+
 # --- the port -------------------------------------------------------------------------------------------
 
 
@@ -158,7 +188,7 @@ class OpenSVCShared:
     def _source(self, key: str) -> str:
         return f"opensvc {self.obj} key {key}"
 
-    async def read(self) -> tuple[bytes | None, bytes | None]:
+    async def read(self) -> tuple[SharedData | None, bytes | None]:
         self.caveat = ""
         manifest_value = await self.client.get_key(self.obj, self.manifest_key)
         plain_meta = await self.client.get_key(self.obj, self.meta_key)
@@ -167,7 +197,7 @@ class OpenSVCShared:
         if manifest is None or self._plain_is_newer(manifest, plain_meta):
             return await self._read_plain(manifest, plain_meta)
         self._last_layout = "sharded"
-        files, torn = await self._read_shards(manifest)
+        parts, torn = await self._read_shards(manifest)
         if torn:
             self._torn_for_long(torn)
             self.caveat = (
@@ -176,18 +206,19 @@ class OpenSVCShared:
             )
         else:
             self._torn = None
-        return assemble(files), bytes(manifest.meta)
+        return SharedData(parts, vouched=not torn), bytes(manifest.meta)
 
     async def _read_plain(
         self, manifest: Manifest | None, plain_meta: bytes | None
-    ) -> tuple[bytes | None, bytes | None]:
+    ) -> tuple[SharedData | None, bytes | None]:
         self._last_layout = "plain"
         self._torn = None
         self._stored = {}  # the shards may be older than the plain key: the next sharded write sends them all
         if manifest is not None and not _meta_fields(plain_meta).id:
             # written after the manifest by a sozud that does not read it: derived from an older state
             self.caveat = f"{self.key} was rewritten by a sozud that reads only the plain key: additions only"
-        return await self.client.get_key(self.obj, self.key), plain_meta
+        value = await self.client.get_key(self.obj, self.key)
+        return (None if value is None else SharedData.plain(value)), plain_meta
 
     def _plain_is_newer(self, manifest: Manifest, plain_meta: bytes | None) -> bool:
         """Whether the plain key was written after the manifest (by a node writing the plain layout)."""
@@ -195,10 +226,11 @@ class OpenSVCShared:
             return _meta_fields(plain_meta).generation > _meta_fields(bytes(manifest.meta)).generation
         return self._plain_meta_digest != manifest.plain_meta
 
-    async def _read_shards(self, manifest: Manifest) -> tuple[list[bytes], list[str]]:
-        """The manifest's shards (fetched unless checked before) and the keys of those whose stored value
-        is not the one listed. A mismatched shard is taken as stored (it is a shard another write left)."""
-        files: list[bytes] = []
+    async def _read_shards(self, manifest: Manifest) -> tuple[tuple[tuple[str, bytes], ...], list[str]]:
+        """The manifest's shards (fetched unless checked before) as (digest of the stored value, shard
+        file), and the keys of those whose stored value is not the one listed. A mismatched shard is taken
+        as stored (it is a shard another write left)."""
+        files: list[tuple[str, bytes]] = []
         torn: list[str] = []
         stored: dict[str, str] = {}
         for ref in manifest.shards:
@@ -216,11 +248,11 @@ class OpenSVCShared:
                 if actual != ref.digest:
                     torn.append(ref.key)
             stored[ref.key] = actual
-            files.append(cached)
+            files.append((actual, cached))
         self._stored = stored
         for d in [d for d in self._shards if d not in stored.values()]:
             del self._shards[d]
-        return files, torn
+        return tuple(files), torn
 
     def _torn_for_long(self, torn: list[str]) -> None:
         """A torn layout is first a write in progress (nothing done, the next sync reads again); only when

@@ -53,6 +53,16 @@ class Metrics:
 
     def __init__(self) -> None:
         self.syncs = Metric("sozud_syncs_total", "counter", "Sync steps run, by outcome.")
+        self.steps = Metric(
+            "sozud_sync_steps_total",
+            "counter",
+            "Sync steps that completed, by path: incremental (what changed since a settled step) or full.",
+        )
+        self.incremental_disagreements = Metric(
+            "sozud_incremental_disagreements_total",
+            "counter",
+            "Full checks that found the incremental path's decision wrong (the full one was taken); should stay 0.",
+        )
         self.sync_failures = Metric("sozud_sync_failures_total", "counter", "Sync steps that failed, by error type.")
         self.conflicts = Metric(
             "sozud_conflicts_total", "counter", "Merge conflicts resolved by the deterministic rule."
@@ -89,6 +99,8 @@ class Metrics:
     def all(self) -> list[Metric]:
         return [
             self.syncs,
+            self.steps,
+            self.incremental_disagreements,
             self.sync_failures,
             self.conflicts,
             self.requests,

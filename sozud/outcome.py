@@ -43,6 +43,9 @@ def record_success(status: Status, metrics: Metrics, report: SyncReport) -> None
     st.pushes_total += int(report.pushed)
     m = metrics
     m.syncs.inc(outcome=report.outcome)
+    m.steps.inc(path="incremental" if report.incremental else "full")
+    if report.incremental_disagreed:
+        m.incremental_disagreements.inc()
     m.conflicts.inc(len(report.conflicts))
     for kind, n in report.requests_by_type.items():
         m.requests.inc(n, type=kind)

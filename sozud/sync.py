@@ -28,7 +28,6 @@ another sozu family (0.15 vs 1.x vs 2.x: their state files differ) is refused: n
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -36,13 +35,15 @@ from pathlib import Path
 
 import msgspec
 
-from sozud.decision import Branch, Decision, decide, drift
+from sozud.decision import Branch, Decision, decide, decide_settled, drift, same_decision
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
+from sozud.layout import SharedData
 from sozud.lineage import HISTORY, Lineage
 from sozud.log import get_logger
 from sozud.persist import BaseMeta, BaseStore, atomic_write
-from sozud.state.codec import RecordCache, parse_state_file, write_state_file
-from sozud.state.model import ConfigState
+from sozud.state.codec import RecordCache, write_state_file
+from sozud.state.model import ConfigState, ObjKey
+from sozud.state.parts import PartsParse, PartsParser
 from sozud.sync_model import (
     META_FORMAT,
     ApplyOutcome,
@@ -59,6 +60,7 @@ __all__ = [
     "META_FORMAT",
     "ApplyOutcome",
     "EngineSettings",
+    "SharedData",
     "SharedMeta",
     "SharedPort",
     "SozuPort",
@@ -83,6 +85,24 @@ class EngineSettings:
     # A plain state file kept equal to the state sozu runs once in sync (sozu's saved_state: a restarted
     # sozu boots from it, since the shared state itself is sharded in OpenSVC).
     boot_state_file: str | None = None
+    # Steps after a settled one cost what changed (docs/sync.md, "Incremental steps"); every
+    # ``full_check_every``-th such step, and every periodic resync, takes the full path and checks that
+    # both agree. False: every step takes the full path.
+    incremental: bool = True
+    full_check_every: int = 100
+    # Compute the full decision beside every incremental one and compare (tests; costs O(state)).
+    verify_incremental: bool = False
+
+
+@dataclass(frozen=True)
+class _Settled:
+    """What the last step left settled: live, the shared state it parsed and the base held the same
+    objects; the adapter's ``live_version`` then (unchanged: its live read is the one that step ended
+    with)."""
+
+    shared: ConfigState
+    equal: tuple[ConfigState, ...]  # states known to hold the same objects as ``shared`` (the base)
+    live_version: int
 
 
 class SyncEngine:
@@ -95,13 +115,19 @@ class SyncEngine:
         self.settings = settings
         self.log = get_logger(node=settings.node)
         self._seen_restarts: int | None = None
-        # The last shared state parsed, by the sha-256 of its bytes: most syncs read an unchanged key.
-        self._shared_cache: tuple[str, SozuVersion, ConfigState, str] | None = None
+        # The shared state's parts last parsed: a new shared state costs the parts that changed.
+        self._parts = PartsParser()
+        self._shared_digest: tuple[ConfigState, str] | None = None  # the last shared state's digest, once computed
+        self._settled: _Settled | None = None
+        self._since_full_check = 0
+        self.incremental_steps = 0  # steps that took the incremental path
+        self.incremental_disagreements = 0  # full checks that found the incremental path wrong (counted as drift)
         # The state/metadata mismatch being waited out, and since when (monotonic).
         self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
         # Pushes this node's live held (bases, own pushes once applied): candidate merge bases.
         self.lineage = Lineage(self.log)
-        self._boot_digest: str | None = None  # the state last written to the boot state file
+        self._boot_digest: str | None = None  # the digest of the state last written to the boot state file
+        self._boot_state: ConfigState | None = None  # and that state itself
         self._caveat_logged = ""  # the shared port's caveat last logged (logged once while it lasts)
         # The shared state's records last parsed and written: a new shared state costs its new records.
         self._records = RecordCache()
@@ -114,16 +140,11 @@ class SyncEngine:
         started = time.monotonic()
         restarts = self.sozu.restarts
         restarted = self._seen_restarts is not None and restarts != self._seen_restarts
-        inputs = await self._read_inputs(restarted)
-        decision = decide(
-            live=inputs.live,
-            shared=inputs.shared,
-            base=inputs.merge_base,
-            complete=inputs.complete,
-            restarted=restarted,
-            repair=inputs.repair,
-        )
+        settled, self._settled = self._settled, None  # set again only by a step that ends settled
+        full_check = reason == "periodic_resync" or self._since_full_check >= self.settings.full_check_every
+        inputs = await self._read_inputs(restarted, settled, full_check or self.settings.verify_incremental)
         report = SyncReport(reason=reason, outcome="in_sync")
+        decision = self._decide(inputs, restarted, full_check, report)
         report.generation = inputs.meta.generation if inputs.meta else 0
         report.origin = inputs.meta.origin if inputs.meta else ""
         report.conflicts = list(decision.conflicts)
@@ -142,10 +163,50 @@ class SyncEngine:
         report.duration_s = time.monotonic() - started
         return report
 
-    async def _read_inputs(self, restarted: bool) -> SyncInputs:
+    def _decide(self, inputs: SyncInputs, restarted: bool, full_check: bool, report: SyncReport) -> Decision:
+        """:func:`decide`, or, when the step is incremental, :func:`decide_settled`; a full check (or
+        ``verify_incremental``) computes both and takes the full one, counting a disagreement as drift."""
+
+        def full() -> Decision:
+            return decide(
+                live=inputs.live,
+                shared=inputs.shared,
+                base=inputs.merge_base,
+                complete=inputs.complete,
+                restarted=restarted,
+                repair=inputs.repair,
+            )
+
+        if inputs.changed is None or inputs.shared is None:
+            return full()
+        fast = decide_settled(inputs.shared, inputs.changed)
+        if not (full_check or self.settings.verify_incremental):
+            self.incremental_steps += 1
+            self._since_full_check += 1
+            report.incremental = True
+            return fast
+        self._since_full_check = 0
+        checked = full()
+        if not same_decision(fast, checked):
+            self.incremental_disagreements += 1
+            report.incremental_disagreed = True
+            self.log.warning(
+                "sync.incremental_disagreed",
+                incremental_objects=len(fast.desired),
+                full_objects=len(checked.desired),
+                differing_objects=drift(fast.desired, checked.desired),
+                action="the full decision is taken",
+            )
+            inputs.changed = None  # the rest of the step is a full one too
+            return checked
+        self.incremental_steps += 1
+        report.incremental = True
+        return fast
+
+    async def _read_inputs(self, restarted: bool, settled: _Settled | None, fill_all: bool) -> SyncInputs:
         live = await self.sozu.read_live()
         version = self.sozu.version
-        state_bytes, meta_bytes = await self.shared.read()
+        data, meta_bytes = await self.shared.read()
         meta = self._parse_meta(meta_bytes)
         if meta is not None and meta.sozu_family != version.family.value:
             raise VersionMismatchError(
@@ -154,19 +215,26 @@ class SyncEngine:
                 "files differ: a mixed fleet is not supported; upgrade the nodes to one sozu family"
             )
         shared: ConfigState | None = None
+        parsed: PartsParse | None = None
         complete = True
         lineage: SharedMeta | None = None  # the metadata, when it describes this very state
         caveat = self.shared.caveat
-        if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
-            shared, shared_digest = self._parse_shared(state_bytes, version)
+        shared_digest = ""
+        if data is not None and not data.is_blank():
+            parsed = self._parts.parse(data, version, source=self._source())
+            shared = parsed.state
             if caveat:
                 complete = False
                 if caveat != self._caveat_logged:
                     self.log.warning("shared.partial", reason=caveat, action="additions only, then a push repairs it")
-            elif meta is not None and meta.digest == shared_digest:
-                lineage = meta
+            elif meta is not None and data.vouched:
+                lineage, shared_digest = meta, meta.digest  # the layout checked every part against the manifest
             elif meta is not None:
-                complete = self._check_mismatch(state_bytes, shared_digest, meta)
+                shared_digest = self._digest_of(shared)
+                if meta.digest == shared_digest:
+                    lineage = meta
+                else:
+                    complete = self._check_mismatch(data, shared_digest, meta)
         self._caveat_logged = caveat
         loaded = self._load_base(version)
         base, base_meta = loaded if loaded is not None else (None, BaseMeta())
@@ -176,17 +244,36 @@ class SyncEngine:
         if shared is not None and complete and not restarted:
             merge_base, complete = self.lineage.merge_base(base, lineage)
         repair = bool(caveat) and shared is not None
+        changed: frozenset[ObjKey] | None = None
+        if (
+            self.settings.incremental
+            and settled is not None
+            and parsed is not None
+            and parsed.changed is not None
+            and parsed.previous is settled.shared
+            and any(merge_base is s for s in settled.equal)
+            and complete
+            and not repair
+            and not restarted
+            and self.sozu.live_version == settled.live_version
+        ):
+            # live, the merge base and the previous shared state are one state: only what shared
+            # changed can differ (docs/sync.md, "Incremental steps")
+            changed = parsed.changed
         if merge_base is not None:
             # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
-            for k, v in merge_base.objects.items():
-                if k not in live.objects and self.sozu.hides(k, v):
+            for k in merge_base.objects if (changed is None or fill_all) else changed:
+                v = merge_base.objects.get(k)
+                if v is not None and k not in live.objects and self.sozu.hides(k, v):
                     live.objects[k] = v
         inputs = SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
-        if shared is not None and state_bytes is not None:
-            inputs.shared_bytes, inputs.shared_digest = state_bytes, shared_digest
+        if data is not None and shared is not None:
+            inputs.shared_data, inputs.shared_digest = data, shared_digest
+        inputs.changed = changed
+        inputs.previous = parsed.previous if parsed is not None else None
         return inputs
 
-    def _check_mismatch(self, state_bytes: bytes, digest: str, meta: SharedMeta) -> bool:
+    def _check_mismatch(self, data: SharedData, digest: str, meta: SharedMeta) -> bool:
         """A state whose digest is not its metadata's: wait while it may be a write in progress, then
         tell truncated (False: additions only) from edited by hand (True)."""
         if self._still_settling(digest, meta):
@@ -198,7 +285,7 @@ class SyncEngine:
                 f"{meta.origin!r}, generation {meta.generation}): a write is probably in progress; "
                 "nothing was applied or pushed, the next sync reads them again"
             )
-        records = state_bytes.count(b"\0")
+        records = sum(part.count(b"\0") for _, part in data.parts)
         if records < meta.records:
             self.log.warning(
                 "shared.looks_truncated",
@@ -230,19 +317,27 @@ class SyncEngine:
                 self.log.info("sync.shared_wins", reason="sozu restarted", live_only_objects=dropped)
 
     async def _execute(self, decision: Decision, inputs: SyncInputs, report: SyncReport) -> None:
-        """Apply the decision to sozu, push it, and move base forward when live and shared agree."""
+        """Apply the decision to sozu, push it, and move base forward when live and shared agree.
+
+        An incremental step (``inputs.changed``) looks only at the changed keys: everywhere else live,
+        shared and the merge base are known to be one state."""
         merged, live, shared, meta = decision.desired, inputs.live, inputs.shared, inputs.meta
+        scope = inputs.changed
         assert shared is not None
         live_after = live
-        if not merged.same_as(live):
-            outcome = await self.sozu.apply(merged, force=self.settings.force, desired_is_complete=decision.complete)
+        differs = not merged.same_as(live) if scope is None else any(live.get(k) != merged.get(k) for k in scope)
+        if differs:
+            outcome = await self.sozu.apply(
+                merged, force=self.settings.force, desired_is_complete=decision.complete, scope=scope
+            )
             report.requests_sent = outcome.requests_sent
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
             report.failures = list(outcome.failures)
             live_after = outcome.live_after
-            for k, v in merged.objects.items():
-                if k not in live_after.objects and self.sozu.hides(k, v):
+            for k in merged.objects if scope is None else scope:
+                v = merged.objects.get(k)
+                if v is not None and k not in live_after.objects and self.sozu.hides(k, v):
                     live_after.objects[k] = v
         if decision.push:
             if len(merged) == 0:
@@ -256,12 +351,17 @@ class SyncEngine:
             # the metadata's push take what the state lacks for removals.
             ancestry = inputs.lineage or (meta if inputs.complete else None)
             await self._push(merged, shared, meta, report, lineage=ancestry)
-        report.drift = drift(live_after, merged)
+        if scope is None:
+            report.drift = drift(live_after, merged)
+        else:
+            report.drift = sum(1 for k in scope if live_after.get(k) != merged.get(k))
         if report.drift == 0 and report.pushed_id:
             # live holds our push: a state later pushes may descend from, a merge base for later syncs
             self.lineage.remember(report.pushed_id, merged)
         if not report.pushed and report.drift == 0:
-            self._move_base(inputs)
+            base = self._move_base(inputs)
+            if not report.failures:
+                self._settled = _Settled(shared, (shared, base), self.sozu.live_version)
         if report.drift == 0:
             self._write_boot_file(merged)
         report.outcome = {
@@ -273,32 +373,39 @@ class SyncEngine:
 
     def _write_boot_file(self, state: ConfigState) -> None:
         path = self.settings.boot_state_file
-        if path is None:
+        if path is None or state is self._boot_state:
             return
         digest = state.digest()
         if digest == self._boot_digest:
+            self._boot_state = state
             return
         try:
             atomic_write(Path(path), write_state_file(state, cache=self._records), mode=0o600)
         except OSError as e:
             self.log.warning("sync.boot_state_file_failed", path=path, error=e.strerror or str(e))
             return
-        self._boot_digest = digest
+        self._boot_digest, self._boot_state = digest, state
 
-    def _move_base(self, inputs: SyncInputs) -> None:
-        """Live equals shared: shared becomes the base (never from this node's own push)."""
+    def _move_base(self, inputs: SyncInputs) -> ConfigState:
+        """Live equals shared: shared becomes the base (never from this node's own push). Returns the
+        base now (an equal older one is kept)."""
         shared, base, base_meta = inputs.shared, inputs.base, inputs.base_meta
         assert shared is not None
         shared_id = inputs.lineage.id if inputs.lineage is not None else ""
-        if base is not None and base.same_as(shared) and base_meta.shared_id == shared_id:
-            return
+        unchanged = base is shared or (base is not None and inputs.changed is None and base.same_as(shared))
+        if base is not None and base_meta.shared_id == shared_id and unchanged:
+            return base
         if shared_id:
             self.lineage.remember(shared_id, shared)
         base_meta.shared_id = shared_id
         base_meta.generation = inputs.meta.generation if inputs.meta else 0
         base_meta.sozu_version = str(self.sozu.version)
         base_meta.saved_at = time.time()
-        self.base.save(shared, base_meta, data=inputs.shared_bytes or None, digest=inputs.shared_digest or None)
+        data = inputs.shared_data
+        self.base.save(
+            shared, base_meta, data=data.assembled if data is not None else None, digest=inputs.shared_digest or None
+        )
+        return shared
 
     async def push_live(self) -> tuple[SyncReport, str]:
         """Rewrite the shared state from this node's live sozu (the operator's repair of a shared key that
@@ -313,9 +420,9 @@ class SyncEngine:
                 f"this node's sozu holds no object: refusing to push an empty state to {self._source()}"
             )
         try:
-            state_bytes, meta_bytes = await self.shared.read()
+            data, meta_bytes = await self.shared.read()
         except StateError as e:  # the layout itself is unreadable (a mangled manifest or shard)
-            state_bytes, meta_bytes = None, None
+            data, meta_bytes = None, None
             unreadable: str | None = str(e)
         else:
             unreadable = None
@@ -324,9 +431,9 @@ class SyncEngine:
             meta = None  # another family's lineage means nothing here
         shared: ConfigState | None = None
         replaced = "no shared state" if unreadable is None else f"a shared state that cannot be read ({unreadable})"
-        if state_bytes is not None and state_bytes.strip(b"\n\0 \t\r"):
+        if data is not None and not data.is_blank():
             try:
-                shared, _ = self._parse_shared(state_bytes, version)
+                shared = self._parts.parse(data, version, source=self._source()).state
                 replaced = f"a shared state of {len(shared)} objects"
             except StateError as e:
                 replaced = f"a shared state that does not parse ({e})"
@@ -364,16 +471,12 @@ class SyncEngine:
             )
             return None
 
-    def _parse_shared(self, data: bytes, version: SozuVersion) -> tuple[ConfigState, str]:
-        """The shared state and its content digest, reused while the key holds the same bytes (the
-        engine never modifies it)."""
-        raw_digest = hashlib.sha256(data).hexdigest()
-        c = self._shared_cache
-        if c is not None and c[0] == raw_digest and c[1] == version:
-            return c[2], c[3]
-        state = parse_state_file(data, version, source=self._source(), cache=self._records)
-        self._shared_cache = (raw_digest, version, state, state.digest())
-        return state, self._shared_cache[3]
+    def _digest_of(self, state: ConfigState) -> str:
+        """``state.digest()``, computed once per shared state (a state the parser returns is never modified)."""
+        c = self._shared_digest
+        if c is None or c[0] is not state:
+            c = self._shared_digest = (state, state.digest())
+        return c[1]
 
     def _parse_meta(self, meta_bytes: bytes | None) -> SharedMeta | None:
         if not meta_bytes or not meta_bytes.strip():
@@ -413,7 +516,7 @@ class SyncEngine:
             generation=(parent_meta.generation if parent_meta else 0) + 1,
             origin=self.settings.node,
             id=secrets.token_hex(8),
-            parent=parent.digest() if parent is not None else "",
+            parent=self._digest_of(parent) if parent is not None else "",
             ancestors=Lineage.ancestors(lineage) if parent is not None else [],
             digest=state.digest(),
             records=data.count(b"\0"),

@@ -5,12 +5,14 @@ and the report it returns. Types only; :mod:`sozud.sync` re-exports them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 from google.protobuf.message import Message
 
+from sozud.layout import SharedData
 from sozud.persist import BaseMeta
 from sozud.state.merge import Conflict
 from sozud.state.model import ConfigState, ObjKey
@@ -35,11 +37,27 @@ class SozuPort(Protocol):
 
     async def read_live(self) -> ConfigState: ...
 
+    @property
+    def live_version(self) -> int:
+        """Changes whenever what :meth:`read_live` returns may differ from what it returned (or an
+        apply left) before: equal values mean the same live state."""
+        ...
+
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether the last live read could not have seen this object even if sozu holds it."""
         ...
 
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome: ...
+    async def apply(
+        self,
+        desired: ConfigState,
+        *,
+        force: bool,
+        desired_is_complete: bool,
+        scope: Collection[ObjKey] | None = None,
+    ) -> ApplyOutcome:
+        """Make sozu hold ``desired``; ``scope``: the caller knows live already equals ``desired`` outside
+        these keys."""
+        ...
 
 
 @dataclass
@@ -54,8 +72,8 @@ class ApplyOutcome:
 class SharedPort(Protocol):
     """The shared state in OpenSVC: the state key and its metadata key."""
 
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        """(state bytes or None when absent, meta bytes or None when absent)."""
+    async def read(self) -> tuple[SharedData | None, bytes | None]:
+        """(the state or None when absent, meta bytes or None when absent)."""
         ...
 
     async def write(self, state: bytes, meta: bytes) -> None:
@@ -110,6 +128,8 @@ class SyncReport:
     failures: list[str] = field(default_factory=list)  # requests sozu refused (its main state may hold them)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    incremental: bool = False  # the step took the incremental path (docs/sync.md, "Incremental steps")
+    incremental_disagreed: bool = False  # a full check found the incremental decision wrong
 
     @property
     def in_sync(self) -> bool:
@@ -130,6 +150,7 @@ class SyncReport:
             "drift": self.drift,
             "failures": self.failures,
             "duration_ms": round(self.duration_s * 1000, 1),
+            "path": "incremental" if self.incremental else "full",
         }
 
 
@@ -147,5 +168,9 @@ class SyncInputs:
     base: ConfigState | None
     base_meta: BaseMeta
     merge_base: ConfigState | None
-    shared_bytes: bytes = b""  # the state file ``shared`` was parsed from
-    shared_digest: str = ""  # ``shared.digest()``
+    shared_data: SharedData | None = None  # what ``shared`` was parsed from
+    shared_digest: str = ""  # ``shared.digest()`` when known without computing it ("" otherwise)
+    # An incremental step: the keys where shared differs from ``previous``, the shared state the last
+    # (settled) step parsed, which live and the merge base equal (None: a full step)
+    changed: frozenset[ObjKey] | None = None
+    previous: ConfigState | None = None

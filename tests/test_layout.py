@@ -46,6 +46,12 @@ def _client(transport: MemoryTransport) -> OMClient:
     return OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=5.0))
 
 
+async def _read(port: OpenSVCShared) -> tuple[bytes | None, bytes | None]:
+    """The port's read, with the state assembled into one plain state file."""
+    data, meta = await port.read()
+    return (None if data is None else data.assembled), meta
+
+
 def _port(transport: MemoryTransport) -> OpenSVCShared:
     return OpenSVCShared(_client(transport), OBJ, "state.json", "state.json.meta", max_state_bytes=256 << 20)
 
@@ -59,14 +65,14 @@ async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
     first = len(transport.writes)
     assert first == SHARDS + 1 and transport.writes[-1][1] == "state.json.manifest"
     reader = _port(transport)
-    state, meta = await reader.read()
+    state, meta = await _read(reader)
     assert parse_state_file(state or b"", source="read") == parse_state_file(data, source="written")
     assert meta == b'{"generation":1}'
     await port.write(_generated(300, weight=7), b'{"generation":2}\n')
     rewritten = [k for _, k, _ in transport.writes[first:]]
     assert rewritten[-1] == "state.json.manifest" and 2 <= len(rewritten) <= 3
     before = len(transport.calls)
-    await reader.read()  # reads the manifest, the plain meta, and the changed shards only
+    await _read(reader)  # reads the manifest, the plain meta, and the changed shards only
     gets = [c for c in transport.calls[before:] if c[0] == "get"]
     assert len(gets) <= 4
 
@@ -77,7 +83,7 @@ async def test_a_shard_that_is_not_a_shard_is_an_error_at_once() -> None:
     await _port(transport).write(_generated(50), b'{"generation":1}\n')
     transport.objects[OBJ]["state.json.s05"] = b"bm90IGl0\n"  # no sozud write leaves this: edited by hand
     with pytest.raises(StateParseError, match=r"s05\): not a compressed shard"):
-        await _port(transport).read()
+        await _read(_port(transport))
 
 
 class Replicating:
@@ -116,8 +122,8 @@ async def test_two_nodes_writing_at_once_leave_torn_shards_read_as_stored_then_r
     first = _generated(200)
     await _port(transport).write(first, b'{"generation":1}\n')
     a, b = _port(transport), _port(transport)
-    await a.read()
-    await b.read()
+    await _read(a)
+    await _read(b)
     ours, theirs = _with(first, "added-on-a"), _with(first, "added-on-b")
     before = dict(transport.objects[OBJ])
     await b.write(theirs, b'{"generation":2,"origin":"b"}\n')
@@ -128,10 +134,10 @@ async def test_two_nodes_writing_at_once_leave_torn_shards_read_as_stored_then_r
     await a.write(ours, b'{"generation":2,"origin":"a"}\n')
     reader = _port(transport)
     with pytest.raises(SharedInFlightError, match="a write in progress"):
-        await reader.read()
+        await _read(reader)
     assert reader.caveat == ""
     reader.mismatch_grace_s = 0.0
-    state, meta = await reader.read()
+    state, meta = await _read(reader)
     assert meta == b'{"generation":2,"origin":"a"}'
     assert "additions only" in reader.caveat and ".s" in reader.caveat
     assert b"added-on-a" not in (state or b""), "a's shard was overwritten by b's object: it is not there"
@@ -139,7 +145,7 @@ async def test_two_nodes_writing_at_once_leave_torn_shards_read_as_stored_then_r
     repaired = _with(_with(first, "added-on-a"), "added-on-b")
     await reader.write(repaired, b'{"generation":3}\n')
     fresh = _port(transport)
-    state, _ = await fresh.read()
+    state, _ = await _read(fresh)
     assert fresh.caveat == "" and parse_state_file(state or b"", source="r") == parse_state_file(repaired, source="w")
 
 
@@ -150,7 +156,7 @@ async def test_a_missing_shard_is_torn_not_unreadable() -> None:
     del transport.objects[OBJ]["state.json.s03"]
     reader = _port(transport)
     reader.mismatch_grace_s = 0.0
-    state, _ = await reader.read()
+    state, _ = await _read(reader)
     assert "state.json.s03" in reader.caveat and state is not None
 
 
@@ -161,21 +167,21 @@ async def test_the_first_layout_is_read_and_migrated_once() -> None:
     transport.objects[OBJ]["state.json"] = plain
     transport.objects[OBJ]["state.json.meta"] = b'{"generation":4}\n'
     port = _port(transport)
-    state, meta = await port.read()
+    state, meta = await _read(port)
     assert state == plain and meta == b'{"generation":4}\n'
     with capture_logs() as logs:
         await port.write(plain, b'{"generation":5}\n')
         await port.write(plain, b'{"generation":6}\n')
     assert [e["event"] for e in logs].count("shared.migrated") == 1
     assert transport.objects[OBJ]["state.json"] == plain, "the plain key stays for sozud versions still on it"
-    state, meta = await _port(transport).read()
+    state, meta = await _read(_port(transport))
     assert meta == b'{"generation":6}' and parse_state_file(state or b"", source="s") == parse_state_file(
         plain, source="p"
     )
     # a node still on the first layout writes after the migration: its newer generation is read
     transport.objects[OBJ]["state.json.meta"] = b'{"generation":9}\n'
     reader = _port(transport)
-    state, meta = await reader.read()
+    state, meta = await _read(reader)
     assert meta == b'{"generation":9}\n' and state == plain
     # written by a sozud that does not read the manifest (no push id): its state is merged additions only
     assert "additions only" in reader.caveat
@@ -186,7 +192,7 @@ async def test_the_first_layout_is_read_and_migrated_once() -> None:
     # a plain key written by this version (layout = plain: metadata with a push id) is read as it is
     transport.objects[OBJ]["state.json.meta"] = b'{"generation":11,"id":"y"}\n'
     reader = _port(transport)
-    _, meta = await reader.read()
+    _, meta = await _read(reader)
     assert meta == b'{"generation":11,"id":"y"}\n' and reader.caveat == ""
 
 

@@ -14,7 +14,7 @@ from sozud.persist import BaseStore
 from sozud.proto import command_pb2 as pb
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.model import ConfigState, listener_key, value_digest
-from sozud.sync import ApplyOutcome, EngineSettings, SharedMeta, SyncEngine
+from sozud.sync import ApplyOutcome, EngineSettings, SharedData, SharedMeta, SyncEngine
 from sozud.testing import builders as build
 from sozud.versions import SozuVersion
 
@@ -45,10 +45,17 @@ class MemSozu:
     async def read_live(self) -> ConfigState:
         return self.live.copy()
 
+    @property
+    def live_version(self) -> int:
+        # equal for equal live states, whoever changed them (tests edit ``live`` directly)
+        return int(self.live.digest()[:15], 16)
+
     def hides(self, key: object, value: object) -> bool:
         return False
 
-    async def apply(self, desired: ConfigState, *, force: bool, desired_is_complete: bool) -> ApplyOutcome:
+    async def apply(
+        self, desired: ConfigState, *, force: bool, desired_is_complete: bool, scope: object = None
+    ) -> ApplyOutcome:
         self.applies += 1
         removed = [k for k in self.live.objects if k not in desired.objects]
         if removed and not desired_is_complete and not force:
@@ -67,8 +74,8 @@ class MemShared:
         self.writes = 0
         self.caveat = ""  # set by a test: the next reads' state is not the one its metadata describes
 
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        return self.state, self.meta
+    async def read(self) -> tuple[SharedData | None, bytes | None]:
+        return (None if self.state is None else SharedData.plain(self.state)), self.meta
 
     async def write(self, state: bytes, meta: bytes) -> None:
         self.state, self.meta = state, meta

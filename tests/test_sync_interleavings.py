@@ -17,7 +17,7 @@ from test_sync import MemSozu
 from sozud.persist import BaseStore
 from sozud.state.codec import parse_state_file
 from sozud.state.model import ConfigState, ObjKey
-from sozud.sync import EngineSettings, SyncEngine
+from sozud.sync import EngineSettings, SharedData, SyncEngine
 from sozud.testing import builders as build
 from sozud.versions import SozuVersion
 
@@ -39,8 +39,9 @@ class View:
     def __init__(self, store: Store, node: int) -> None:
         self.store, self.node = store, node
 
-    async def read(self) -> tuple[bytes | None, bytes | None]:
-        return self.store.versions[self.store.view[self.node]]
+    async def read(self) -> tuple[SharedData | None, bytes | None]:
+        state, meta = self.store.versions[self.store.view[self.node]]
+        return (None if state is None else SharedData.plain(state)), meta
 
     async def write(self, state: bytes, meta: bytes) -> None:
         self.store.versions.append((state, meta))

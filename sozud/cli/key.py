@@ -118,7 +118,7 @@ async def _assembled(client: OMClient, args: argparse.Namespace) -> bytes | None
 
     port = OpenSVCShared(client, args.object, args.key, f"{args.key}.meta", max_state_bytes=MAX_STATE_BYTES)
     state, _ = await port.read()
-    return state
+    return None if state is None else state.assembled
 
 
 async def run_key(args: argparse.Namespace) -> int:

@@ -402,8 +402,9 @@ class SyncEngine:
         base_meta.sozu_version = str(self.sozu.version)
         base_meta.saved_at = time.time()
         data = inputs.shared_data
+        # as the shared state's parts: a change rewrites the parts it touched, not the whole base
         self.base.save(
-            shared, base_meta, data=data.assembled if data is not None else None, digest=inputs.shared_digest or None
+            shared, base_meta, parts=data.parts if data is not None else None, digest=inputs.shared_digest or None
         )
         return shared
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import FIXTURES
 
 from sozud.errors import SharedInFlightError, StateParseError, UnsafePlanError, VersionMismatchError
-from sozud.persist import BaseStore
+from sozud.persist import BaseMeta, BaseStore
 from sozud.proto import command_pb2 as pb
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.model import ConfigState, listener_key, value_digest
@@ -245,19 +245,21 @@ async def test_damaged_or_deleted_base_counts_as_none_union_not_removal(tmp_path
     removed_key = next(k for k, _ in remote.of_kind("backend"))
     del remote.objects[removed_key]
     publish(shared, remote)
+    parts = msgspec.json.decode(e.base.meta_path.read_bytes(), type=BaseMeta).parts
+    assert parts, "the engine keeps its base as the shared state's parts"
+    stored = e.base.dir / "base.parts" / parts[0]
     if damage == "garbage":
-        e.base.state_path.write_bytes(b"{not a state\0")
+        stored.write_bytes(b"{not a state\0")
     elif damage == "digest_mismatch":
-        e.base.state_path.write_bytes(write_state_file(ConfigState(V2)))
+        stored.write_bytes(write_state_file(ConfigState(V2)))
     else:
-        e.base.state_path.unlink()
+        stored.unlink()
     restarted = engine(tmp_path, "a", sozu, shared)
     r = await restarted.sync_once("startup")
     assert ("cluster", "while-down") in sozu.live and ("cluster", "while-down") in shared_state(shared)
     # without a base, a removal made elsewhere is not known as one: nothing is removed
     assert removed_key in sozu.live and r.pushed
-    if damage != "deleted":
-        assert restarted.base.state_path.with_name("base.state.damaged").exists()
+    assert (restarted.base.dir / "base.parts.damaged" / parts[0]).exists() == (damage != "deleted")
     await restarted.sync_once("opensvc_change")
     loaded = restarted.base.load(V2)
     assert loaded is not None and loaded[0] == sozu.live

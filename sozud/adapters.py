@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from sozud.errors import LiveChangedError, SozuError
 from sozud.log import get_logger
 from sozud.socket_proto import SozuChannel
-from sozud.state.apply import apply_plan
+from sozud.state.apply import ApplyReport, apply_plan
 from sozud.state.codec import RecordCache
 from sozud.state.live import Fingerprint, LiveRead, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
@@ -86,12 +86,12 @@ class SozuAdapter:
         self._last_fingerprint = fp
         return fp
 
-    async def _observe_after_apply(self) -> None:
+    async def _observe_after_apply(self) -> Fingerprint:
         """Take the counters again once an apply is done: they now include its requests, so a sozu that
         restarts right after (before any probe) still shows counters that went backwards. When that
         probe fails the connection went with it: the next re-connection counts as a restart."""
         try:
-            self._observe(await probe(self.channel))
+            return self._observe(await probe(self.channel))
         except SozuError:
             self._restart_unverified = True
             raise
@@ -165,27 +165,60 @@ class SozuAdapter:
                 initial=self._last_read,
                 records=self._records,
             )
-            await self._observe_after_apply()
+            after = await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read
-            # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot show
-            # is remembered for later reads
-            self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
+            if self._last_read is not None and self._last_read.exact:
+                self._assumed = {}  # an exact read hides nothing
+                live_after = report.live_after.shallow_copy()
+            else:
+                # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
+                # show is remembered for later reads
+                self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
+                live_after = report.live_after.shallow_copy()
+                for k, v in self._assumed.items():
+                    if k not in live_after.objects and self.hides(k, v):
+                        live_after.objects[k] = v
             self._assumed_epoch = self.channel.epoch
-            live_after = report.live_after.shallow_copy()
-            for k, v in self._assumed.items():
-                if k not in live_after.objects and self.hides(k, v):
-                    live_after.objects[k] = v
-            # No cached state after an apply: a probe taken now could already include a change made after
-            # the final re-read; the next read is a full one.
-            self._cache = None
-            self.read_fingerprint = None
+            if _only_ours(now, after, report):
+                # Nothing but our own requests reached sozu's main state during the apply, and its end
+                # state is known without a read: the next probe compares against this.
+                self._cache = (after.epoch, after, report.live_after)
+                self.read_fingerprint = after
+            else:
+                # A probe taken now could already include a change made after the final re-read (or
+                # while we applied): the next read is a full one.
+                self._cache = None
+                self.read_fingerprint = None
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),
                 plan_digest=report.plan_digest,
-                live_after=live_after.shallow_copy(),
+                live_after=live_after,
                 failures=failures,
             )
+
+
+def counter_name(kind: str) -> str:
+    """sozu's name of a request type in its request counters (``add_backend`` -> ``AddBackend``)."""
+    return "".join(word[:1].upper() + word[1:] for word in kind.split("_"))
+
+
+def _only_ours(before: Fingerprint, after: Fingerprint, report: ApplyReport) -> bool:
+    """Whether sozu's live state after an apply is the apply's own prediction: every request was
+    accepted, nothing was read again (every round predicted from an exact read), the connection is the
+    same, and the request counters moved by exactly our requests, type by type. A type whose counter
+    did not exist before is ambiguous (sozu may start a counter at 1 or at 2): not ours."""
+    if not report.converged or report.failures or report.live_reads or report.batches:
+        return False
+    if before.epoch != after.epoch:
+        return False
+    ours: Counter[str] = Counter()
+    for kind, n in report.requests_by_type.items():
+        ours[counter_name(kind)] += n
+    was, now = dict(before.request_counts), dict(after.request_counts)
+    if any(name not in was for name in ours):
+        return False
+    return all(now.get(name, 0) - was.get(name, 0) == ours.get(name, 0) for name in was.keys() | now.keys())

@@ -16,6 +16,8 @@ applied in order) and error messages numbered across the whole file.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -42,6 +44,21 @@ class PartsParse:
 class _Part:
     id: str
     keys: frozenset[ObjKey]
+    # each record's body (its bytes without the record id) -> the key of the object it adds; for a part
+    # after the first of several (where every record adds one object), else None
+    bodies: dict[bytes, ObjKey] | None = None
+
+
+# A record's id, at the start of the file or after a NUL (a JSON string cannot hold an unescaped quote).
+_RECORD_ID = re.compile(rb'(?:\A|(?<=\0))\{"id":"[^"]*",')
+
+
+def _bodies(part: bytes) -> list[bytes] | None:
+    """The part's records without their ids (None when the last one is not NUL-terminated)."""
+    bodies = _RECORD_ID.sub(b"{", part).split(b"\0")
+    if bodies.pop():
+        return None
+    return bodies
 
 
 class PartsParser:
@@ -110,17 +127,18 @@ class PartsParser:
         objects = state.objects
         parsed: list[tuple[int, ConfigState]] = []
         removed: dict[ObjKey, Message] = {}
+        parts = list(self._parts)
         for i in changed:  # every part's removals first: a record may move from one part to another
-            part = self._parse_part(data, i, version, source)
-            if part is None:
+            got = self._changed_records(data, i, version, source)
+            if got is None:
                 return None
+            part, gone, parts[i] = got
             parsed.append((i, part))
-            for k in self._parts[i].keys - part.objects.keys():
+            for k in gone:
                 removed[k] = objects.pop(k)
         dirty: set[ObjKey] = set()
-        parts = list(self._parts)
         for i, part in parsed:
-            old_keys = parts[i].keys
+            old_keys = self._parts[i].keys
             for k, v in part.objects.items():
                 old = objects.get(k)
                 if old is None:
@@ -132,10 +150,54 @@ class PartsParser:
                 elif old is not v and old != v:
                     dirty.add(k)
                 objects[k] = v
-            parts[i] = _Part(data.parts[i][0], frozenset(part.objects))
         dirty.update(removed)
         self._parts, self._state = parts, state
         return PartsParse(state, prev, frozenset(dirty))
+
+    def _changed_records(
+        self, data: SharedData, i: int, version: SozuVersion, source: str
+    ) -> tuple[ConfigState, Iterable[ObjKey], _Part] | None:
+        """Part ``i`` again: the objects of its records that are new (all of them when its records were not
+        kept), the keys of its objects that are gone, and what to keep of it; None when it cannot be taken
+        apart from the others."""
+        pid, raw = data.parts[i]
+        old = self._parts[i]
+        if old.bodies is None:
+            part = self._parse_part(data, i, version, source)
+            if part is None:
+                return None
+            return part, old.keys - part.objects.keys(), self._kept(pid, raw, part, i, len(data.parts))
+        bodies = _bodies(raw)
+        if bodies is None:
+            return None
+        present = set(bodies)
+        if len(present) != len(bodies):
+            return None  # a record twice: only the records' order tells what the second does
+        added = [b for b in bodies if b not in old.bodies]
+        gone = [old.bodies[b] for b in old.bodies.keys() - present]
+        mini = b"".join(b'{"id":"SAVE-%d",%s\0' % (n, b[1:]) for n, b in enumerate(added))
+        try:
+            new = parse_state_file(mini, version, source=f"{source} (part {i})", allow_empty=True)
+        except StateError:
+            return None
+        self.parts_parsed += 1
+        if len(new) != len(added):
+            return None
+        kept = dict(old.bodies)
+        for b in old.bodies.keys() - present:
+            del kept[b]
+        kept.update(zip(added, new.objects, strict=True))
+        keys = (old.keys - frozenset(gone)) | new.objects.keys()
+        return new, gone, _Part(pid, keys, kept)
+
+    def _kept(self, pid: str, raw: bytes, part: ConfigState, i: int, count: int) -> _Part:
+        """What to keep of part ``i``: its keys, and its records' bodies when every record adds one object."""
+        if i == 0 or count == 1:
+            return _Part(pid, frozenset(part.objects))
+        bodies = _bodies(raw)
+        if bodies is None or len(bodies) != len(part):
+            return _Part(pid, frozenset(part.objects))
+        return _Part(pid, frozenset(part.objects), dict(zip(bodies, part.objects, strict=True)))
 
     def _full(self, data: SharedData, version: SozuVersion, source: str) -> PartsParse:
         self.full_parses += 1
@@ -152,7 +214,7 @@ class PartsParser:
                 if part is None or any(k in state.objects for k in part.objects):
                     break
                 state.objects.update(part.objects)
-                parts.append(_Part(pid, frozenset(part.objects)))
+                parts.append(self._kept(pid, data.parts[i][1], part, i, len(data.parts)))
             else:
                 self._parts, self._state = parts, state
                 return PartsParse(state, None, None)

@@ -8,8 +8,10 @@ share one in-memory OpenSVC object (sharded layout). Both start in sync on a sta
 backend and one HTTP frontend each). Then, per change: an operator changes one backend's weight on b's
 sozu; b syncs (reads it, pushes); a syncs (the step measured: from its trigger to the change applied on
 its sozu). Printed per N: a's sync time (p50), b's push sync time (p50), requests a sent to its sozu
-(mutations and reads), bytes b wrote to OpenSVC, the process's max RSS, and the ratios against the
-smallest size, all measured in the same run.
+(mutations and reads), bytes b wrote to OpenSVC, the process's max RSS, how many of a's measured steps
+took the incremental path (docs/sync.md, "Incremental steps"), and the ratio of a's time between the
+largest and the smallest size, all measured in the same run. ``--profile FILE`` writes a cProfile of a's
+measured steps.
 
 What the time includes: sozud's own work, and the SIMULATED sozu's (a SaveState of the whole state
 per live read with the shared directory, written by Python where real sozu writes it natively): the
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -73,7 +76,7 @@ class Node:
         return self.sozu.busy_s
 
 
-async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, float]:
+async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="szscale"))
     transport = MemoryTransport(carries_text=True)
     transport.create_object(OBJ)
@@ -86,6 +89,7 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, fl
         for n in (a, b, a, b):  # a bootstraps, b reads it back, both take their base
             await n.engine.sync_once("setup")
         a_times, a_sozud, b_times, requests, written = [], [], [], [], []
+        incremental: list[bool] = []
         for i in range(changes):
             cid = f"app-{(clusters // 2 + i) % clusters:06d}"
             weight = 7 + i
@@ -111,6 +115,7 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, fl
                 PROFILE.disable()
             elapsed = time.perf_counter() - started
             a_times.append(elapsed)
+            incremental.append(report.incremental)
             a_sozud.append(elapsed - (a.sim_seconds() - sim))
             requests.append(len(a.sozu.requests) - sent)
             assert report.requests_sent >= 1, f"a applied nothing for change {i}: {report}"
@@ -120,6 +125,7 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, fl
             "b_s": statistics.median(b_times),
             "requests": statistics.median(requests),
             "written": statistics.median(written),
+            "incremental": f"{sum(incremental)}/{len(incremental)}",
         }
     finally:
         for n in (a, b):
@@ -142,9 +148,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
         "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | requests to a's sozu "
-        "| bytes to OpenSVC | max RSS MB |"
+        "| bytes to OpenSVC | max RSS MB | a's incremental steps |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for n in sizes:
         r = asyncio.run(measure(n, args.changes, not args.no_shared_dir))
@@ -152,7 +158,7 @@ def main() -> None:
         results[n] = r
         print(
             f"| {n:,} | {r['a_s']:.3f} | {r['a_sozud_s']:.3f} | {r['b_s']:.3f} | {r['requests']:.0f} "
-            f"| {r['written']:,.0f} | {rss:.0f} |",
+            f"| {r['written']:,.0f} | {rss:.0f} | {r['incremental']} |",
             flush=True,
         )
     first, last = sizes[0], sizes[-1]

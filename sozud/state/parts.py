@@ -49,13 +49,14 @@ class _Part:
     bodies: dict[bytes, ObjKey] | None = None
 
 
-# A record's id, at the start of the file or after a NUL (a JSON string cannot hold an unescaped quote).
-_RECORD_ID = re.compile(rb'(?:\A|(?<=\0))\{"id":"[^"]*",')
+# A record's id right after a NUL (records are NUL-terminated; a JSON string holds no NUL and no unescaped
+# quote, so this matches record starts only). A literal first byte keeps the scan fast.
+_RECORD_ID = re.compile(rb'\0\{"id":"[^"]*",')
 
 
 def _bodies(part: bytes) -> list[bytes] | None:
     """The part's records without their ids (None when the last one is not NUL-terminated)."""
-    bodies = _RECORD_ID.sub(b"{", part).split(b"\0")
+    bodies = _RECORD_ID.sub(b"\0{", b"\0" + part).split(b"\0")[1:]
     if bodies.pop():
         return None
     return bodies

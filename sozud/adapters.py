@@ -164,6 +164,7 @@ class SozuAdapter:
                 desired_is_complete=desired_is_complete,
                 initial=self._last_read,
                 records=self._records,
+                scope=scope,
             )
             after = await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
@@ -125,6 +126,7 @@ async def apply_plan(
     load_state_timeout_s: float = DEFAULT_LOAD_STATE_TIMEOUT_S,
     initial: LiveRead | None = None,
     records: RecordCache | None = None,
+    scope: Collection[ObjKey] | None = None,
 ) -> ApplyReport:
     """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
 
@@ -133,7 +135,9 @@ async def apply_plan(
     and batch mode from ``batch_threshold`` steps on, in LoadState chunks of at most ``chunk_bytes``
     bytes of records, each given ``load_state_timeout_s``. ``max_removal_ratio``, ``force``,
     ``desired_is_complete``: the planner's safety valve, applied to every (re)plan. ``records``: the
-    caller's cache of SaveState records (a re-read decodes only what changed).
+    caller's cache of SaveState records (a re-read decodes only what changed). ``scope``: the caller
+    knows that live already equals ``desired`` outside these keys; every plan then looks at them only
+    (``plan(..., scope=)``), so a small change costs its keys, not the state.
 
     Raises ``UnsafePlanError`` (from the planner) when the safety valve refuses the plan and ``force``
     is false, before anything is sent; ``ConvergenceError`` when the live state still differs at the
@@ -157,9 +161,13 @@ async def apply_plan(
     report = run.report
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
     live = initial if initial is not None else await run.read()
+    if scope is not None:
+        run.scope = _differing_keys(live.state, desired, run.assumed, among=scope)
+        run.scoped = True
     current = run.replan(live)
     _preflight(ch, current)
-    run.scope = _differing_keys(live.state, desired, run.assumed)
+    if scope is None:
+        run.scope = _differing_keys(live.state, desired, run.assumed)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
     run.log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
@@ -220,6 +228,7 @@ class _Apply:
         # Objects the read cannot see but that the main state took from our own requests.
         self.assumed: dict[ObjKey, Message] = {}
         self.scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
+        self.scoped = False  # plans look at ``scope`` only (the caller vouched that nothing else differs)
         self.given_up: set[ObjKey] = set()  # changed objects whose new value sozu refused (old value restored)
         self.report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
 
@@ -242,6 +251,15 @@ class _Apply:
             view = r.state.shallow_copy()
             view.objects.update(extra)
         target = self.desired
+        if self.scoped and self.scope is not None:
+            return plan(
+                view,
+                target,
+                max_removal_ratio=self.max_removal_ratio,
+                force=self.force,
+                desired_is_complete=self.desired_is_complete,
+                scope=self.scope,
+            )
         if self.scope is not None:
             # A re-plan only finishes what the first plan set out to do: any other difference appeared
             # while we applied (an operator's request) and is left alone for the next sync to merge.
@@ -359,9 +377,18 @@ async def _restore(cch: _CountingChannel, key: ObjKey, old: Message, round_no: i
     )
 
 
-def _differing_keys(live: ConfigState, desired: ConfigState, assumed: dict[ObjKey, Message]) -> set[ObjKey]:
-    view = {**live.objects, **assumed}
-    return {k for k in view.keys() | desired.objects.keys() if view.get(k) != desired.objects.get(k)}
+def _differing_keys(
+    live: ConfigState,
+    desired: ConfigState,
+    assumed: dict[ObjKey, Message],
+    *,
+    among: Collection[ObjKey] | None = None,
+) -> set[ObjKey]:
+    """The keys whose value differs between live (with what is assumed) and desired; only ``among`` them
+    when given."""
+    have, want = live.objects, desired.objects
+    keys = (have.keys() | assumed.keys() | want.keys()) if among is None else among
+    return {k for k in keys if assumed.get(k, have.get(k)) != want.get(k)}
 
 
 def _convergence_message(report: ApplyReport) -> str:

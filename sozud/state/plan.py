@@ -62,6 +62,19 @@ Safety valve
     ``desired`` is empty or ``desired_is_complete`` is False (a truncated shared state must never
     remove live objects), or removes more than ``max_removal_ratio`` of the live objects.
 
+Scope (``plan(..., scope=keys)``)
+    The plan from ``live`` to ``desired'``: ``live`` with every key of ``scope`` set to ``desired``'s
+    value (removed when ``desired`` lacks it), every other key as in ``live``. The result (steps,
+    digest, removals, additions, changes, errors) is the one of ``plan(live, desired')``; the cost is
+    O(len(scope)) instead of O(len(live)). The builder plans the sub-states made of the scope's keys
+    and, for each backend it removes, of the backends kept at the same (cluster_id, address) (they are
+    re-added, see above; finding them scans live once). That is exact because no other object takes
+    part in planning a cluster, a backend or an HTTP/HTTPS frontend. A scope that differs on a
+    listener, a certificate or a TCP/UDP frontend (their planning looks at other objects at the same
+    address: a listener rebuild, certificate renewals, frontend groups), or that is larger than a
+    quarter of live (no gain), is planned from a full ``desired'``. The safety valve counts the full
+    states: ``len(live)`` objects, ``len(live) + added - removed`` desired.
+
 Every plan is checked before it is returned: it is replayed on a copy of ``live`` with sozu's
 main-state rules (:func:`model.apply_request`), each request must be accepted and the result must
 equal ``desired``; every request must be a complete proto2 message and known to the live version.
@@ -74,7 +87,10 @@ This module is the planner's face (:func:`plan`, :func:`diff`, the safety valve,
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from sozud import serde
 from sozud.errors import StateError, UnsafePlanError, VersionMismatchError
@@ -83,7 +99,7 @@ from sozud.state.plan_builder import StepBuilder
 from sozud.state.plan_result import ACTIONS, Plan, PlanStep
 from sozud.versions import V2_1_0, Family
 
-__all__ = ["ACTIONS", "Plan", "PlanStep", "StateDiff", "diff", "plan"]
+__all__ = ["ACTIONS", "SCOPE_MAX_SHARE", "Plan", "PlanStep", "StateDiff", "diff", "overlay", "plan"]
 
 
 # --- diff --------------------------------------------------------------------------------------------------
@@ -114,6 +130,13 @@ def diff(a: ConfigState, b: ConfigState) -> StateDiff:
 # --- the planner ---------------------------------------------------------------------------------------
 
 
+# Kinds whose planning looks at other objects at the same address (listener rebuilds, certificate
+# renewals and replacements, TCP/UDP frontend groups): a scope that changes one is planned in full.
+_UNSCOPED_KINDS = frozenset({"listener", "certificate", "tcp_frontend", "udp_frontend"})
+# A scope larger than this share of live is planned in full (building sub-states would not pay off).
+SCOPE_MAX_SHARE = 0.25
+
+
 def plan(
     live: ConfigState,
     desired: ConfigState,
@@ -121,13 +144,16 @@ def plan(
     max_removal_ratio: float = 0.5,
     force: bool = False,
     desired_is_complete: bool = True,
+    scope: Collection[ObjKey] | None = None,
 ) -> Plan:
     """The requests that take sozu from ``live`` to ``desired`` (module docstring for order and cost).
 
     ``max_removal_ratio``: refuse a plan that removes more than this share of the live objects.
     ``force``: skip the safety valve. ``desired_is_complete``: False when ``desired`` may be a
     truncated or partial state (e.g. its published record count or digest did not match): then
-    nothing may be removed. Raises :class:`UnsafePlanError` (safety valve),
+    nothing may be removed. ``scope``: plan only these keys (to ``desired``'s value, or their removal
+    when ``desired`` lacks them), every other key staying as in ``live``; the cost is then the scope's,
+    not the state's (module docstring, "Scope"). Raises :class:`UnsafePlanError` (safety valve),
     :class:`VersionMismatchError` (desired needs something the live sozu version does not have) and
     :class:`StateError` (an internal inconsistency: a plan that would not reach ``desired``).
     """
@@ -137,11 +163,85 @@ def plan(
             f"cannot plan from a sozu {version} live state to a sozu {desired.version} desired state: "
             "0.15 and 1.x/2.x state files and requests are not compatible"
         )
-    d = diff(live, desired)
-    result = Plan(version=version, removals=d.removed, additions=d.added, changes=d.changed)
-    _safety_valve(
-        live, desired, d, max_removal_ratio=max_removal_ratio, force=force, desired_is_complete=desired_is_complete
+    valve = _Valve(
+        total=len(live), max_removal_ratio=max_removal_ratio, force=force, desired_is_complete=desired_is_complete
     )
+    if scope is None:
+        return _plan(live, desired, valve)
+    sub = _scoped_states(live, desired, scope)
+    if sub is None:
+        return _plan(live, overlay(live, desired, scope), valve)
+    return _plan(sub[0], sub[1], valve)
+
+
+def overlay(live: ConfigState, desired: ConfigState, scope: Collection[ObjKey]) -> ConfigState:
+    """``desired'`` of a scoped plan: ``live`` with the keys of ``scope`` as in ``desired`` (a full copy)."""
+    objects = dict(live.objects)
+    want = desired.objects
+    for k in scope:
+        v = want.get(k)
+        if v is None:
+            objects.pop(k, None)
+        else:
+            objects[k] = v
+    return ConfigState(desired.version, objects)
+
+
+def _scoped_states(
+    live: ConfigState, desired: ConfigState, scope: Collection[ObjKey]
+) -> tuple[ConfigState, ConfigState] | None:
+    """(sub-live, sub-desired') holding the keys a scoped plan can touch, or None when the scope must be
+    planned in full (module docstring, "Scope")."""
+    if len(scope) > SCOPE_MAX_SHARE * len(live):
+        return None
+    have_all, want_all = live.objects, desired.objects
+    sub_live: dict[ObjKey, Message] = {}
+    sub_desired: dict[ObjKey, Message] = {}
+    removed_backends: set[tuple[str, str]] = set()  # (cluster_id, address) of the backends removed
+    for k in scope:
+        have, want = have_all.get(k), want_all.get(k)
+        if _same_value(have, want):
+            continue  # desired' holds live's value: nothing to plan (a sibling below if need be)
+        if k[0] in _UNSCOPED_KINDS:
+            return None
+        if have is not None:
+            sub_live[k] = have
+        if want is not None:
+            sub_desired[k] = want
+        elif k[0] == "backend":
+            removed_backends.add((k[1], k[3]))
+    if removed_backends:
+        # workers remove backends by (cluster_id, address): the builder re-adds the ones kept there
+        for k, v in have_all.items():
+            if k[0] == "backend" and (k[1], k[3]) in removed_backends and k not in sub_live:
+                sub_live[k] = v
+                sub_desired[k] = v  # outside the scope: desired' keeps live's value
+    return ConfigState(live.version, sub_live), ConfigState(desired.version, sub_desired)
+
+
+def _same_value(a: Message | None, b: Message | None) -> bool:
+    """Both absent, or equal messages."""
+    if a is None or b is None:
+        return a is b
+    return a == b
+
+
+@dataclass(frozen=True)
+class _Valve:
+    """The safety valve's settings, and the size of the full live state (a scoped plan sees a part)."""
+
+    total: int
+    max_removal_ratio: float
+    force: bool
+    desired_is_complete: bool
+
+
+def _plan(live: ConfigState, desired: ConfigState, valve: _Valve) -> Plan:
+    """Plan ``live`` -> ``desired`` (whole states, or the sub-states of a scope that hold every key the
+    plan touches: the diff, the steps and the checks are then the same as for the whole states)."""
+    d = diff(live, desired)
+    result = Plan(version=live.version, removals=d.removed, additions=d.added, changes=d.changed)
+    _safety_valve(d, valve)
     if not d:
         return result
     builder = StepBuilder(live, desired)
@@ -155,34 +255,28 @@ def plan(
     return result
 
 
-def _safety_valve(
-    live: ConfigState,
-    desired: ConfigState,
-    d: StateDiff,
-    *,
-    max_removal_ratio: float,
-    force: bool,
-    desired_is_complete: bool,
-) -> None:
-    if force or not d.removed:
+def _safety_valve(d: StateDiff, valve: _Valve) -> None:
+    if valve.force or not d.removed:
         return
-    n, total = len(d.removed), len(live)
+    n, total = len(d.removed), valve.total
+    desired_size = total + len(d.added) - n
     sample = ", ".join(describe(k) for k in d.removed[:5]) + (", ..." if n > 5 else "")
-    if len(desired) == 0:
+    if desired_size == 0:
         raise UnsafePlanError(
             f"plan refused: the desired state is empty and would remove all {n} live objects ({sample}); "
             "an empty or unreadable shared state never removes live objects; use --force to apply it anyway"
         )
-    if not desired_is_complete:
+    if not valve.desired_is_complete:
         raise UnsafePlanError(
             f"plan refused: the desired state may be incomplete (truncated or partial) and the plan would "
             f"remove {n} of the {total} live objects ({sample}); only additions and changes are applied "
             "from such a state; use --force to apply the removals anyway"
         )
-    if n > max_removal_ratio * total:
+    ratio = valve.max_removal_ratio
+    if n > ratio * total:
         raise UnsafePlanError(
             f"plan refused: it would remove {n} of the {total} live objects ({100 * n / total:.0f}%, more "
-            f"than max_removal_ratio={max_removal_ratio:g}): {sample}; use --force to apply it anyway"
+            f"than max_removal_ratio={ratio:g}): {sample}; use --force to apply it anyway"
         )
 
 

@@ -51,6 +51,7 @@ from sozud.versions import SozuVersion
 
 OBJ = "igw/sec/sozu"
 VERSION = SozuVersion(2, 1, 0)
+INCREMENTAL = True  # --full: the daemon's default today (incremental steps off, see docs/sync.md)
 PROFILE: cProfile.Profile | None = None  # --profile: a's measured syncs only
 MUTATIONS = {"add_backend", "remove_backend", "add_cluster", "remove_cluster", "add_http_frontend"}
 
@@ -62,6 +63,7 @@ class Node:
         self.sozu = FakeSozu(str(self.dir / "s.sock"), str(VERSION))
         self.channel = SozuChannel(str(self.dir / "s.sock"), version=VERSION, request_timeout_s=300.0)
         self.adapter = SozuAdapter(self.channel, shared_dir=str(self.dir) if shared_dir else None)
+        self.adapter.keep_read_after_apply = INCREMENTAL
         self.shared = OpenSVCShared(
             OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=300.0)),
             OBJ,
@@ -69,7 +71,7 @@ class Node:
             "state.json.meta",
             max_state_bytes=MAX_STATE_BYTES,
         )
-        settings = EngineSettings(node=name, object=OBJ, max_removal_ratio=1.0)
+        settings = EngineSettings(node=name, object=OBJ, max_removal_ratio=1.0, incremental=INCREMENTAL)
         self.engine = SyncEngine(self.adapter, self.shared, BaseStore(self.dir / "state"), settings)
 
     def sim_seconds(self) -> float:
@@ -139,8 +141,10 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--no-shared-dir", action="store_true", help="live reads by queries, not SaveState")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of a's measured syncs to FILE")
+    parser.add_argument("--full", action="store_true", help="incremental steps off (the daemon's default today)")
     args = parser.parse_args()
-    global PROFILE
+    global PROFILE, INCREMENTAL
+    INCREMENTAL = not args.full
     if args.profile:
         PROFILE = cProfile.Profile()
     configure_logging("error")

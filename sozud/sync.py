@@ -88,7 +88,9 @@ class EngineSettings:
     # Steps after a settled one cost what changed (docs/sync.md, "Incremental steps"); every
     # ``full_check_every``-th such step, and every periodic resync, takes the full path and checks that
     # both agree. False: every step takes the full path.
-    incremental: bool = True
+    # Off by default: a seeded first-start run (3 nodes, 1.1.1) once failed to converge with it on; until
+    # that is understood the daemon takes the full path (see the issue 10 note).
+    incremental: bool = False
     full_check_every: int = 100
     # Compute the full decision beside every incremental one and compare (tests; costs O(state)).
     verify_incremental: bool = False

@@ -33,6 +33,7 @@ async def sozu() -> AsyncIterator[tuple[FakeSozu, SozuAdapter]]:
     await fake.start()
     ch = SozuChannel(f"{d}/s.sock", version=V2, request_timeout_s=5.0)
     adapter = SozuAdapter(ch, shared_dir=d)
+    adapter.keep_read_after_apply = True
     try:
         yield fake, adapter
     finally:

@@ -262,7 +262,7 @@ async def test_a_refused_plan_is_reported_once_and_status_says_what_to_do(
         await cluster.start()
         d = node.daemon
         assert d is not None
-        await wait_until(lambda: (node.dir / "state" / "base.state").exists(), what="a base")
+        await wait_until(lambda: (node.dir / "state" / "base.meta.json").exists(), what="a base")
         for i in range(3):  # a local mass removal: pushing it is refused by the valve
             await node.request(pb.Request(remove_cluster=f"c{i}"))
         await wait_until(lambda: d.metrics.sync_failures.get(error="UnsafePlanError") >= 1, what="a refusal")

@@ -47,6 +47,7 @@ class Node:
         self.sozu = FakeSozu(str(d / "s.sock"), str(V2))
         self.channel = SozuChannel(str(d / "s.sock"), version=V2, request_timeout_s=30.0)
         self.adapter = SozuAdapter(self.channel, shared_dir=str(d))
+        self.adapter.keep_read_after_apply = incremental
         self.shared = OpenSVCShared(
             OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=30.0)),
             OBJ,

@@ -296,11 +296,13 @@ async def test_a_burst_of_agent_events_is_read_once_not_once_per_event() -> None
             cluster.opensvc.set_value("a", cluster.obj, f"unrelated{i}", b"x\n")
         await cluster.opensvc.settle()  # every event has landed on b's agent and been sent to b
         b.daemon.trigger("after_the_burst")  # coalesces with the burst's triggers when they coalesce
+        # last_reason is set when a sync starts, syncs_attempted when it ends: wait for both
         await wait_until(
-            lambda: b.daemon is not None and "after_the_burst" in (b.daemon.status.last_reason or ""),
-            what="b to sync after the burst",
+            lambda: b.daemon is not None
+            and "after_the_burst" in (b.daemon.status.last_reason or "")
+            and b.daemon.syncs_attempted > syncs,
+            what="b to finish a sync after the burst",
         )
-        assert b.daemon.syncs_attempted > syncs
         manifest_reads = [
             r for r in b.agent.requests[served:] if r.action == "GET key" and r.key == cluster.key + ".manifest"
         ]

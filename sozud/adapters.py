@@ -13,7 +13,7 @@ from sozud.log import get_logger
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import ApplyReport, apply_plan
 from sozud.state.codec import RecordCache
-from sozud.state.live import Fingerprint, LiveRead, probe, read_live_report
+from sozud.state.live import Fingerprint, LiveRead, counts_explained, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
 from sozud.sync import ApplyOutcome
 from sozud.versions import SozuVersion
@@ -24,6 +24,13 @@ class SozuAdapter:
 
     A full live read costs one request per cluster (or one SaveState with a shared directory), so the
     last read is cached and reused while a cheap probe says nothing changed on the same connection.
+
+    With ``keep_read_after_apply`` (off by default, see docs/sync.md "Incremental steps"), an apply keeps
+    what it predicts sozu holds as the cached read, with the fingerprint probed after it, only when that
+    prediction is certain: every request accepted, no re-read (it worked from the exact SaveState read it
+    was given, no batch mode), the same connection, and request counters that rose by exactly our requests
+    of each type, for types sozu had counted before (:func:`sozud.state.live.counts_explained`). Else the
+    next read is a full one (an operator's request that landed during the apply is then seen).
 
     Without a shared directory some objects cannot be read back (backends of removed clusters,
     certificates no worker listener serves). Objects of that kind that sozud itself made sozu accept are
@@ -186,16 +193,13 @@ class SozuAdapter:
                     if k not in live_after.objects and self.hides(k, v):
                         live_after.objects[k] = v
             self._assumed_epoch = self.channel.epoch
-            if self.keep_read_after_apply and _only_ours(now, after, report):
-                # Nothing but our own requests reached sozu's main state during the apply, and its end
-                # state is known without a read: the next probe compares against this.
-                self._cache = (after.epoch, after, report.live_after)
-                self.read_fingerprint = after
-            else:
-                # A probe taken now could already include a change made after the final re-read (or
-                # while we applied): the next read is a full one.
-                self._cache = None
-                self.read_fingerprint = None
+            # Keep the prediction as the cached read only when nothing but our requests can have changed
+            # sozu since the read it was predicted from (class docstring); else the next read is full.
+            keep = self.keep_read_after_apply and self._prediction_holds(report, now, after)
+            self._cache = (self.channel.epoch, after, report.live_after) if keep else None
+            # the daemon's probe loop compares with this: None makes its next probe trigger one more sync
+            self.read_fingerprint = None
+            self.log.debug("sozu.apply_cache", kept=keep)
             return ApplyOutcome(
                 requests_sent=sum(by_type.values()),
                 requests_by_type=dict(by_type),
@@ -204,25 +208,18 @@ class SozuAdapter:
                 failures=failures,
             )
 
-
-def counter_name(kind: str) -> str:
-    """sozu's name of a request type in its request counters (``add_backend`` -> ``AddBackend``)."""
-    return "".join(word[:1].upper() + word[1:] for word in kind.split("_"))
-
-
-def _only_ours(before: Fingerprint, after: Fingerprint, report: ApplyReport) -> bool:
-    """Whether sozu's live state after an apply is the apply's own prediction: every request was
-    accepted, nothing was read again (every round predicted from an exact read), the connection is the
-    same, and the request counters moved by exactly our requests, type by type. A type whose counter
-    did not exist before is ambiguous (sozu may start a counter at 1 or at 2): not ours."""
-    if not report.converged or report.failures or report.live_reads or report.batches:
-        return False
-    if before.epoch != after.epoch:
-        return False
-    ours: Counter[str] = Counter()
-    for kind, n in report.requests_by_type.items():
-        ours[counter_name(kind)] += n
-    was, now = dict(before.request_counts), dict(after.request_counts)
-    if any(name not in was for name in ours):
-        return False
-    return all(now.get(name, 0) - was.get(name, 0) == ours.get(name, 0) for name in was.keys() | now.keys())
+    def _prediction_holds(self, report: ApplyReport, before: Fingerprint, after: Fingerprint) -> bool:
+        """Whether ``report.live_after`` is what sozu holds at ``after``: every request accepted, nothing
+        read again (every round predicted from an exact read), no batch, the same connection, and the
+        request counters moved by exactly our requests (:func:`sozud.state.live.counts_explained`)."""
+        last = report.last_read
+        return (
+            report.converged
+            and not report.failures
+            and not report.batches
+            and report.live_reads == 0
+            and last is not None
+            and last.exact
+            and before.epoch == after.epoch == self.channel.epoch
+            and counts_explained(before, after, report.requests_by_type)
+        )

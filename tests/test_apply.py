@@ -489,3 +489,108 @@ async def test_batch_apply_under_the_published_cap_is_answered(workdir: str, ver
         live = await saved(ch, workdir)
     assert report.converged and report.batches and all(b.ok for b in report.batches)
     assert live == desired
+
+
+# --- scope: the caller says where live and desired differ ---------------------------------------------------
+
+
+def _scope_base(version: SozuVersion) -> ConfigState:
+    state = build.fleet_state(40, listener="127.0.0.1:18080", version=version)
+    # a second backend at app-000003's address: removing one of them re-adds the other
+    state.add("backend", build.backend("app-000003", "app-000003-1", "10.0.0.3:8000"))
+    return state
+
+
+def _weight_changed(desired: ConfigState) -> None:
+    desired.add("backend", build.backend("app-000007", "app-000007-0", "10.0.0.7:8000", weight=3))
+
+
+def _frontend_added_and_removed(desired: ConfigState) -> None:
+    desired.add("http_frontend", build.http_frontend("app-000001", "127.0.0.1:18080", "new.example.com"))
+    (gone,) = [k for k in desired.objects if k[0] == "http_frontend" and "app-000002." in k[1]]
+    del desired.objects[gone]
+
+
+def _cluster_removed(desired: ConfigState) -> None:
+    for k in [k for k in desired.objects if "app-000005" in k[1]]:
+        del desired.objects[k]  # the cluster, its backend and its frontend
+
+
+def _backend_at_a_shared_address_removed(desired: ConfigState) -> None:
+    del desired.objects[("backend", "app-000003", "app-000003-0", "10.0.0.3:8000")]
+
+
+SCOPE_CASES = {
+    "backend weight": _weight_changed,
+    "frontend added and removed": _frontend_added_and_removed,
+    "cluster removed with its backends": _cluster_removed,
+    "backend removed beside a kept one": _backend_at_a_shared_address_removed,
+}
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["save_state", "queries"])
+@pytest.mark.parametrize("case", sorted(SCOPE_CASES))
+async def test_a_scoped_apply_sends_what_a_full_apply_sends(
+    workdir: str, case: str, exact: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With scope = the keys that differ, the same requests reach sozu and it ends in the same state;
+    every plan (the first one included) is built from a few objects, not from the whole state."""
+    import sozud.state.plan as plan_module
+
+    sizes: list[int] = []
+    real_builder = plan_module.StepBuilder
+
+    def recording_builder(live: ConfigState, desired: ConfigState) -> object:
+        sizes.append(len(live))
+        return real_builder(live, desired)
+
+    monkeypatch.setattr(plan_module, "StepBuilder", recording_builder)
+    version = SozuVersion(2, 1, 0)
+    before = _scope_base(version)
+    desired = before.copy()
+    SCOPE_CASES[case](desired)
+    scope = [k for k in before.objects.keys() | desired.objects.keys() if before.get(k) != desired.get(k)]
+    from sozud.state.codec import write_state_file
+
+    results = []
+    for with_scope in (False, True):
+        sizes.clear()
+        async with sozu(workdir, "2.1.0") as (fake, ch):
+            fake.state.load_state_file(write_state_file(before))
+            shared_dir = workdir if exact else None
+            initial = await read_live_report(ch, shared_dir=shared_dir)
+            start = len(fake.requests)
+            report = await apply_plan(
+                ch, desired, shared_dir=shared_dir, initial=initial, scope=scope if with_scope else None
+            )
+            sent = [r.SerializeToString(deterministic=True) for r in fake.requests[start:]]
+            results.append((sent, await saved(ch, workdir), report.plan_digest, report.live_after))
+            if with_scope:
+                assert sizes and max(sizes) <= 4, sizes
+            else:
+                assert sizes[0] == len(before)
+    (full_sent, full_after, full_digest, full_live), (scoped_sent, scoped_after, scoped_digest, scoped_live) = results
+    assert scoped_sent == full_sent
+    assert scoped_digest == full_digest
+    assert scoped_after == full_after == desired
+    assert scoped_live == full_live == desired
+
+
+async def test_a_scoped_apply_leaves_what_is_outside_the_scope(workdir: str) -> None:
+    """The caller vouches for the keys outside the scope: a difference there is not planned."""
+    version = SozuVersion(2, 1, 0)
+    before = _scope_base(version)
+    desired = before.copy()
+    _weight_changed(desired)
+    desired.add("cluster", build.cluster("outside"))
+    key = ("backend", "app-000007", "app-000007-0", "10.0.0.7:8000")
+    from sozud.state.codec import write_state_file
+
+    async with sozu(workdir, "2.1.0") as (fake, ch):
+        fake.state.load_state_file(write_state_file(before))
+        initial = await read_live_report(ch, shared_dir=workdir)
+        report = await apply_plan(ch, desired, shared_dir=workdir, initial=initial, scope=[key])
+        after = await saved(ch, workdir)
+    assert report.converged and report.requests_by_type == {"add_backend": 1}
+    assert ("cluster", "outside") not in after
+    assert after.objects[key] == desired.objects[key]

@@ -298,9 +298,11 @@ async def test_a_burst_of_agent_events_is_read_once_not_once_per_event() -> None
         b.daemon.trigger("after_the_burst")  # coalesces with the burst's triggers when they coalesce
         # last_reason is set when a sync starts, syncs_attempted when it ends: wait for both
         await wait_until(
-            lambda: b.daemon is not None
-            and "after_the_burst" in (b.daemon.status.last_reason or "")
-            and b.daemon.syncs_attempted > syncs,
+            lambda: (
+                b.daemon is not None
+                and "after_the_burst" in (b.daemon.status.last_reason or "")
+                and b.daemon.syncs_attempted > syncs
+            ),
             what="b to finish a sync after the burst",
         )
         manifest_reads = [

@@ -19,7 +19,7 @@ from sozud.proto import command_pb2 as pb
 from sozud.serde import parse_address
 from sozud.socket_proto import SozuChannel
 from sozud.state.codec import parse_state_file
-from sozud.state.live import Fingerprint, probe, read_live, read_live_report
+from sozud.state.live import Fingerprint, counter_name, counts_explained, probe, read_live, read_live_report
 from sozud.state.model import ConfigState
 from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import SozuVersion
@@ -344,3 +344,34 @@ async def test_the_probe_works_when_the_cluster_hashes_exceed_sozus_reply_cap(wo
     finally:
         await ch.aclose()
         await fake.stop()
+
+
+# --- what the counters prove after an apply ----------------------------------------------------------------
+
+
+def _fp(epoch: int, **counts: int) -> Fingerprint:
+    return Fingerprint(epoch=epoch, request_counts=tuple(sorted(counts.items())))
+
+
+def test_counter_names_are_the_request_in_camel_case() -> None:
+    from sozud.testing._sozu_state import request_name  # the simulator's own rule
+
+    for kind in ("add_backend", "remove_http_frontend", "activate_listener", "update_https_listener", "logging"):
+        assert counter_name(kind) == request_name(kind)
+    assert counter_name("add_backend") == "AddBackend"
+
+
+def test_counts_explained_only_by_exactly_our_requests() -> None:
+    before = _fp(1, AddBackend=5, AddCluster=2)
+    sent = {"add_backend": 2, "add_cluster": 1}
+    assert counts_explained(before, _fp(1, AddBackend=7, AddCluster=3), sent)
+    assert not counts_explained(before, _fp(2, AddBackend=7, AddCluster=3), sent), "another connection"
+    assert not counts_explained(before, _fp(1, AddBackend=8, AddCluster=3), sent), "one more of our type"
+    assert not counts_explained(before, _fp(1, AddBackend=7, AddCluster=3, RemoveCluster=2), sent), "another type"
+    assert not counts_explained(before, _fp(1, AddBackend=6, AddCluster=3), sent), "one of ours not counted"
+    # a counter that did not exist: its first value (1 or 2) depends on sozu's version
+    assert not counts_explained(before, _fp(1, AddBackend=5, AddCluster=2, RemoveBackend=1), {"remove_backend": 1})
+    assert not counts_explained(before, _fp(1, AddBackend=5, AddCluster=2, RemoveBackend=2), {"remove_backend": 1})
+    # requests sozu does not count (reads) are not explained by anything
+    assert not counts_explained(before, before, {"save_state": 1})
+    assert counts_explained(before, before, {})

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from strategies import backend, certificate, http_frontend, l4_frontend, sock, state_pairs
+from strategies import backend, certificate, http_frontend, l4_frontend, listener, sock, state_pairs
 
 import sozud.state.plan as plan_module
 from sozud.errors import SozudError, UnsafePlanError, VersionMismatchError
@@ -18,7 +18,7 @@ from sozud.proto import command_pb2 as pb
 from sozud.state.model import FRONTEND_KIND_OF_LISTENER, ConfigState, Kind, ObjKey, copy_message
 from sozud.state.plan import Plan, plan
 from sozud.testing import builders as build
-from sozud.versions import V0_15_19, V2_1_0, SozuVersion
+from sozud.versions import V0_15_19, V1_1_1, V2_1_0, SozuVersion
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -52,6 +52,9 @@ def overlaid(live: ConfigState, desired: ConfigState, scope: Collection[ObjKey])
 @st.composite
 def scoped_cases(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, Collection[ObjKey]]:
     live, desired = draw(state_pairs())
+    for key in [k for k in live.objects if k[0] == "listener"]:
+        if draw(st.booleans()):  # a changed listener (often one that must be rebuilt) rather than a new one
+            desired.objects[key] = draw(listener(key[1], key[2], live.version))
     # Objects both states hold unchanged, from the same pools as the drawn ones: enough of them for a
     # scope to be small next to live (so the scoped path runs), and objects that planning a drawn one
     # looks at: backends sharing (cluster_id, address) with a removed one (re-added), frontends and
@@ -80,9 +83,14 @@ def scoped_cases(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, Collection[
         desired.add(kind, copy_message(value))
     keys = sorted(live.objects.keys() | desired.objects.keys())
     differing = [k for k in keys if not _same(live.objects.get(k), desired.objects.get(k))]
-    mode = draw(st.sampled_from(["any", "differing", "differing_and_more", "some_differing", "one_differing"]))
+    modes = ["any", "differing", "differing_and_more", "some_differing", "one_differing", "one_differing"]
+    mode = draw(st.sampled_from(modes))
     if mode == "one_differing":  # the common case: one change (its kind decides the path)
-        scope = [draw(st.sampled_from(differing))] if differing else []
+        if differing:  # a kind first, so that rarer kinds (listeners) come up as often as the others
+            kind = draw(st.sampled_from(sorted({k[0] for k in differing})))
+            scope = [draw(st.sampled_from([k for k in differing if k[0] == kind]))]
+        else:
+            scope = []
     elif mode == "any":
         scope = draw(st.lists(st.sampled_from(keys), unique=True)) if keys else []
     elif mode == "differing":
@@ -246,3 +254,51 @@ def test_the_safety_valve_counts_the_whole_state() -> None:
 def test_a_scoped_plan_still_checks_the_versions() -> None:
     with pytest.raises(VersionMismatchError):
         plan(ConfigState(V0_15_19), ConfigState(V2_1_0), scope=[])
+
+
+def _rebuilt_listener() -> tuple[ConfigState, ConfigState, ObjKey]:
+    live = build.fleet_state(8, version=V1_1_1)  # 1.x has no update_*_listener: any change rebuilds
+    desired = live.shallow_copy()
+    (key,) = [k for k in live.objects if k[0] == "listener"]
+    value = copy_message(live.objects[key])
+    setattr(value, "front_timeout", 77)  # noqa: B010
+    desired.objects[key] = value
+    return live, desired, key
+
+
+def _l4_group(kind: str) -> tuple[ConfigState, ConfigState, ObjKey]:
+    live = build.fleet_state(8)
+    cls = pb.RequestTcpFrontend if kind == "tcp_frontend" else pb.RequestUdpFrontend
+    gone = live.add(kind, cls(cluster_id="app-000001", address=sock("127.0.0.1:9000")))  # type: ignore[arg-type]
+    kept = cls(cluster_id="app-000001", address=sock("127.0.0.1:9000"))
+    kept.tags["env"] = "a"
+    live.add(kind, kept)  # type: ignore[arg-type]
+    desired = live.shallow_copy()
+    del desired.objects[gone]
+    return live, desired, gone
+
+
+def _shared_address() -> tuple[ConfigState, ConfigState, ObjKey]:
+    live = build.fleet_state(8)
+    gone = live.add("backend", build.backend("app-000001", "other", "10.0.0.1:8000"))  # beside app-000001-0
+    desired = live.shallow_copy()
+    del desired.objects[gone]
+    return live, desired, gone
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(_rebuilt_listener, id="rebuilt listener: its frontends are removed and added again"),
+        pytest.param(lambda: _l4_group("tcp_frontend"), id="tcp frontend group: the kept one is re-added"),
+        pytest.param(lambda: _l4_group("udp_frontend"), id="udp frontend group: the kept one is re-added"),
+        pytest.param(_shared_address, id="backend at a shared address: the kept one is re-added"),
+    ],
+)
+def test_one_change_whose_plan_involves_unchanged_objects(case: Callable[[], Any]) -> None:
+    """Each case's plan has steps for objects outside the scope: a scoped plan must still hold them."""
+    live, desired, key = case()
+    full = plan(live, desired)
+    scoped = plan(live, desired, scope=[key])
+    assert any(s.key != key for s in full.steps)
+    assert _steps(scoped) == _steps(full)

@@ -26,6 +26,13 @@ the desired state that the read cannot see are counted as present once the main 
 request for them, so such a plan still converges; objects of that kind in sozu that the desired state
 lacks cannot be removed (the report's notes say so).
 
+**Scope.** Every re-plan only finishes what the first plan set out to do: it plans the keys the first
+plan changed (``plan(..., scope=)``), so a change an operator makes meanwhile is left for the next sync,
+and a round costs O(keys changed) rather than O(state). A caller that knows where live and desired can
+differ passes ``scope=`` to ``apply_plan``: the first plan is then of those keys too (and what differs
+outside them is left alone), and no step of a clean apply from an exact read walks the whole state
+(a predicted round copies the live mapping once).
+
 A lost connection (``SozuConnectionError``) is not handled here: it propagates, and the caller
 re-syncs after reconnecting. A timeout (the request's effect is unknown) ends the round like a failure.
 
@@ -136,8 +143,9 @@ async def apply_plan(
     bytes of records, each given ``load_state_timeout_s``. ``max_removal_ratio``, ``force``,
     ``desired_is_complete``: the planner's safety valve, applied to every (re)plan. ``records``: the
     caller's cache of SaveState records (a re-read decodes only what changed). ``scope``: the caller
-    knows that live already equals ``desired`` outside these keys; every plan then looks at them only
-    (``plan(..., scope=)``), so a small change costs its keys, not the state.
+    guarantees that live already equals ``desired`` outside these keys (e.g. the keys a merge changed);
+    planning then costs O(len(scope)) instead of O(len(live)) (see ``plan(..., scope=)``), and
+    differences outside the scope are left alone.
 
     Raises ``UnsafePlanError`` (from the planner) when the safety valve refuses the plan and ``force``
     is false, before anything is sent; ``ConvergenceError`` when the live state still differs at the
@@ -157,17 +165,14 @@ async def apply_plan(
         force=force,
         desired_is_complete=desired_is_complete,
         records=records,
+        scope=scope,
     )
     report = run.report
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
     live = initial if initial is not None else await run.read()
-    if scope is not None:
-        run.scope = _differing_keys(live.state, desired, run.assumed, among=scope)
-        run.scoped = True
     current = run.replan(live)
     _preflight(ch, current)
-    if scope is None:
-        run.scope = _differing_keys(live.state, desired, run.assumed)
+    run.scope = _differing_keys(live.state, desired, run.assumed, run.scope)
     report.plan_digest = current.digest()
     report.first_plan_steps = len(current.steps)
     run.log.info("sozu.apply_planned", steps=len(current.steps), plan=report.plan_digest[:12])
@@ -215,6 +220,7 @@ class _Apply:
         force: bool,
         desired_is_complete: bool,
         records: RecordCache | None = None,
+        scope: Collection[ObjKey] | None = None,
     ) -> None:
         self.cch = _CountingChannel(ch)
         self.records = records
@@ -227,8 +233,9 @@ class _Apply:
         self.log = get_logger()
         # Objects the read cannot see but that the main state took from our own requests.
         self.assumed: dict[ObjKey, Message] = {}
-        self.scope: set[ObjKey] | None = None  # the keys the first plan changes; later rounds touch only those
-        self.scoped = False  # plans look at ``scope`` only (the caller vouched that nothing else differs)
+        # The keys planned: the caller's scope for the first plan (None: every key), then the keys the
+        # first plan changes (later rounds touch only those).
+        self.scope: set[ObjKey] | None = None if scope is None else set(scope)
         self.given_up: set[ObjKey] = set()  # changed objects whose new value sozu refused (old value restored)
         self.report = ApplyReport(plan_digest="", first_plan_steps=0, live_after=ConfigState(desired.version))
 
@@ -250,39 +257,23 @@ class _Apply:
         if extra:
             view = r.state.shallow_copy()
             view.objects.update(extra)
-        target = self.desired
-        if self.scoped and self.scope is not None:
-            return plan(
-                view,
-                target,
-                max_removal_ratio=self.max_removal_ratio,
-                force=self.force,
-                desired_is_complete=self.desired_is_complete,
-                scope=self.scope,
-            )
-        if self.scope is not None:
-            # A re-plan only finishes what the first plan set out to do: any other difference appeared
-            # while we applied (an operator's request) and is left alone for the next sync to merge.
-            target = view.shallow_copy()
-            for k in self.scope:
-                v = self.desired.objects.get(k)
-                if v is None:
-                    target.objects.pop(k, None)
-                else:
-                    target.objects[k] = v
+        # A re-plan only finishes what the first plan set out to do (the scope): any other difference
+        # appeared while we applied (an operator's request) and is left alone for the next sync to merge.
         return plan(
             view,
-            target,
+            self.desired,
             max_removal_ratio=self.max_removal_ratio,
             force=self.force,
             desired_is_complete=self.desired_is_complete,
+            scope=self.scope,
         )
 
     def predict(self, live: LiveRead, sent: Plan) -> tuple[LiveRead, Plan] | None:
         """What sozu holds after accepting every step of ``sent`` from ``live``, without reading it again,
         and the (empty) plan from it: only from an exact read (SaveState), and only when the planner agrees
-        nothing is left (else None: read). The next sync reads sozu in full anyway (the adapter drops its
-        cached read after an apply)."""
+        nothing is left (else None: read). Costs one copy of the live mapping, the steps, and a plan of
+        the scope. The adapter keeps the prediction as its cached read only when sozu's request counters
+        show that nothing but these requests reached sozu (``sozud.adapters.SozuAdapter.apply``)."""
         if not live.exact:
             return None
         state = live.state.shallow_copy()
@@ -378,17 +369,15 @@ async def _restore(cch: _CountingChannel, key: ObjKey, old: Message, round_no: i
 
 
 def _differing_keys(
-    live: ConfigState,
-    desired: ConfigState,
-    assumed: dict[ObjKey, Message],
-    *,
-    among: Collection[ObjKey] | None = None,
+    live: ConfigState, desired: ConfigState, assumed: dict[ObjKey, Message], scope: set[ObjKey] | None
 ) -> set[ObjKey]:
-    """The keys whose value differs between live (with what is assumed) and desired; only ``among`` them
-    when given."""
+    """The keys where live (with what we assume it holds) and desired differ, among ``scope`` (None:
+    every key: a full pass over both states)."""
+    if scope is None:
+        view = {**live.objects, **assumed}
+        return {k for k in view.keys() | desired.objects.keys() if view.get(k) != desired.objects.get(k)}
     have, want = live.objects, desired.objects
-    keys = (have.keys() | assumed.keys() | want.keys()) if among is None else among
-    return {k for k in keys if assumed.get(k, have.get(k)) != want.get(k)}
+    return {k for k in scope if (assumed[k] if k in assumed else have.get(k)) != want.get(k)}
 
 
 def _convergence_message(report: ApplyReport) -> str:

@@ -56,6 +56,16 @@ sent it; never decreasing while sozu runs). It also carries the channel's connec
 restart (which resets the counters) reads as a change even when the counters happen to match. It does
 not ask for ``query_clusters_hashes``: its reply grows with the cluster count, and 2.x closes the
 connection on a reply above ``max_command_buffer_size`` (2 MB by default: about 80,000 clusters).
+
+The counters also tell whether anything but our own requests reached sozu while we applied a plan
+(:func:`counts_explained`): probe before the first request and after the last one; when, for every
+counter, the increase is exactly the number of our requests of that type (sozu names a counter after
+the request in CamelCase, :func:`counter_name`), nobody else changed sozu in between, and what sozu
+holds is what our accepted requests made of the state read before. A counter that did not exist before
+proves nothing: sozu starts a new counter at 1 or at 2 depending on its version (``or_insert(1)`` then
+``+= 1`` in 2.x), so an increase there cannot be told from an operator's request of the same type. The
+adapter (:class:`sozud.adapters.SozuAdapter`) uses this to keep its prediction of the state after an
+apply instead of reading sozu again in full.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ import asyncio
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +92,8 @@ __all__ = [
     "Fingerprint",
     "LiveRead",
     "SozuRequester",
+    "counter_name",
+    "counts_explained",
     "derived_names",
     "probe",
     "read_live",
@@ -114,6 +127,30 @@ async def probe(ch: SozuRequester) -> Fingerprint:
     counts = await ask(ch, pb.Request(count_requests=pb.CountRequests()), "request_counts")
     # the epoch of the connection that answered (a request may reconnect first): counts and epoch agree
     return Fingerprint(epoch=ch.epoch, request_counts=tuple(sorted(counts.request_counts.map.items())))
+
+
+def counter_name(kind: str) -> str:
+    """sozu's ``count_requests`` name of a request type: the request's oneof field in CamelCase
+    (``add_backend`` -> ``AddBackend``)."""
+    return "".join(part[:1].upper() + part[1:] for part in kind.split("_"))
+
+
+def counts_explained(before: Fingerprint, after: Fingerprint, sent: Mapping[str, int]) -> bool:
+    """Whether the counters went from ``before`` to ``after`` by exactly the requests ``sent`` (request
+    type, e.g. ``add_backend`` -> how many), on one connection: then no other configuration request
+    reached sozu in between. False when a type we sent had no counter in ``before`` (its first value is
+    ambiguous, see the module docstring)."""
+    if before.epoch != after.epoch:
+        return False
+    was, now = dict(before.request_counts), dict(after.request_counts)
+    ours: dict[str, int] = {}
+    for kind, n in sent.items():
+        if n:
+            name = counter_name(kind)
+            ours[name] = ours.get(name, 0) + n
+    if any(name not in was for name in ours):
+        return False
+    return all(now.get(name, 0) - was.get(name, 0) == ours.get(name, 0) for name in was.keys() | now.keys())
 
 
 # --- full read ----------------------------------------------------------------------------------------

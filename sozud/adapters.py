@@ -15,6 +15,7 @@ from sozud.state.apply import ApplyReport, apply_plan
 from sozud.state.codec import RecordCache
 from sozud.state.live import Fingerprint, LiveRead, counts_explained, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
+from sozud.state.plan import diff
 from sozud.sync import ApplyOutcome
 from sozud.versions import SozuVersion
 
@@ -61,6 +62,7 @@ class SozuAdapter:
         # changed after it is not in that state, so the daemon compares later probes against this one.
         self.read_fingerprint: Fingerprint | None = None
         self.restarts = 0
+        self.stale_reads = 0  # fresh reads that found the cached one wrong (sozud.sync.SozuPort.stale_reads)
         self.live_version = 0  # bumped by every full read and every apply (sozud.sync.SozuPort.live_version)
         # Keep the live read after an apply that the request counters prove was ours alone (off by default
         # until a first-start convergence failure seen with it is understood; see the issue 10 note).
@@ -128,16 +130,25 @@ class SozuAdapter:
                 state.objects[k] = v
         return state
 
-    async def read_live(self) -> ConfigState:
+    async def read_live(self, *, fresh: bool = False) -> ConfigState:
+        """sozu's live state: the cached read while the probe says nothing changed, unless ``fresh``."""
         async with self._lock:
             # No explicit connect(): requests reconnect within their own timeout, so a sozu that is down
             # ends this read with an error naming the socket instead of waiting forever.
             fingerprint = self._observe(await probe(self.channel))
             self.read_fingerprint = fingerprint
             epoch = self.channel.epoch
-            if self._cache is not None and self._cache[0] == epoch and self._cache[1] == fingerprint:
-                return self._cache[2].shallow_copy()
+            c = self._cache
+            if not fresh and c is not None and c[0] == epoch and c[1] == fingerprint:
+                return c[2].shallow_copy()
             state = await self._read()
+            if c is not None and c[0] == epoch and c[1] == fingerprint and not state.same_as(c[2]):
+                self.stale_reads += 1
+                self.log.warning(
+                    "sozu.cached_read_stale",
+                    differing_objects=len(diff(state, c[2])),
+                    action="the fresh read is used; the probe did not show this change",
+                )
             # The probe is taken before the read: a change racing with the read shows up next time.
             self._cache = (epoch, fingerprint, state)
             return state.shallow_copy()

@@ -143,10 +143,15 @@ class SyncEngine:
         restarts = self.sozu.restarts
         restarted = self._seen_restarts is not None and restarts != self._seen_restarts
         settled, self._settled = self._settled, None  # set again only by a step that ends settled
-        full_check = reason == "periodic_resync" or self._since_full_check >= self.settings.full_check_every
-        inputs = await self._read_inputs(restarted, settled, full_check or self.settings.verify_incremental)
+        full_check = "periodic_resync" in reason.split(",") or self._since_full_check >= self.settings.full_check_every
+        inputs = await self._read_inputs(restarted, settled, full_check, self.settings.verify_incremental)
         report = SyncReport(reason=reason, outcome="in_sync")
-        decision = self._decide(inputs, restarted, full_check, report)
+        decision = self._decide(inputs, restarted, report)
+        if full_check:
+            self._since_full_check = 0
+        if inputs.stale_read:
+            self.incremental_disagreements += 1
+            report.incremental_disagreed = True
         report.generation = inputs.meta.generation if inputs.meta else 0
         report.origin = inputs.meta.origin if inputs.meta else ""
         report.conflicts = list(decision.conflicts)
@@ -165,9 +170,9 @@ class SyncEngine:
         report.duration_s = time.monotonic() - started
         return report
 
-    def _decide(self, inputs: SyncInputs, restarted: bool, full_check: bool, report: SyncReport) -> Decision:
-        """:func:`decide`, or, when the step is incremental, :func:`decide_settled`; a full check (or
-        ``verify_incremental``) computes both and takes the full one, counting a disagreement as drift."""
+    def _decide(self, inputs: SyncInputs, restarted: bool, report: SyncReport) -> Decision:
+        """:func:`decide`, or, when the step is incremental, :func:`decide_settled`; ``verify_incremental``
+        computes both and takes the full one when they disagree (counted and logged)."""
 
         def full() -> Decision:
             return decide(
@@ -182,31 +187,33 @@ class SyncEngine:
         if inputs.changed is None or inputs.shared is None:
             return full()
         fast = decide_settled(inputs.shared, inputs.changed)
-        if not (full_check or self.settings.verify_incremental):
-            self.incremental_steps += 1
-            self._since_full_check += 1
-            report.incremental = True
-            return fast
-        self._since_full_check = 0
-        checked = full()
-        if not same_decision(fast, checked):
-            self.incremental_disagreements += 1
-            report.incremental_disagreed = True
-            self.log.warning(
-                "sync.incremental_disagreed",
-                incremental_objects=len(fast.desired),
-                full_objects=len(checked.desired),
-                differing_objects=drift(fast.desired, checked.desired),
-                action="the full decision is taken",
-            )
-            inputs.changed = None  # the rest of the step is a full one too
-            return checked
+        if self.settings.verify_incremental:
+            checked = full()
+            if not same_decision(fast, checked):
+                self.incremental_disagreements += 1
+                report.incremental_disagreed = True
+                self.log.warning(
+                    "sync.incremental_disagreed",
+                    incremental_objects=len(fast.desired),
+                    full_objects=len(checked.desired),
+                    differing_objects=drift(fast.desired, checked.desired),
+                    action="the full decision is taken",
+                )
+                inputs.changed = None  # the rest of the step (apply, drift check) looks at the whole state
+                return checked
         self.incremental_steps += 1
+        self._since_full_check += 1
         report.incremental = True
         return fast
 
-    async def _read_inputs(self, restarted: bool, settled: _Settled | None, fill_all: bool) -> SyncInputs:
-        live = await self.sozu.read_live()
+    async def _read_inputs(
+        self, restarted: bool, settled: _Settled | None, full_check: bool, verify: bool
+    ) -> SyncInputs:
+        # A full check reads sozu in full (the adapter compares it with the read the probe vouched for)
+        # and takes the full path: anti-entropy for everything the incremental path takes on trust.
+        stale = self.sozu.stale_reads
+        live = await self.sozu.read_live(fresh=full_check and self.settings.incremental)
+        stale_read = self.sozu.stale_reads != stale
         version = self.sozu.version
         data, meta_bytes = await self.shared.read()
         meta = self._parse_meta(meta_bytes)
@@ -258,13 +265,14 @@ class SyncEngine:
             and not repair
             and not restarted
             and self.sozu.live_version == settled.live_version
+            and not full_check
         ):
             # live, the merge base and the previous shared state are one state: only what shared
             # changed can differ (docs/sync.md, "Incremental steps")
             changed = parsed.changed
         if merge_base is not None:
             # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
-            for k in merge_base.objects if (changed is None or fill_all) else changed:
+            for k in merge_base.objects if (changed is None or full_check or verify) else changed:
                 v = merge_base.objects.get(k)
                 if v is not None and k not in live.objects and self.sozu.hides(k, v):
                     live.objects[k] = v
@@ -272,6 +280,7 @@ class SyncEngine:
         if data is not None and shared is not None:
             inputs.shared_data, inputs.shared_digest = data, shared_digest
         inputs.changed = changed
+        inputs.stale_read = stale_read
         inputs.previous = parsed.previous if parsed is not None else None
         return inputs
 

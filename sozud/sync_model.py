@@ -35,7 +35,16 @@ class SozuPort(Protocol):
         """How many times sozu was seen to restart (a new main process) since sozud started."""
         ...
 
-    async def read_live(self) -> ConfigState: ...
+    async def read_live(self, *, fresh: bool = False) -> ConfigState:
+        """The live state; ``fresh``: read sozu in full even when a cheap probe says nothing changed (the
+        engine's periodic full check)."""
+        ...
+
+    @property
+    def stale_reads(self) -> int:
+        """Fresh reads that found sozu holding something else than the cached read its probe vouched for
+        (should stay 0: each one is counted as an incremental disagreement)."""
+        ...
 
     @property
     def live_version(self) -> int:
@@ -174,3 +183,4 @@ class SyncInputs:
     # (settled) step parsed, which live and the merge base equal (None: a full step)
     changed: frozenset[ObjKey] | None = None
     previous: ConfigState | None = None
+    stale_read: bool = False  # a full check found the read the probe vouched for wrong (SozuPort.stale_reads)

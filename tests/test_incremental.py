@@ -190,3 +190,25 @@ async def test_a_remote_change_takes_the_incremental_path_and_sends_one_request(
         assert _live(a) == _live(b)
         reads = [request_kind(r) for r in a.sozu.requests[mark:]]
         assert "save_state" not in reads, f"no full live read around an incremental step: {reads}"
+
+
+async def test_the_periodic_resync_reads_sozu_in_full_and_counts_what_the_probe_missed() -> None:
+    """A change the request counters do not show (here: made behind the simulator's back) is invisible to
+    incremental steps; the periodic resync reads sozu in full, counts the stale read, and syncs it."""
+    async with world(True) as (a, b):
+        for n in (a, b):
+            n.engine.settings.verify_incremental = False
+        cid = "app-000004"
+        hidden = build.backend(cid, f"{cid}-0", _address(4), weight=42)
+        a.sozu.state.backends[cid] = [hidden]  # no request, no counter: the probe cannot see it
+        operator(b.sozu, ("weight", 3, 7))
+        await b.engine.sync_once("test")
+        report = await a.engine.sync_once("opensvc_change")
+        assert report.incremental and not report.pushed
+        assert a.engine.incremental_disagreements == 0
+        report = await a.engine.sync_once("opensvc_change,periodic_resync")
+        assert not report.incremental and report.incremental_disagreed and report.pushed
+        assert a.engine.incremental_disagreements == 1
+        await b.engine.sync_once("test")
+        weights = [x.load_balancing_parameters.weight for x in b.sozu.state.backends[cid]]
+        assert weights == [42], "the change reached the other node"

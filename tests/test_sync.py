@@ -39,10 +39,11 @@ class MemSozu:
     def __init__(self, live: ConfigState) -> None:
         self.live = live
         self.restarts = 0
+        self.stale_reads = 0
         self.applies = 0
         self.version = V2
 
-    async def read_live(self) -> ConfigState:
+    async def read_live(self, *, fresh: bool = False) -> ConfigState:
         return self.live.copy()
 
     @property

@@ -236,8 +236,8 @@ async def test_a_change_made_during_a_sync_triggers_the_next_one() -> None:
         real_read = adapter.read_live
         changed = asyncio.Event()
 
-        async def read_then_operator_changes_sozu() -> Any:
-            state = await real_read()
+        async def read_then_operator_changes_sozu(**kwargs: Any) -> Any:
+            state = await real_read(**kwargs)
             if not changed.is_set():  # right after this sync's read, an operator adds a cluster
                 changed.set()
                 assert node.sozu.state.dispatch(pb.Request(add_cluster=build.cluster("during"))) is None

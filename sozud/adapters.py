@@ -139,14 +139,15 @@ class SozuAdapter:
             self.read_fingerprint = fingerprint
             epoch = self.channel.epoch
             c = self._cache
-            if not fresh and c is not None and c[0] == epoch and c[1] == fingerprint:
-                return c[2].shallow_copy()
+            vouched = c if c is not None and c[0] == epoch and c[1] == fingerprint else None
+            if vouched is not None and not fresh:
+                return vouched[2].shallow_copy()
             state = await self._read()
-            if c is not None and c[0] == epoch and c[1] == fingerprint and not state.same_as(c[2]):
+            if vouched is not None and not state.same_as(vouched[2]):
                 self.stale_reads += 1
                 self.log.warning(
                     "sozu.cached_read_stale",
-                    differing_objects=len(diff(state, c[2])),
+                    differing_objects=len(diff(state, vouched[2])),
                     action="the fresh read is used; the probe did not show this change",
                 )
             # The probe is taken before the read: a change racing with the read shows up next time.
@@ -192,14 +193,13 @@ class SozuAdapter:
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read
+            live_after = report.live_after.shallow_copy()  # the caller's; the cache keeps the original
             if self._last_read is not None and self._last_read.exact:
                 self._assumed = {}  # an exact read hides nothing
-                live_after = report.live_after.shallow_copy()
             else:
                 # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
                 # show is remembered for later reads
                 self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
-                live_after = report.live_after.shallow_copy()
                 for k, v in self._assumed.items():
                     if k not in live_after.objects and self.hides(k, v):
                         live_after.objects[k] = v

@@ -85,11 +85,9 @@ class EngineSettings:
     # A plain state file kept equal to the state sozu runs once in sync (sozu's saved_state: a restarted
     # sozu boots from it, since the shared state itself is sharded in OpenSVC).
     boot_state_file: str | None = None
-    # Steps after a settled one cost what changed (docs/sync.md, "Incremental steps"); every
-    # ``full_check_every``-th such step, and every periodic resync, takes the full path and checks that
-    # both agree. False: every step takes the full path.
-    # Off by default: a seeded first-start run (3 nodes, 1.1.1) once failed to converge with it on; until
-    # that is understood the daemon takes the full path (see the issue 10 note).
+    # Steps after a settled one cost what changed (docs/sync.md, "Incremental steps"); every periodic
+    # resync and every ``full_check_every``-th step reads sozu in full and takes the full path. Off by
+    # default: the first-start test misses its deadline now and then with it on, unexplained so far.
     incremental: bool = False
     full_check_every: int = 100
     # Compute the full decision beside every incremental one and compare (tests; costs O(state)).
@@ -123,7 +121,7 @@ class SyncEngine:
         self._settled: _Settled | None = None
         self._since_full_check = 0
         self.incremental_steps = 0  # steps that took the incremental path
-        self.incremental_disagreements = 0  # full checks that found the incremental path wrong (counted as drift)
+        self.incremental_disagreements = 0  # stale cached reads found by a full check, and verify mismatches
         # The state/metadata mismatch being waited out, and since when (monotonic).
         self._mismatch: tuple[tuple[str, str, int, str], float] | None = None
         # Pushes this node's live held (bases, own pushes once applied): candidate merge bases.
@@ -131,7 +129,7 @@ class SyncEngine:
         self._boot_digest: str | None = None  # the digest of the state last written to the boot state file
         self._boot_state: ConfigState | None = None  # and that state itself
         self._caveat_logged = ""  # the shared port's caveat last logged (logged once while it lasts)
-        # The shared state's records last parsed and written: a new shared state costs its new records.
+        # The records last written (pushes, boot file): a new state costs its new records.
         self._records = RecordCache()
 
     def _source(self) -> str:

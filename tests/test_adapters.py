@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -17,18 +18,27 @@ from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import SozuVersion
 
 
-@pytest.fixture
-async def sozu() -> AsyncIterator[tuple[FakeSozu, SozuAdapter]]:
+@asynccontextmanager
+async def _simulated(*, exact: bool) -> AsyncIterator[tuple[FakeSozu, SozuAdapter]]:
+    """A simulated sozu 2.1.0 and an adapter over it (``exact``: SaveState reads through a shared
+    directory, and the read kept after an apply whose counters add up)."""
     d = tempfile.mkdtemp(prefix="sz")
     fake = FakeSozu(f"{d}/s.sock", "2.1.0")
     await fake.start()
     ch = SozuChannel(f"{d}/s.sock", version=SozuVersion(2, 1, 0), request_timeout_s=5.0)
-    adapter = SozuAdapter(ch)
+    adapter = SozuAdapter(ch, shared_dir=d if exact else None)
+    adapter.keep_read_after_apply = exact
     try:
         yield fake, adapter
     finally:
         await ch.aclose()
         await fake.stop()
+
+
+@pytest.fixture
+async def sozu() -> AsyncIterator[tuple[FakeSozu, SozuAdapter]]:
+    async with _simulated(exact=False) as pair:
+        yield pair
 
 
 async def test_reconnect_is_not_a_restart_but_reset_counters_are(sozu: tuple[FakeSozu, SozuAdapter]) -> None:
@@ -97,17 +107,8 @@ async def test_a_change_made_during_a_sync_is_never_reverted(sozu: tuple[FakeSoz
 @pytest.fixture
 async def exact_sozu() -> AsyncIterator[tuple[FakeSozu, SozuAdapter]]:
     """An adapter that reads with SaveState (a shared directory): exact reads, predicted applies."""
-    d = tempfile.mkdtemp(prefix="sz")
-    fake = FakeSozu(f"{d}/s.sock", "2.1.0")
-    await fake.start()
-    ch = SozuChannel(f"{d}/s.sock", version=SozuVersion(2, 1, 0), request_timeout_s=5.0)
-    adapter = SozuAdapter(ch, shared_dir=d)
-    adapter.keep_read_after_apply = True
-    try:
-        yield fake, adapter
-    finally:
-        await ch.aclose()
-        await fake.stop()
+    async with _simulated(exact=True) as pair:
+        yield pair
 
 
 def _held(fake: FakeSozu) -> ConfigState:

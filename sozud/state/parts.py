@@ -107,13 +107,15 @@ class PartsParser:
     def _parse_part(self, data: SharedData, i: int, version: SozuVersion, source: str) -> ConfigState | None:
         """Part ``i`` alone, or None when it cannot be taken apart from the others."""
         part = data.parts[i][1]
+        single = len(data.parts) == 1  # a plain key: the whole file, which must hold records
         try:
-            if len(data.parts) == 1:
-                state = parse_state_file(part, version, source=source, cache=self._cache(i))
-            else:
-                state = parse_state_file(
-                    part, version, source=f"{source} (part {i})", allow_empty=True, cache=self._cache(i)
-                )
+            state = parse_state_file(
+                part,
+                version,
+                source=source if single else f"{source} (part {i})",
+                allow_empty=not single,
+                cache=self._cache(i),
+            )
         except StateError:
             return None  # the assembled file tells what is wrong, numbered across the whole file
         self.parts_parsed += 1

@@ -6,12 +6,14 @@
 For every size N (objects: N/4 clusters, N/2 backends, N/4 HTTP frontends, plus two listeners, the
 mix of docs/sozu-command-protocol.md §11.10) it prints, in one table:
 
-- parse time of the state file next to a plain msgspec.json.decode of its records (the baseline), a
+- parse time of the state file next to a plain msgspec.json.decode of its records (the baseline; once
+  as is, once with the garbage collector off, which the baseline's growing list of values keeps busy), a
   re-parse after a one-backend change with the record cache, and plan time from an empty state,
 - the requests of a live read without and with a shared directory (SaveState), and their times,
 - the requests sozud sends for a one-object change (a backend's weight) next to what a full replay
   sends (one request per record, the old way), and their ratio,
-- peak memory of the size's steps (tracemalloc peak, Python allocations) and the process's max RSS.
+- peak memory of the size's steps (tracemalloc peak, Python allocations), the peak RSS of a fresh process
+  that only parses the file (and the bytes per object it adds), and this process's max RSS.
 
 Then, for every apply size: the time to apply the state to an empty sozu one request at a time and in
 batch mode (LoadState chunks through the shared directory), with the requests counted; the ratio is
@@ -30,6 +32,7 @@ import gc
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,6 +190,21 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
             "parse state file (full)", n, ms(t_parse), f"msgspec.json.decode {ms(t_msgspec)}", ratio(t_parse, t_msgspec)
         )
     )
+    # the same baseline without the garbage collector's passes over the growing list of decoded values
+    gc.disable()
+    try:
+        _, t_msgspec_nogc = timed(lambda: [msgspec.json.decode(r) for r in records])
+    finally:
+        gc.enable()
+    rows.append(
+        Row(
+            "parse state file (full), baseline without GC",
+            n,
+            ms(t_parse),
+            f"msgspec.json.decode, GC off {ms(t_msgspec_nogc)}",
+            ratio(t_parse, t_msgspec_nogc),
+        )
+    )
     cache = RecordCache()
     parse_state_file(data, version, source="bench", cache=cache)
     changed_data = write_state_file(one_backend_changed(state))
@@ -246,6 +264,16 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
         Row("peak python memory: parse / plan from empty", n, f"{peak_parse / 1e6:.1f} MB / {peak_plan / 1e6:.1f} MB")
     )
     rows.append(Row("parse peak memory per object", n, f"{peak_parse / max(len(state), 1):.0f} bytes"))
+    before, after = parse_rss_alone(data, version)
+    rows.append(
+        Row(
+            "max RSS of a process that parses the file",
+            n,
+            f"{after:.0f} MB",
+            f"after imports {before:.0f} MB",
+            f"{(after - before) * 2**20 / max(len(state), 1):.0f} B/object",
+        )
+    )
 
     # live reads: load the state into a sozu first
     ch, _processed = await target.open()
@@ -293,6 +321,37 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
     finally:
         await target.close(ch)
     rows.append(Row("max RSS so far", n, f"{max_rss_mb():.0f} MB"))
+
+
+_PARSE_ALONE = """
+import sys
+from sozud.state.codec import parse_state_file
+from sozud.versions import SozuVersion
+def hwm():  # peak RSS in MB; unlike ru_maxrss, reset by exec (not inherited from the benchmark's heap)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+data = open(sys.argv[1], "rb").read()
+before = hwm()
+state = parse_state_file(data, SozuVersion.parse(sys.argv[2]), source="bench")
+print(before, hwm())
+"""
+
+
+def parse_rss_alone(data: bytes, version: SozuVersion) -> tuple[float, float]:
+    """Peak RSS (MB) of a fresh process after its imports and reading the file, and after parsing it: what a
+    daemon holding this state costs, without this benchmark's other data in the same heap (Linux only)."""
+    with tempfile.NamedTemporaryFile(suffix=".state") as f:
+        f.write(data)
+        f.flush()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            [sys.executable, "-c", _PARSE_ALONE, f.name, str(version)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": root},
+        ).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 def _is_read(kind: str) -> bool:

@@ -22,6 +22,7 @@ never dropped. Writing refuses a field that is set but unknown to the target ver
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
@@ -63,7 +64,8 @@ def address_text(addr: pb.SocketAddress) -> str:
     if inner == "v6":
         n = (addr.ip.v6.high << 64) | addr.ip.v6.low
         return f"[{ipaddress.IPv6Address(n)}]:{port}"
-    return f"{ipaddress.IPv4Address(addr.ip.v4 if inner == 'v4' else 0)}:{port}"
+    n = addr.ip.v4 & 0xFFFFFFFF if inner == "v4" else 0
+    return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}:{port}"
 
 
 def parse_address(text: str) -> pb.SocketAddress:
@@ -218,10 +220,176 @@ def from_json(
     record: int | None = None,
     path: str | None = None,
 ) -> M:
-    """Parse a serde JSON value into a new ``cls`` message; errors name source, record and field path."""
+    """Parse a serde JSON value into a new ``cls`` message; errors name source, record and field path.
+
+    A value that :func:`_compiled` accepts becomes the message in one constructor call; anything else is
+    walked field by field by :func:`_json_into`, which either builds the same message or raises the error
+    naming the field (the compiled reader never decides that a value is wrong, only that it is easy).
+    """
+    if cls.DESCRIPTOR.full_name != _SOCKET_ADDRESS:
+        try:
+            return cls(**_compiled(cls.DESCRIPTOR, version)(value))
+        except (_NotEasy, TypeError, ValueError):
+            pass
     msg = cls()
     _json_into(msg, value, version, _Where(source, record), path or cls.DESCRIPTOR.name)
     return msg
+
+
+# --- JSON -> protobuf, compiled ------------------------------------------------------------------------
+#
+# The same rules as _json_into, checked by one small function per field, built once per message type and
+# version: a value that passes becomes the keyword arguments of the message's constructor (the C runtime
+# builds nested messages from nested dicts). Whatever does not pass raises _NotEasy and goes to
+# _json_into, whose errors name the field; tests/test_serde.py checks that both give the same message.
+
+
+class _NotEasy(Exception):
+    """The value needs :func:`_json_into` (it is wrong, or unusual)."""
+
+
+_Conv = Callable[[Any], Any]
+
+
+@cache
+def _compiled(desc: Any, version: SozuVersion) -> _Conv:
+    """A function: the serde JSON value of a ``desc`` message -> its constructor's keyword arguments."""
+    fields, oneofs = _plan(desc, version)
+    # key -> (field name, converter of a non-null value, null allowed)
+    plain: dict[str, tuple[str, _Conv, bool]] = {}
+    for fd in desc.fields:
+        oneof = fd.containing_oneof
+        if oneof is not None and not _is_synthetic(oneof):
+            continue
+        plain[fd.name] = (fd.name, _field_conv(fd, version), not (fd.is_required or _is_repeated(fd)))
+    variants: dict[str, dict[str, tuple[str, _Conv]]] = {name: {} for name in oneofs}
+    for upper, fd in _variants(desc).items():
+        oneof = fd.containing_oneof
+        if oneof is not None and oneof.name in variants:
+            variants[oneof.name][upper] = (fd.name, _value_conv(fd, version))
+    many = [f for f in fields if (_is_repeated(f.fd) or _is_map(f.fd)) and not f.default_ok]
+    must = frozenset(f.name for f in fields if f.known and (f.required or f in many))
+
+    def convert(value: Any) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise _NotEasy
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            entry = plain.get(key)
+            if entry is not None:
+                if item is None:
+                    if entry[2]:
+                        continue
+                    raise _NotEasy
+                out[entry[0]] = entry[1](item)
+                continue
+            choices = variants.get(key)
+            if choices is None:
+                raise _NotEasy
+            if item is None:
+                continue
+            if type(item) is not dict or len(item) != 1:
+                raise _NotEasy
+            ((variant, inner),) = item.items()
+            chosen = choices.get(variant)
+            if chosen is None:
+                raise _NotEasy
+            out[chosen[0]] = chosen[1](inner)
+        if not must <= value.keys():
+            raise _NotEasy
+        return out
+
+    return convert
+
+
+def _field_conv(fd: _FD, version: SozuVersion) -> _Conv:
+    if _is_map(fd):
+        key_fd = fd.message_type.fields_by_name["key"]
+        if key_fd.type != _T.TYPE_STRING:
+            return _never  # JSON keys are strings: the walk says what is wrong
+        conv = _value_conv(fd.message_type.fields_by_name["value"], version)
+
+        def convert_map(item: Any) -> dict[str, Any]:
+            if type(item) is not dict:
+                raise _NotEasy
+            return {k: conv(v) for k, v in item.items()}
+
+        return convert_map
+    if _is_repeated(fd):
+        conv = _value_conv(fd, version)
+
+        def convert_list(item: Any) -> list[Any]:
+            if type(item) is not list:
+                raise _NotEasy
+            return [conv(v) for v in item]
+
+        return convert_list
+    return _value_conv(fd, version)
+
+
+def _never(item: Any) -> Any:
+    raise _NotEasy
+
+
+def _value_conv(fd: _FD, version: SozuVersion) -> _Conv:
+    """The converter of one value of ``fd`` (one element of a repeated field or map)."""
+    t = fd.type
+    if t == _T.TYPE_MESSAGE:
+        sub = fd.message_type
+        if sub.full_name == _SOCKET_ADDRESS and version.family is Family.V0_15:
+            return _address_text_conv
+        cell: list[_Conv] = []  # resolved on first use: message types may refer to themselves
+
+        def convert_message(item: Any) -> Any:
+            if not cell:
+                cell.append(_compiled(sub, version))
+            return cell[0](item)
+
+        return convert_message
+    if t == _T.TYPE_BOOL:
+        return _bool_conv
+    if t == _T.TYPE_STRING:
+        return _str_conv
+    if t == _T.TYPE_ENUM:
+        numbers = frozenset(v.number for v in fd.enum_type.values)
+
+        def convert_enum(item: Any) -> Any:
+            if type(item) is not int or item not in numbers:
+                raise _NotEasy
+            return item
+
+        return convert_enum
+    if t in _INT_TYPES:
+        lo, hi = _INT_TYPES[t]
+
+        def convert_int(item: Any) -> Any:
+            if type(item) is not int or not lo <= item <= hi:
+                raise _NotEasy
+            return item
+
+        return convert_int
+    return _never  # bytes (none in a stored request) and anything unusual: the walk
+
+
+def _address_text_conv(item: Any) -> pb.SocketAddress:
+    if type(item) is not str:
+        raise _NotEasy
+    try:
+        return parse_address(item)
+    except ValueError:
+        raise _NotEasy from None
+
+
+def _bool_conv(item: Any) -> bool:
+    if type(item) is not bool:
+        raise _NotEasy
+    return item
+
+
+def _str_conv(item: Any) -> str:
+    if type(item) is not str:
+        raise _NotEasy
+    return item
 
 
 @dataclass(frozen=True)
@@ -336,7 +504,8 @@ def _scalar(fd: _FD, item: Any, where: _Where, path: str) -> Any:
     if t == _T.TYPE_ENUM:
         if not isinstance(item, int) or isinstance(item, bool):
             raise where.error(path, f"expected an enum number, got {_kind(item)}")
-        if fd.enum_type.values_by_number.get(item) is None:
+        # (the runtime's table of values truncates a number to 32 bits before looking it up)
+        if not -(2**31) <= item < 2**31 or fd.enum_type.values_by_number.get(item) is None:
             raise where.error(path, f"{item} is not a known {fd.enum_type.name} value")
         return item
     if t in _INT_TYPES:

@@ -227,6 +227,8 @@ def _with_record(n: int, new: bytes, data: bytes = GOOD) -> bytes:
             "unknown field 'x'",
         ),
         (_with_record(4, GOOD.split(b"\0")[4].replace(b'"sticky_session":true,', b"")), 4, "missing required"),
+        # an enum number past 32 bits (the protobuf runtime's lookup truncated it: 2**32 + 2 was TREE)
+        (_with_record(10, GOOD.split(b"\0")[10].replace(b'"position":2', b'"position":4294967298')), 10, "not a known"),
         # a second copy of record 0: sozu's main state refuses a duplicate listener (load_state skips it)
         (_with_record(4, GOOD.split(b"\0")[0]), 4, "already exists"),
         # a record nested 1,000 levels deep (issue 12: a RecursionError traceback)

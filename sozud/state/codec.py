@@ -38,7 +38,7 @@ Writing (:func:`write_state_file`)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import Any
 
@@ -161,6 +161,30 @@ def parse_state_file(
                     source=source,
                     record=n,
                 )
+    if version is not None:
+        try:
+            state, parsed, decoded = _parse_streaming(raws, version, source, cache)
+        except Exception:  # the reference parse below raises the error, worded as always
+            pass
+        else:
+            _check_expectations(state, len(raws), source, expect_records, expect_digest)
+            if cache is not None:
+                cache._parsed = parsed
+                cache.decoded += decoded
+            return state
+    return _parse_reference(raws, version, source, cache, expect_records, expect_digest)
+
+
+def _parse_reference(
+    raws: list[tuple[int, bytes]],
+    version: SozuVersion | None,
+    source: str,
+    cache: RecordCache | None,
+    expect_records: int | None,
+    expect_digest: str | None,
+) -> ConfigState:
+    """The parse whose errors are the reference: every record decoded, then the version checked against
+    all of them, then the records applied in order. Holds every record's JSON value at once."""
     if version is None:
         cache = None  # records are kept per version: a parse that must detect it keeps none
     known: dict[bytes, Seen] = {}
@@ -182,7 +206,12 @@ def parse_state_file(
         version = detect_version(values, source=source)
     else:
         _check_compatible(version, [v for v in values if v is not None], source)
-    state, parsed = _build_state(version, values, reused, bodies, source, cached=cache is not None)
+    state, parsed = _build_state(
+        version,
+        ((n, bodies[n] if bodies else b"", reused.get(n), values[n]) for n in range(len(values))),
+        source,
+        cached=cache is not None,
+    )
     _check_expectations(state, len(values), source, expect_records, expect_digest)
     if cache is not None:
         cache._parsed = parsed
@@ -190,27 +219,68 @@ def parse_state_file(
     return state
 
 
+class _Mismatch(Exception):
+    """The file's shape contradicts the version (the reference parse words the error)."""
+
+
+def _parse_streaming(
+    raws: list[tuple[int, bytes]], version: SozuVersion, source: str, cache: RecordCache | None
+) -> tuple[ConfigState, dict[bytes, Seen], int]:
+    """The usual case, fast and small: each record decoded, applied and dropped in turn, so that no more
+    than one record's JSON value is alive at a time (a heap of them costs memory, and keeps the garbage
+    collector busy). Raises at the first problem of
+    any kind; the caller then runs :func:`_parse_reference`, whose errors are the ones to report.
+    Returns the state, what the cache keeps, and how many records were decoded."""
+    known: dict[bytes, Seen] = {}
+    if cache is not None:
+        cache._for(version)
+        known = cache._parsed
+    decoded = 0
+    strings: bool | None = None  # the first address's shape: a string (0.15) or an object
+    v2 = False
+    check_v2 = version.family is Family.V1
+
+    def records() -> Iterator[tuple[int, bytes, Seen | None, Any]]:
+        nonlocal decoded, strings, v2
+        for n, raw in raws:
+            body = body_digest(raw) if cache is not None else b""
+            seen = known.get(body) if known else None
+            if seen is not None:
+                yield n, body, seen, None
+                continue
+            value = _decode(raw, source, n)
+            decoded += 1
+            if strings is None:
+                strings = _string_addresses([value])
+            if check_v2 and not v2:
+                v2 = _has_v2_key(value, pb.WorkerRequest.DESCRIPTOR)
+            yield n, body, None, value
+
+    state, parsed = _build_state(version, records(), source, cached=cache is not None)
+    if (strings is not None and (version.family is Family.V0_15) != strings) or v2:
+        raise _Mismatch
+    return state, parsed, decoded
+
+
 def _build_state(
     version: SozuVersion,
-    values: list[Any],
-    reused: dict[int, Seen],
-    bodies: list[bytes],
+    records: Iterable[tuple[int, bytes, Seen | None, Any]],
     source: str,
     *,
     cached: bool,
 ) -> tuple[ConfigState, dict[bytes, Seen]]:
-    """Apply every record in order, as sozu's main state would: decoded ``values``, or the ``reused``
-    records a cache saw (an object added again by its key when that is all the record did). Returns the
+    """Apply every record in order, as sozu's main state would. ``records`` gives, for each, its number,
+    its body digest (when ``cached``), what a cache saw of it (or None) and its decoded JSON value (None when
+    the cache saw it): an object is added again by its key when that is all the record did. Returns the
     state and, when ``cached``, what the cache keeps of each record."""
     state = ConfigState(version)
     objects = state.objects
     parsed: dict[bytes, Seen] = {}
-    for n, value in enumerate(values):
-        seen = reused.get(n)
+    for n, body, seen, value in records:
         if seen is not None and seen.key is not None and seen.value is not None:
             if seen.key not in objects:
                 objects[seen.key] = seen.reused()  # what applying it added before (messages are never changed)
-                parsed[bodies[n]] = seen
+                parsed[body] = seen
                 continue
             req = add_request(seen.key, seen.value)  # an object added twice: applying it tells what sozu does
         elif seen is not None:
@@ -229,7 +299,7 @@ def _build_state(
                 path=f"content.request_type.{kind.upper()}",
             ) from None
         if cached:
-            parsed[bodies[n]] = seen_after(req, kind, objects, added=len(objects) == size + 1)
+            parsed[body] = seen_after(req, kind, objects, added=len(objects) == size + 1)
     return state, parsed
 
 

@@ -151,28 +151,39 @@ def parse_state_file(
         state = ConfigState(version or V2_1_0)
         _check_expectations(state, 0, source, expect_records, expect_digest)
         return state
-    raws = list(iter_records(data, source=source))
+    # each record's length (the pieces of the split are freed at once: the records are cut again one by one)
+    lengths = [len(raw) for _, raw in iter_records(data, source=source)]
     if max_record_bytes is not None:
-        for n, raw in raws:
-            if len(raw) > max_record_bytes:
+        for n, length in enumerate(lengths):
+            if length > max_record_bytes:
                 raise StateParseError(
-                    f"record of {len(raw)} bytes, more than {max_record_bytes}: sozu reads state files through a "
+                    f"record of {length} bytes, more than {max_record_bytes}: sozu reads state files through a "
                     "200,000-byte buffer and could never load it back (a frontend with a huge tag map or name?)",
                     source=source,
                     record=n,
                 )
     if version is not None:
         try:
-            state, parsed, decoded = _parse_streaming(raws, version, source, cache)
+            state, parsed, decoded = _parse_streaming(_cut(data, lengths), version, source, cache)
         except Exception:  # the reference parse below raises the error, worded as always
             pass
         else:
-            _check_expectations(state, len(raws), source, expect_records, expect_digest)
+            _check_expectations(state, len(lengths), source, expect_records, expect_digest)
             if cache is not None:
                 cache._parsed = parsed
                 cache.decoded += decoded
             return state
-    return _parse_reference(raws, version, source, cache, expect_records, expect_digest)
+    return _parse_reference(
+        list(iter_records(data, source=source)), version, source, cache, expect_records, expect_digest
+    )
+
+
+def _cut(data: bytes, lengths: list[int]) -> Iterator[tuple[int, bytes]]:
+    """(record number, record bytes), one record at a time, from the records' lengths."""
+    start = 0
+    for n, length in enumerate(lengths):
+        yield n, data[start : start + length]
+        start += length + 1
 
 
 def _parse_reference(
@@ -224,7 +235,7 @@ class _Mismatch(Exception):
 
 
 def _parse_streaming(
-    raws: list[tuple[int, bytes]], version: SozuVersion, source: str, cache: RecordCache | None
+    raws: Iterable[tuple[int, bytes]], version: SozuVersion, source: str, cache: RecordCache | None
 ) -> tuple[ConfigState, dict[bytes, Seen], int]:
     """The usual case, fast and small: each record decoded, applied and dropped in turn, so that no more
     than one record's JSON value is alive at a time (a heap of them costs memory, and keeps the garbage

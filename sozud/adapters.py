@@ -13,7 +13,7 @@ from sozud.log import get_logger
 from sozud.socket_proto import SozuChannel
 from sozud.state.apply import ApplyReport, apply_plan
 from sozud.state.codec import RecordCache
-from sozud.state.live import Fingerprint, LiveRead, counts_explained, probe, read_live_report
+from sozud.state.live import ClusterReplies, Fingerprint, LiveRead, counts_explained, probe, read_live_report
 from sozud.state.model import ConfigState, ObjKey
 from sozud.state.plan import diff
 from sozud.sync import ApplyOutcome
@@ -68,6 +68,7 @@ class SozuAdapter:
         # until a first-start convergence failure seen with it is understood; see the issue 10 note).
         self.keep_read_after_apply = False
         self._records = RecordCache()  # SaveState records of the last live read (a re-read decodes the new ones)
+        self._clusters = ClusterReplies()  # without shared_dir: the cluster replies of the last read (by hash)
         self._restart_unverified = False  # the connection was lost before the counters after an apply were seen
         self.log = get_logger(socket=channel.socket_path)
         self._lock = asyncio.Lock()
@@ -112,12 +113,15 @@ class SozuAdapter:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
         return self._last_read is not None and self._last_read.hides(key, value)
 
-    async def _read(self) -> ConfigState:
+    async def _read(self, *, fresh: bool = False) -> ConfigState:
+        if fresh:
+            self._clusters.forget()  # a full read trusts no cluster hash
         report = await read_live_report(
             self.channel,
             shared_dir=self.shared_dir,
             shared_dir_sozu_path=self.shared_dir_sozu_path,
             records=self._records,
+            clusters=self._clusters,
         )
         self._last_read = report
         self.live_version += 1
@@ -142,7 +146,7 @@ class SozuAdapter:
             vouched = c if c is not None and c[0] == epoch and c[1] == fingerprint else None
             if vouched is not None and not fresh:
                 return vouched[2].shallow_copy()
-            state = await self._read()
+            state = await self._read(fresh=fresh)
             if vouched is not None and not state.same_as(vouched[2]):
                 self.stale_reads += 1
                 self.log.warning(
@@ -187,6 +191,7 @@ class SozuAdapter:
                 initial=self._last_read,
                 records=self._records,
                 scope=scope,
+                clusters=self._clusters,
             )
             after = await self._observe_after_apply()
             by_type: Counter[str] = Counter(report.requests_by_type)

@@ -210,7 +210,7 @@ class SyncEngine:
         # A full check reads sozu in full (the adapter compares it with the read the probe vouched for)
         # and takes the full path: anti-entropy for everything the incremental path takes on trust.
         stale = self.sozu.stale_reads
-        live = await self.sozu.read_live(fresh=full_check and self.settings.incremental)
+        live = await self.sozu.read_live(fresh=full_check)
         stale_read = self.sozu.stale_reads != stale
         version = self.sozu.version
         data, meta_bytes = await self.shared.read()

@@ -223,3 +223,27 @@ async def test_after_an_apply_that_read_sozu_again_the_next_read_is_a_full_one(
     live = await adapter.read_live()
     assert "query_clusters_hashes" in _sent(fake, start)
     assert live == desired
+
+
+async def test_a_fresh_read_queries_every_cluster_again_and_a_normal_one_only_what_changed(
+    sozu: tuple[FakeSozu, SozuAdapter],
+) -> None:
+    fake, adapter = sozu  # no shared directory: reads by queries
+
+    def cluster_queries(since: int) -> int:
+        return sum(1 for r in fake.requests[since:] if r.HasField("query_cluster_by_id"))
+
+    for i in range(5):
+        await adapter.channel.request(pb.Request(add_cluster=build.cluster(f"c{i}")))
+    n = len(fake.requests)
+    await adapter.read_live()
+    assert cluster_queries(n) == 5
+    await adapter.channel.request(pb.Request(add_cluster=build.cluster("c2", sticky=True)))
+    n = len(fake.requests)
+    live = await adapter.read_live()  # the probe saw a change: a read, reusing the 4 unchanged clusters
+    assert cluster_queries(n) == 1
+    sticky = live.objects[("cluster", "c2")]
+    assert isinstance(sticky, pb.Cluster) and sticky.sticky_session
+    n = len(fake.requests)
+    assert await adapter.read_live(fresh=True) == live  # anti-entropy: trusts no hash
+    assert cluster_queries(n) == 5

@@ -212,3 +212,18 @@ async def test_the_periodic_resync_reads_sozu_in_full_and_counts_what_the_probe_
         await b.engine.sync_once("test")
         weights = [x.load_balancing_parameters.weight for x in b.sozu.state.backends[cid]]
         assert weights == [42], "the change reached the other node"
+
+
+async def test_with_incremental_steps_off_the_periodic_resync_still_reads_sozu_in_full() -> None:
+    """The daemon's default: every step is full, and the periodic resync does not trust the probe either."""
+    async with world(False) as (a, b):
+        cid = "app-000004"
+        hidden = build.backend(cid, f"{cid}-0", _address(4), weight=42)
+        a.sozu.state.backends[cid] = [hidden]  # no request, no counter: the probe cannot see it
+        report = await a.engine.sync_once("opensvc_change")
+        assert not report.pushed, "the cached read, vouched for by the probe, was used"
+        report = await a.engine.sync_once("periodic_resync")
+        assert report.incremental_disagreed and report.pushed
+        await b.engine.sync_once("test")
+        weights = [x.load_balancing_parameters.weight for x in b.sozu.state.backends[cid]]
+        assert weights == [42], "the change reached the other node"

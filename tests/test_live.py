@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -19,8 +20,17 @@ from sozud.proto import command_pb2 as pb
 from sozud.serde import parse_address
 from sozud.socket_proto import SozuChannel
 from sozud.state.codec import parse_state_file
-from sozud.state.live import Fingerprint, counter_name, counts_explained, probe, read_live, read_live_report
+from sozud.state.live import (
+    ClusterReplies,
+    Fingerprint,
+    counter_name,
+    counts_explained,
+    probe,
+    read_live,
+    read_live_report,
+)
 from sozud.state.model import ConfigState
+from sozud.testing import builders as build
 from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import SozuVersion
 
@@ -375,3 +385,72 @@ def test_counts_explained_only_by_exactly_our_requests() -> None:
     # requests sozu does not count (reads) are not explained by anything
     assert not counts_explained(before, before, {"save_state": 1})
     assert counts_explained(before, before, {})
+
+
+# --- query reads that reuse the clusters whose hash did not change (issue 10, item 3) ------------------
+
+
+def _random_change(rng: random.Random, version: SozuVersion) -> pb.Request:
+    """An operator's request on a small pool of clusters, backends and frontends (some refused: fine)."""
+    cid = f"c{rng.randrange(6)}"
+    kind = rng.randrange(7)
+    if kind == 0:
+        return pb.Request(add_cluster=build.cluster(cid, sticky=rng.random() < 0.5, https_redirect=rng.random() < 0.5))
+    if kind == 1:
+        return pb.Request(remove_cluster=cid)
+    backend = (cid, f"b{rng.randrange(3)}", f"10.0.0.{rng.randrange(3) + 1}:80")
+    if kind in (2, 3):
+        return pb.Request(add_backend=build.backend(*backend, weight=rng.randrange(1, 4) * 10))
+    if kind == 4:
+        return pb.Request(remove_backend=build.remove_backend(*backend))
+    front = build.http_frontend(cid, "127.0.0.1:18080", f"h{rng.randrange(3)}.example.test")
+    if kind == 5:
+        return pb.Request(add_http_frontend=front)
+    return pb.Request(remove_http_frontend=front)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_query_read_with_the_last_replies_equals_a_read_without_them(workdir: str, version: str) -> None:
+    rng = random.Random(version)
+    v = SozuVersion.parse(version)
+    replies = ClusterReplies()
+    async with sozu(workdir, version) as (_, ch):
+        await ch.request(pb.Request(add_http_listener=build.http_listener("127.0.0.1:18080", version=v)))
+        for step in range(120):
+            for _ in range(rng.choice([0, 1, 1, 3])):
+                with contextlib.suppress(SozuRequestError):
+                    await ch.request(_random_change(rng, v))
+            reused = await read_live_report(ch, clusters=replies)
+            plain = await read_live_report(ch)
+            assert reused.state == plain.state, f"step {step}"
+            assert reused.requests <= plain.requests
+    # not vacuous: most clusters were not queried again
+    assert 0 < replies.queried < 120 * 3
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_query_read_queries_only_the_cluster_whose_hash_changed(workdir: str, version: str) -> None:
+    v = SozuVersion.parse(version)
+    replies = ClusterReplies()
+    async with sozu(workdir, version) as (fake, ch):
+        await ch.request(pb.Request(add_http_listener=build.http_listener("127.0.0.1:18080", version=v)))
+        for i in range(20):
+            await ch.request(pb.Request(add_cluster=build.cluster(f"app{i}")))
+            await ch.request(pb.Request(add_backend=build.backend(f"app{i}", "b0", f"10.0.1.{i + 1}:80")))
+        first = await read_live_report(ch, clusters=replies)
+        assert replies.queried == 20
+        await ch.request(pb.Request(add_backend=build.backend("app7", "b0", "10.0.1.8:80", weight=5)))
+        before = len(fake.requests)
+        second = await read_live_report(ch, clusters=replies)
+        asked = [r.query_cluster_by_id for r in fake.requests[before:] if r.HasField("query_cluster_by_id")]
+        assert asked == ["app7"]
+        assert second.requests == first.requests - 19
+        weight = second.state.objects[("backend", "app7", "b0", "10.0.1.8:80")]
+        assert isinstance(weight, pb.AddBackend) and weight.load_balancing_parameters.weight == 5
+        # a new connection may be a restarted sozu: every cluster is queried again, even with the same hashes
+        await fake.restart(empty=False)
+        with contextlib.suppress(SozuConnectionError):
+            await probe(ch)  # the old connection is gone: this may fail, the channel then reconnects
+        third = await read_live_report(ch, clusters=replies)
+        assert replies.queried == 20 + 1 + 20
+        assert third.state == second.state

@@ -65,7 +65,7 @@ from sozud.state.batch import (
     send_batches,
 )
 from sozud.state.batch import _chunks as _chunks  # tests check the chunking rule directly
-from sozud.state.live import LiveRead, SozuRequester, derived_names, read_live_report
+from sozud.state.live import ClusterReplies, LiveRead, SozuRequester, derived_names, read_live_report
 from sozud.state.model import ConfigState, ObjKey, add_request, apply_request, describe
 from sozud.state.plan import Plan, PlanStep, plan
 from sozud.versions import Family, SozuVersion
@@ -134,6 +134,7 @@ async def apply_plan(
     initial: LiveRead | None = None,
     records: RecordCache | None = None,
     scope: Collection[ObjKey] | None = None,
+    clusters: ClusterReplies | None = None,
 ) -> ApplyReport:
     """Make the sozu behind ``ch`` hold ``desired``; see the module docstring.
 
@@ -142,7 +143,8 @@ async def apply_plan(
     and batch mode from ``batch_threshold`` steps on, in LoadState chunks of at most ``chunk_bytes``
     bytes of records, each given ``load_state_timeout_s``. ``max_removal_ratio``, ``force``,
     ``desired_is_complete``: the planner's safety valve, applied to every (re)plan. ``records``: the
-    caller's cache of SaveState records (a re-read decodes only what changed). ``scope``: the caller
+    caller's cache of SaveState records (a re-read decodes only what changed); ``clusters``: without a shared
+    directory, the caller's cluster replies (a re-read queries only the clusters that changed). ``scope``: the caller
     guarantees that live already equals ``desired`` outside these keys (e.g. the keys a merge changed);
     planning then costs O(len(scope)) instead of O(len(live)) (see ``plan(..., scope=)``), and
     differences outside the scope are left alone.
@@ -166,6 +168,7 @@ async def apply_plan(
         desired_is_complete=desired_is_complete,
         records=records,
         scope=scope,
+        clusters=clusters,
     )
     report = run.report
     # ``initial``: a read the caller knows to be current (it probed sozu since), saving one full read.
@@ -221,9 +224,11 @@ class _Apply:
         desired_is_complete: bool,
         records: RecordCache | None = None,
         scope: Collection[ObjKey] | None = None,
+        clusters: ClusterReplies | None = None,
     ) -> None:
         self.cch = _CountingChannel(ch)
         self.records = records
+        self.clusters = clusters
         self.desired = desired
         self.shared_dir = shared_dir
         self.sozu_dir = sozu_dir
@@ -241,7 +246,11 @@ class _Apply:
 
     async def read(self) -> LiveRead:
         r = await read_live_report(
-            self.cch, shared_dir=self.shared_dir, shared_dir_sozu_path=self.sozu_dir, records=self.records
+            self.cch,
+            shared_dir=self.shared_dir,
+            shared_dir_sozu_path=self.sozu_dir,
+            records=self.records,
+            clusters=self.clusters,
         )
         self.report.live_reads += 1
         for note in r.notes:

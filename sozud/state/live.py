@@ -82,13 +82,14 @@ from sozud.errors import StateError
 from sozud.log import get_logger
 from sozud.proto import command_pb2 as pb
 from sozud.state.live_io import LiveRead, SozuRequester, ask, derived_names, version_of
-from sozud.state.live_queries import read_by_queries
+from sozud.state.live_queries import ClusterReplies, read_by_queries
 from sozud.state.model import ConfigState
 
 if TYPE_CHECKING:
     from sozud.state.codec import RecordCache
 
 __all__ = [
+    "ClusterReplies",
     "Fingerprint",
     "LiveRead",
     "SozuRequester",
@@ -172,18 +173,21 @@ async def read_live_report(
     shared_dir: str | None = None,
     shared_dir_sozu_path: str | None = None,
     records: RecordCache | None = None,
+    clusters: ClusterReplies | None = None,
 ) -> LiveRead:
     """Like :func:`read_live`, with how it was read and what could not be seen.
 
     ``shared_dir`` is the directory as sozud sees it; ``shared_dir_sozu_path`` the same directory as
     sozu's main process sees it (a container mount), default ``shared_dir``. ``records``: the SaveState
-    records of the last read, so that this one decodes only the records that changed.
+    records of the last read, so that this one decodes only the records that changed. ``clusters``: without
+    a shared directory, the cluster replies of the last read, so that this one queries only the clusters
+    whose hash changed (:mod:`sozud.state.live_queries`).
     """
     started = time.monotonic()
     if shared_dir is not None:
         read = await _read_by_save_state(ch, shared_dir, shared_dir_sozu_path or shared_dir, records)
     else:
-        read = await read_by_queries(ch)
+        read = await read_by_queries(ch, clusters)
     read.duration_s = time.monotonic() - started
     get_logger().debug(
         "sozu.live_read",

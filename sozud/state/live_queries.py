@@ -1,9 +1,18 @@
 """Reading a live sozu with queries, when no shared directory is set (:mod:`sozud.state.live` explains
-the requests and what this path cannot see)."""
+the requests and what this path cannot see).
+
+A read costs one ``query_cluster_by_id`` per cluster. With a :class:`ClusterReplies` from the previous read,
+only the clusters whose hash in ``query_clusters_hashes`` changed, or that are new, are queried again: sozu's
+hash of a cluster covers its configuration, backends and frontends (docs/sozu-command-protocol.md §8), so an
+unchanged hash from the same running sozu means an unchanged answer. The hashes cannot be computed here
+(§8), only compared, so the replies are trusted only from the same connection (a reconnection may be a
+restarted sozu: everything is queried again); a ``fresh`` read queries every cluster.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
@@ -24,13 +33,28 @@ from sozud.versions import Family, SozuVersion
 _LIST_FRONTENDS_BROKEN = (SozuVersion(1, 0, 0), SozuVersion(1, 0, 4))
 
 
-async def read_by_queries(ch: SozuRequester) -> LiveRead:
+@dataclass
+class ClusterReplies:
+    """The last query read's clusters: by cluster id, its hash then and what ``query_cluster_by_id``
+    answered; with the connection epoch and the sozu version they were read from."""
+
+    epoch: int = -1
+    version: SozuVersion | None = None
+    by_id: dict[str, tuple[int, list[pb.ClusterInformation]]] = field(default_factory=dict)
+    queried: int = 0  # clusters queried, all reads together (the others were reused): tests and benchmarks
+
+    def forget(self) -> None:
+        self.by_id = {}
+
+
+async def read_by_queries(ch: SozuRequester, clusters: ClusterReplies | None = None) -> LiveRead:
+    """Read sozu with queries; ``clusters``: the replies of the previous read, updated (see the module doc)."""
     version = version_of(ch)
     state = ConfigState(version)
     read = LiveRead(state=state, method="queries", requests=0)
     counter = RequestCounter(ch)
     await _read_listeners(counter, state)
-    per_cluster_frontends = await _read_clusters(counter, state)
+    per_cluster_frontends = await _read_clusters(counter, state, clusters)
     await _read_frontends(counter, read, per_cluster_frontends)
     await _read_certificates(counter, read)
     read.notes.append(
@@ -55,20 +79,37 @@ async def _read_listeners(counter: RequestCounter, state: ConfigState) -> None:
             state.add_listener(kind, cfg)
 
 
-async def _read_clusters(counter: RequestCounter, state: ConfigState) -> list[tuple[Kind, Message]]:
+async def _read_clusters(
+    counter: RequestCounter, state: ConfigState, replies: ClusterReplies | None
+) -> list[tuple[Kind, Message]]:
     """Clusters and their backends into ``state``; returns their frontends (used when list_frontends is
-    unavailable)."""
+    unavailable). ``replies``: reused where a cluster's hash did not change, then replaced by this read's."""
     hashes = await counter.main_entry(pb.Request(query_clusters_hashes=pb.QueryClustersHashes()), "cluster_hashes")
+    epoch = counter.ch.epoch  # of the connection that answered
+    known = replies.by_id if replies is not None and (replies.epoch, replies.version) == (epoch, state.version) else {}
+    kept: dict[str, tuple[int, list[pb.ClusterInformation]]] = {}
     per_cluster_frontends: list[tuple[Kind, Message]] = []
-    for cluster_id in sorted(hashes.cluster_hashes.map):
-        info = await counter.main_entry(pb.Request(query_cluster_by_id=cluster_id), "clusters")
-        for ci in info.clusters.vec:
+    by_hash = hashes.cluster_hashes.map
+    for cluster_id in sorted(by_hash):
+        cluster_hash = by_hash[cluster_id]
+        seen = known.get(cluster_id)
+        if seen is not None and seen[0] == cluster_hash:
+            infos = seen[1]
+        else:
+            info = await counter.main_entry(pb.Request(query_cluster_by_id=cluster_id), "clusters")
+            infos = list(info.clusters.vec)
+            if replies is not None:
+                replies.queried += 1
+        kept[cluster_id] = (cluster_hash, infos)
+        for ci in infos:
             if ci.HasField("configuration"):
                 state.add("cluster", ci.configuration)
             for b in ci.backends:
                 state.add("backend", b)
             per_cluster_frontends.extend(_frontends_of(ci.http_frontends, ci.https_frontends, ci.tcp_frontends))
             per_cluster_frontends.extend(("udp_frontend", f) for f in ci.udp_frontends)
+    if replies is not None:
+        replies.epoch, replies.version, replies.by_id = epoch, state.version, kept
     return per_cluster_frontends
 
 

@@ -61,7 +61,8 @@ class Metrics:
         self.incremental_disagreements = Metric(
             "sozud_incremental_disagreements_total",
             "counter",
-            "Full checks that found the incremental path's decision wrong (the full one was taken); should stay 0.",
+            "Full checks that found a cached live read (vouched for by the change probe) or an incremental "
+            "decision wrong; the full one was taken. Should stay 0.",
         )
         self.sync_failures = Metric("sozud_sync_failures_total", "counter", "Sync steps that failed, by error type.")
         self.conflicts = Metric(

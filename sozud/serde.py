@@ -241,7 +241,7 @@ def from_json(
 # The same rules as _json_into, checked by one small function per field, built once per message type and
 # version: a value that passes becomes the keyword arguments of the message's constructor (the C runtime
 # builds nested messages from nested dicts). Whatever does not pass raises _NotEasy and goes to
-# _json_into, whose errors name the field; tests/test_serde.py checks that both give the same message.
+# _json_into, whose errors name the field; tests/test_fast_parse.py checks that both give the same message.
 
 
 class _NotEasy(Exception):

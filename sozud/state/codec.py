@@ -239,9 +239,9 @@ def _parse_streaming(
 ) -> tuple[ConfigState, dict[bytes, Seen], int]:
     """The usual case, fast and small: each record decoded, applied and dropped in turn, so that no more
     than one record's JSON value is alive at a time (a heap of them costs memory, and keeps the garbage
-    collector busy). Raises at the first problem of
-    any kind; the caller then runs :func:`_parse_reference`, whose errors are the ones to report.
-    Returns the state, what the cache keeps, and how many records were decoded."""
+    collector busy). Raises at the first problem of any kind; the caller then runs
+    :func:`_parse_reference`, whose errors are the ones to report. Returns the state, what the cache
+    keeps, and how many records were decoded."""
     known: dict[bytes, Seen] = {}
     if cache is not None:
         cache._for(version)

@@ -193,16 +193,18 @@ class SozuAdapter:
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read
-            live_after = report.live_after.shallow_copy()  # the caller's; the cache keeps the original
+            # the state the cache may keep: the caller's only as a copy when something is added to it
+            live_after = report.live_after
             if self._last_read is not None and self._last_read.exact:
                 self._assumed = {}  # an exact read hides nothing
             else:
                 # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
                 # show is remembered for later reads
                 self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
-                for k, v in self._assumed.items():
-                    if k not in live_after.objects and self.hides(k, v):
-                        live_after.objects[k] = v
+                hidden = {k: v for k, v in self._assumed.items() if k not in live_after.objects and self.hides(k, v)}
+                if hidden:
+                    live_after = live_after.shallow_copy()
+                    live_after.objects.update(hidden)
             self._assumed_epoch = self.channel.epoch
             # Keep the prediction as the cached read only when nothing but our requests can have changed
             # sozu since the read it was predicted from (class docstring); else the next read is full.

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+from google.protobuf.message import Message
 
 from sozud.decision import Branch, Decision, decide, decide_settled, drift, same_decision
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
@@ -343,11 +344,15 @@ class SyncEngine:
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
             report.failures = list(outcome.failures)
-            live_after = outcome.live_after
+            live_after = outcome.live_after  # may be the adapter's cached read: copied before adding to it
+            hidden: dict[ObjKey, Message] = {}
             for k in merged.objects if scope is None else scope:
                 v = merged.objects.get(k)
                 if v is not None and k not in live_after.objects and self.sozu.hides(k, v):
-                    live_after.objects[k] = v
+                    hidden[k] = v
+            if hidden:
+                live_after = live_after.shallow_copy()
+                live_after.objects.update(hidden)
         if decision.push:
             if len(merged) == 0:
                 raise UnsafePlanError(

@@ -74,7 +74,7 @@ class ApplyOutcome:
     requests_sent: int
     requests_by_type: dict[str, int]
     plan_digest: str
-    live_after: ConfigState
+    live_after: ConfigState  # may be the adapter's cached read (shared): never modify it, copy it
     failures: list[str] = field(default_factory=list)  # requests sozu answered FAILURE to (summary: message)
 
 

@@ -131,7 +131,9 @@ class SozuAdapter:
         return state
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
-        """sozu's live state: the cached read while the probe says nothing changed, unless ``fresh``."""
+        """sozu's live state: the cached read while the probe says nothing changed, unless ``fresh``. The
+        state is the cached one itself (no copy of the mapping per step): callers never modify it (they
+        copy it first, see :meth:`~sozud.state.model.ConfigState.shallow_copy`)."""
         async with self._lock:
             # No explicit connect(): requests reconnect within their own timeout, so a sozu that is down
             # ends this read with an error naming the socket instead of waiting forever.
@@ -141,7 +143,7 @@ class SozuAdapter:
             c = self._cache
             vouched = c if c is not None and c[0] == epoch and c[1] == fingerprint else None
             if vouched is not None and not fresh:
-                return vouched[2].shallow_copy()
+                return vouched[2]
             state = await self._read()
             if vouched is not None and not state.same_as(vouched[2]):
                 self.stale_reads += 1
@@ -152,7 +154,7 @@ class SozuAdapter:
                 )
             # The probe is taken before the read: a change racing with the read shows up next time.
             self._cache = (epoch, fingerprint, state)
-            return state.shallow_copy()
+            return state
 
     async def apply(
         self,

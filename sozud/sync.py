@@ -270,11 +270,16 @@ class SyncEngine:
             # changed can differ (docs/sync.md, "Incremental steps")
             changed = parsed.changed
         if merge_base is not None:
-            # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
+            # What the live read cannot see is unknown, not removed: keep the merge base's view of it (in a
+            # copy of the read: it may be the adapter's cached one).
+            hidden: dict[ObjKey, Message] = {}
             for k in merge_base.objects if (changed is None or full_check or verify) else changed:
                 v = merge_base.objects.get(k)
                 if v is not None and k not in live.objects and self.sozu.hides(k, v):
-                    live.objects[k] = v
+                    hidden[k] = v
+            if hidden:
+                live = live.shallow_copy()
+                live.objects.update(hidden)
         inputs = SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
         if data is not None and shared is not None:
             inputs.shared_data, inputs.shared_digest = data, shared_digest

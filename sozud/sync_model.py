@@ -37,7 +37,7 @@ class SozuPort(Protocol):
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
         """The live state; ``fresh``: read sozu in full even when a cheap probe says nothing changed (the
-        engine's periodic full check)."""
+        engine's periodic full check). It may be the port's cached read: never modify it, copy it."""
         ...
 
     @property

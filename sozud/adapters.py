@@ -135,7 +135,9 @@ class SozuAdapter:
         return state
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
-        """sozu's live state: the cached read while the probe says nothing changed, unless ``fresh``."""
+        """sozu's live state: the cached read while the probe says nothing changed, unless ``fresh``. The
+        state is the cached one itself (no copy of the mapping per step): callers never modify it (they
+        copy it first, see :meth:`~sozud.state.model.ConfigState.shallow_copy`)."""
         async with self._lock:
             # No explicit connect(): requests reconnect within their own timeout, so a sozu that is down
             # ends this read with an error naming the socket instead of waiting forever.
@@ -145,7 +147,7 @@ class SozuAdapter:
             c = self._cache
             vouched = c if c is not None and c[0] == epoch and c[1] == fingerprint else None
             if vouched is not None and not fresh:
-                return vouched[2].shallow_copy()
+                return vouched[2]
             state = await self._read(fresh=fresh)
             if vouched is not None and not state.same_as(vouched[2]):
                 self.stale_reads += 1
@@ -156,7 +158,7 @@ class SozuAdapter:
                 )
             # The probe is taken before the read: a change racing with the read shows up next time.
             self._cache = (epoch, fingerprint, state)
-            return state.shallow_copy()
+            return state
 
     async def apply(
         self,
@@ -198,16 +200,18 @@ class SozuAdapter:
             failures = [f"{f.summary}: {f.message}" for f in report.failures]
             if report.last_read is not None:
                 self._last_read = report.last_read
-            live_after = report.live_after.shallow_copy()  # the caller's; the cache keeps the original
+            # the state the cache may keep: the caller's only as a copy when something is added to it
+            live_after = report.live_after
             if self._last_read is not None and self._last_read.exact:
                 self._assumed = {}  # an exact read hides nothing
             else:
                 # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
                 # show is remembered for later reads
                 self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
-                for k, v in self._assumed.items():
-                    if k not in live_after.objects and self.hides(k, v):
-                        live_after.objects[k] = v
+                hidden = {k: v for k, v in self._assumed.items() if k not in live_after.objects and self.hides(k, v)}
+                if hidden:
+                    live_after = live_after.shallow_copy()
+                    live_after.objects.update(hidden)
             self._assumed_epoch = self.channel.epoch
             # Keep the prediction as the cached read only when nothing but our requests can have changed
             # sozu since the read it was predicted from (class docstring); else the next read is full.

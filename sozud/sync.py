@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+from google.protobuf.message import Message
 
 from sozud.decision import Branch, Decision, decide, decide_settled, drift, same_decision
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
@@ -269,11 +270,16 @@ class SyncEngine:
             # changed can differ (docs/sync.md, "Incremental steps")
             changed = parsed.changed
         if merge_base is not None:
-            # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
+            # What the live read cannot see is unknown, not removed: keep the merge base's view of it (in a
+            # copy of the read: it may be the adapter's cached one).
+            hidden: dict[ObjKey, Message] = {}
             for k in merge_base.objects if (changed is None or full_check or verify) else changed:
                 v = merge_base.objects.get(k)
                 if v is not None and k not in live.objects and self.sozu.hides(k, v):
-                    live.objects[k] = v
+                    hidden[k] = v
+            if hidden:
+                live = live.shallow_copy()
+                live.objects.update(hidden)
         inputs = SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
         if data is not None and shared is not None:
             inputs.shared_data, inputs.shared_digest = data, shared_digest
@@ -343,11 +349,15 @@ class SyncEngine:
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
             report.failures = list(outcome.failures)
-            live_after = outcome.live_after
+            live_after = outcome.live_after  # may be the adapter's cached read: copied before adding to it
+            hidden: dict[ObjKey, Message] = {}
             for k in merged.objects if scope is None else scope:
                 v = merged.objects.get(k)
                 if v is not None and k not in live_after.objects and self.sozu.hides(k, v):
-                    live_after.objects[k] = v
+                    hidden[k] = v
+            if hidden:
+                live_after = live_after.shallow_copy()
+                live_after.objects.update(hidden)
         if decision.push:
             if len(merged) == 0:
                 raise UnsafePlanError(

@@ -37,7 +37,7 @@ class SozuPort(Protocol):
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
         """The live state; ``fresh``: read sozu in full even when a cheap probe says nothing changed (the
-        engine's periodic full check)."""
+        engine's periodic full check). It may be the port's cached read: never modify it, copy it."""
         ...
 
     @property
@@ -74,7 +74,7 @@ class ApplyOutcome:
     requests_sent: int
     requests_by_type: dict[str, int]
     plan_digest: str
-    live_after: ConfigState
+    live_after: ConfigState  # may be the adapter's cached read (shared): never modify it, copy it
     failures: list[str] = field(default_factory=list)  # requests sozu answered FAILURE to (summary: message)
 
 

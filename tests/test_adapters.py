@@ -144,6 +144,22 @@ async def test_after_a_clean_apply_the_next_read_is_the_probe_alone(exact_sozu: 
         assert live == _held(fake) == desired
 
 
+async def test_a_clean_apply_and_the_next_read_hand_back_the_kept_read_without_copying_it(
+    exact_sozu: tuple[FakeSozu, SozuAdapter],
+) -> None:
+    """An exact read hides nothing: the state after the apply is the cached read itself, and so is the next
+    read_live's answer (no copy of the mapping per step, issue 10: callers never modify them)."""
+    fake, adapter = exact_sozu
+    await _counted_before(adapter)
+    desired = (await adapter.read_live()).copy()
+    desired.add("cluster", build.cluster("c1"))
+    outcome = await adapter.apply(desired, force=False, desired_is_complete=True)
+    assert adapter._cache is not None and outcome.live_after is adapter._cache[2]
+    live = await adapter.read_live()
+    assert live is outcome.live_after
+    assert live == outcome.live_after == _held(fake)
+
+
 class _OperatorBeforeTheLastProbe:
     """Wraps the channel's request: an operator's add_cluster reaches sozu right before the probe that
     follows the apply (after our last request), so the probes alone cannot tell it from ours."""

@@ -14,7 +14,7 @@ from sozud.errors import StateParseError
 from sozud.layout import SharedData, assemble, split_state
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.state.model import ConfigState
-from sozud.state.parts import PartsParser
+from sozud.state.parts import PartsParser, _bodies, _diff_all, _diff_narrow
 from sozud.state.plan import diff
 from sozud.testing import builders as build
 from sozud.versions import V2_1_0
@@ -100,3 +100,70 @@ def test_a_part_that_does_not_parse_fails_with_the_record_number_of_the_assemble
     with pytest.raises(StateParseError) as whole:
         parse_state_file(broken.assembled, V2_1_0, source="test")
     assert str(first.value) == str(whole.value)
+
+
+# --- the record diff of one changed part: only where the bytes differ ------------------------------------
+
+# Record texts from a small alphabet: records that share long prefixes and suffixes, look like one another
+# or like record ids, and hold the bytes the record boundaries are found by (quote, comma, braces).
+_TEXTS = st.text(alphabet='ab1"{},:\\-SAVEid', max_size=12).map(lambda t: t.encode())
+
+
+def _shard(texts: list[bytes], ids: list[bytes] | None = None) -> bytes:
+    """A part as the layout writes it: records numbered from SAVE-0 (or with the given ids)."""
+    ids = ids or [b"SAVE-%d" % n for n in range(len(texts))]
+    return b"".join(b'{"id":"%s","content":"%s"}\n\0' % (i, t) for i, t in zip(ids, texts, strict=True))
+
+
+@st.composite
+def _edited(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    """A list of unique record texts and an edit of it (inserts, removals, replacements anywhere, the
+    first and last record included, sometimes a record twice)."""
+    old = draw(st.lists(_TEXTS, unique=True, max_size=30))
+    if draw(st.booleans()):
+        old.sort()  # the canonical order: a small change leaves a long common prefix and suffix
+    new = list(old)
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["insert", "remove", "replace", "duplicate", "first", "last"]))
+        at = draw(st.integers(0, len(new)))
+        if op == "insert":
+            new.insert(at, draw(_TEXTS))
+        elif op == "first":
+            new.insert(0, draw(_TEXTS)) if draw(st.booleans()) or not new else new.pop(0)
+        elif op == "last":
+            new.append(draw(_TEXTS)) if draw(st.booleans()) or not new else new.pop()
+        elif new and op == "remove":
+            new.pop(min(at, len(new) - 1))
+        elif new and op == "replace":
+            new[min(at, len(new) - 1)] = draw(_TEXTS)
+        elif new and op == "duplicate":
+            new.insert(at, new[draw(st.integers(0, len(new) - 1))])
+    return old, new
+
+
+@settings(max_examples=1500, deadline=None)
+@given(edit=_edited(), renumber=st.sampled_from(["layout", "kept", "odd"]))
+def test_the_narrow_record_diff_is_the_full_record_diff(edit: tuple[list[bytes], list[bytes]], renumber: str) -> None:
+    old_texts, new_texts = edit
+    old_raw = _shard(old_texts)
+    order = _bodies(old_raw)
+    assert order is not None
+    bodies = {b: ("cluster", str(n)) for n, b in enumerate(order)}
+    if renumber == "layout":  # as the layout writes it: every record after a change gets a new id
+        new_raw = _shard(new_texts)
+    elif renumber == "kept":  # each record keeps its old id (a writer that does not renumber)
+        ids = {t: b"SAVE-%d" % n for n, t in enumerate(old_texts)}
+        new_raw = _shard(new_texts, [ids.get(t, b"SAVE-%d" % (1000 + n)) for n, t in enumerate(new_texts)])
+    else:  # ids that are not the layout's
+        new_raw = _shard(new_texts, [b"x%d" % (n % 3) for n in range(len(new_texts))])
+    want = _diff_all(new_raw, bodies)
+    got = _diff_narrow(old_raw, order, bodies, new_raw)
+    if want is None:
+        assert got is None
+        return
+    if renumber == "layout":
+        assert got is not None, "a part the layout wrote is diffed narrowly"
+    if got is not None:
+        assert got.added == want.added
+        assert sorted(got.gone) == sorted(want.gone)
+        assert got.order == want.order

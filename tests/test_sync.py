@@ -539,3 +539,34 @@ async def test_the_boot_state_file_follows_what_sozu_runs(tmp_path: Path) -> Non
     mtime = boot.stat().st_mtime_ns
     await e.sync_once("opensvc_change")  # nothing changed: the file is not rewritten
     assert boot.stat().st_mtime_ns == mtime
+
+
+class SharingSozu(MemSozu):
+    """A port whose reads are its own state object (as the adapter's cached read is), and whose reads
+    cannot see ``hidden`` clusters."""
+
+    hidden: frozenset[str] = frozenset({"c2"})
+
+    async def read_live(self, *, fresh: bool = False) -> ConfigState:
+        return self.live
+
+    def hides(self, key: object, value: object) -> bool:
+        return isinstance(key, tuple) and key[0] == "cluster" and key[1] in self.hidden
+
+
+async def test_what_a_read_cannot_see_is_added_to_a_copy_of_it_not_to_the_ports_read(tmp_path: Path) -> None:
+    """The engine adds the merge base's view of what the read hides to its own copy: the port's read (the
+    adapter's cached state, handed out without a copy) is never modified (issue 10)."""
+    state = ConfigState(V2)
+    for cid in ("c1", "c2"):
+        state.add("cluster", build.cluster(cid))
+    sozu, shared = SharingSozu(state.copy()), MemShared()
+    publish(shared, state)
+    e = engine(tmp_path, "a", sozu, shared)
+    await e.sync_once("startup")  # takes shared as its base
+    await e.sync_once("again")
+    assert e.base.load(V2) is not None
+    read = sozu.live = ConfigState(V2, {k: v for k, v in state.objects.items() if k[1] != "c2"})
+    report = await e.sync_once("hidden")
+    assert sozu.live is read and ("cluster", "c2") not in read.objects, "the port's read was modified"
+    assert report.drift == 0 and not report.pushed

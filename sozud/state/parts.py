@@ -16,8 +16,9 @@ applied in order) and error messages numbered across the whole file.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -45,13 +46,28 @@ class _Part:
     id: str
     keys: frozenset[ObjKey]
     # each record's body (its bytes without the record id) -> the key of the object it adds; for a part
-    # after the first of several (where every record adds one object), else None
+    # after the first of several (where every record adds one object), else None. A later parse updates it
+    # in place (see PartsParser._incremental), once the whole parse has succeeded.
     bodies: dict[bytes, ObjKey] | None = None
+    raw: bytes = b""  # the part's bytes, when ``bodies`` is kept
+    order: list[bytes] | None = None  # the bodies in record order, when ``bodies`` is kept
+
+
+@dataclass(frozen=True)
+class _RecordDiff:
+    """What changed between two versions of a part, record by record (bodies, not record ids)."""
+
+    added: list[bytes]  # the new part's bodies that the old one did not hold, in record order
+    gone: list[bytes]  # the old part's bodies that the new one does not hold
+    order: list[bytes]  # the new part's bodies in record order
 
 
 # A record's id right after a NUL (records are NUL-terminated; a JSON string holds no NUL and no unescaped
 # quote, so this matches record starts only). A literal first byte keeps the scan fast.
 _RECORD_ID = re.compile(rb'\0\{"id":"[^"]*",')
+# The id of a record that starts at a given offset, as the layout numbers the records of a shard (SAVE-n, n
+# its position in the shard).
+_SAVE_ID = re.compile(rb'\{"id":"SAVE-(\d{1,9})",')
 
 
 def _bodies(part: bytes) -> list[bytes] | None:
@@ -60,6 +76,112 @@ def _bodies(part: bytes) -> list[bytes] | None:
     if bodies.pop():
         return None
     return bodies
+
+
+def _diff_all(raw: bytes, old: dict[bytes, ObjKey]) -> _RecordDiff | None:
+    """The new part ``raw`` against the old part's bodies, every record compared (O(part)); None when a
+    record is there twice or the last one is not NUL-terminated."""
+    bodies = _bodies(raw)
+    if bodies is None:
+        return None
+    present = set(bodies)
+    if len(present) != len(bodies):
+        return None  # a record twice: only the records' order tells what the second does
+    return _RecordDiff([b for b in bodies if b not in old], [b for b in old.keys() - present], bodies)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``: a binary search whose steps compare only
+    the bytes not compared yet (memcmp), so O(len) at C speed and O(log len) Python steps."""
+    view = memoryview(a)
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1] (or hi is the shorter length)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(view[lo:mid], lo):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
+    """The length (at most ``limit``) of the longest common suffix of ``a`` and ``b`` (as
+    :func:`_common_prefix`)."""
+    view, la, lb = memoryview(a), len(a), len(b)
+    lo, hi = 0, min(la, lb, limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(view[la - mid : la - lo], lb - mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _record_at(raw: bytes, start: int, order: list[bytes]) -> int | None:
+    """The position in ``order`` (the bodies of ``raw``'s records, in order) of the record that starts at
+    ``start``, known from its id and checked against its body (bodies are unique); None when unsure."""
+    if start == len(raw):
+        return len(order)
+    m = _SAVE_ID.match(raw, start)
+    end = raw.find(b"\0", start)
+    if m is None or end < 0:
+        return None
+    n = int(m[1])
+    if n >= len(order) or len(order[n]) != end - m.end() + 1:
+        return None
+    if not order[n].startswith(b"{") or not raw.startswith(memoryview(order[n])[1:], m.end()):
+        return None
+    return n
+
+
+def _diff_narrow(old_raw: bytes, order: list[bytes], old: dict[bytes, ObjKey], raw: bytes) -> _RecordDiff | None:
+    """:func:`_diff_all`'s answer, comparing records only where the two parts differ; None when that cannot
+    be told cheaply (the caller then compares every record).
+
+    Parts are written in the canonical order of their records, so a small change leaves the parts' bytes
+    equal up to the first changed record and from the last one on. Those stretches are found by memcmp and
+    cut at record boundaries; records in them are byte-equal, hence equal in body. Only the records in
+    between are split. The layout numbers each part's records from SAVE-0, so a record added or removed
+    renumbers every later one: the bytes of the stretch after the change then differ in every id, and the
+    records from the change on are split and compared by body (a C-speed pass over that stretch, not a
+    Python step per record); the common tail of the two lists of bodies is then left out.
+    """
+    if len(order) != len(old):
+        return None
+    # records before the first differing byte: the same bytes in both, the same record starts
+    start = old_raw.rfind(b"\0", 0, _common_prefix(old_raw, raw)) + 1
+    # records after the last differing byte: the first record start inside the common suffix (a NUL inside
+    # it is a NUL in both parts); the byte before the suffix differs, so its start may not be one in both
+    tail = _common_suffix(old_raw, raw, min(len(old_raw), len(raw)) - start)
+    old_end = len(old_raw)
+    if tail:
+        nul = old_raw.find(b"\0", len(old_raw) - tail)
+        old_end = nul + 1 if nul >= 0 else len(old_raw)
+    new_end = old_end + len(raw) - len(old_raw)
+    first, last = _record_at(old_raw, start, order), _record_at(old_raw, old_end, order)
+    if first is None or last is None or first > last:
+        return None
+    middle = _bodies(raw[start:new_end])
+    if middle is None:
+        return None
+    # the common tail of the bodies between (every one of them, when records were renumbered)
+    old_middle = order[first:last]
+    same = list(map(operator.eq, reversed(old_middle), reversed(middle)))
+    common = same.index(False) if False in same else len(same)
+    old_changed, new_changed = old_middle[: len(old_middle) - common], middle[: len(middle) - common]
+    old_set, new_set = set(old_changed), set(new_changed)
+    if len(new_set) != len(new_changed):
+        return None  # a record twice
+    added = [b for b in new_changed if b not in old_set]
+    if any(b in old for b in added):
+        return None  # a record twice: also before or after the change
+    new_order = order[:first] + middle + order[last:]
+    return _RecordDiff(added, [b for b in old_changed if b not in new_set], new_order)
+
+
+def _nothing() -> None:
+    pass
 
 
 class PartsParser:
@@ -131,12 +253,14 @@ class PartsParser:
         parsed: list[tuple[int, ConfigState]] = []
         removed: dict[ObjKey, Message] = {}
         parts = list(self._parts)
+        commits: list[Callable[[], None]] = []
         for i in changed:  # every part's removals first: a record may move from one part to another
             got = self._changed_records(data, i, version, source)
             if got is None:
                 return None
-            part, gone, parts[i] = got
+            part, gone, parts[i], commit = got
             parsed.append((i, part))
+            commits.append(commit)
             for k in gone:
                 removed[k] = objects.pop(k)
         dirty: set[ObjKey] = set()
@@ -154,44 +278,47 @@ class PartsParser:
                     dirty.add(k)
                 objects[k] = v
         dirty.update(removed)
+        for commit in commits:
+            commit()
         self._parts, self._state = parts, state
         return PartsParse(state, prev, frozenset(dirty))
 
     def _changed_records(
         self, data: SharedData, i: int, version: SozuVersion, source: str
-    ) -> tuple[ConfigState, Iterable[ObjKey], _Part] | None:
+    ) -> tuple[ConfigState, Iterable[ObjKey], _Part, Callable[[], None]] | None:
         """Part ``i`` again: the objects of its records that are new (all of them when its records were not
-        kept), the keys of its objects that are gone, and what to keep of it; None when it cannot be taken
-        apart from the others."""
+        kept), the keys of its objects that are gone, what to keep of it and what to run once the whole
+        parse has succeeded (it updates the kept bodies in place); None when it cannot be taken apart from
+        the others."""
         pid, raw = data.parts[i]
         old = self._parts[i]
-        if old.bodies is None:
+        if old.bodies is None or old.order is None:
             part = self._parse_part(data, i, version, source)
             if part is None:
                 return None
-            return part, old.keys - part.objects.keys(), self._kept(pid, raw, part, i, len(data.parts))
-        bodies = _bodies(raw)
-        if bodies is None:
+            kept = self._kept(pid, raw, part, i, len(data.parts))
+            return part, old.keys - part.objects.keys(), kept, _nothing
+        bodies = old.bodies
+        diff = _diff_narrow(old.raw, old.order, bodies, raw) or _diff_all(raw, bodies)
+        if diff is None:
             return None
-        present = set(bodies)
-        if len(present) != len(bodies):
-            return None  # a record twice: only the records' order tells what the second does
-        added = [b for b in bodies if b not in old.bodies]
-        gone = [old.bodies[b] for b in old.bodies.keys() - present]
-        mini = b"".join(b'{"id":"SAVE-%d",%s\0' % (n, b[1:]) for n, b in enumerate(added))
+        mini = b"".join(b'{"id":"SAVE-%d",%s\0' % (n, b[1:]) for n, b in enumerate(diff.added))
         try:
             new = parse_state_file(mini, version, source=f"{source} (part {i})", allow_empty=True)
         except StateError:
             return None
         self.parts_parsed += 1
-        if len(new) != len(added):
+        if len(new) != len(diff.added):
             return None
-        kept = dict(old.bodies)
-        for b in old.bodies.keys() - present:
-            del kept[b]
-        kept.update(zip(added, new.objects, strict=True))
+        gone = [bodies[b] for b in diff.gone]
         keys = (old.keys - frozenset(gone)) | new.objects.keys()
-        return new, gone, _Part(pid, keys, kept)
+
+        def commit() -> None:
+            for b in diff.gone:
+                del bodies[b]
+            bodies.update(zip(diff.added, new.objects, strict=True))
+
+        return new, gone, _Part(pid, keys, bodies, raw, diff.order), commit
 
     def _kept(self, pid: str, raw: bytes, part: ConfigState, i: int, count: int) -> _Part:
         """What to keep of part ``i``: its keys, and its records' bodies when every record adds one object."""
@@ -200,7 +327,7 @@ class PartsParser:
         bodies = _bodies(raw)
         if bodies is None or len(bodies) != len(part):
             return _Part(pid, frozenset(part.objects))
-        return _Part(pid, frozenset(part.objects), dict(zip(bodies, part.objects, strict=True)))
+        return _Part(pid, frozenset(part.objects), dict(zip(bodies, part.objects, strict=True)), raw, bodies)
 
     def _full(self, data: SharedData, version: SozuVersion, source: str) -> PartsParse:
         self.full_parses += 1

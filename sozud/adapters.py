@@ -26,12 +26,13 @@ class SozuAdapter:
     A full live read costs one request per cluster (or one SaveState with a shared directory), so the
     last read is cached and reused while a cheap probe says nothing changed on the same connection.
 
-    With ``keep_read_after_apply`` (off by default, see docs/sync.md "Incremental steps"), an apply keeps
-    what it predicts sozu holds as the cached read, with the fingerprint probed after it, only when that
-    prediction is certain: every request accepted, no re-read (it worked from the exact SaveState read it
-    was given, no batch mode), the same connection, and request counters that rose by exactly our requests
-    of each type, for types sozu had counted before (:func:`sozud.state.live.counts_explained`). Else the
-    next read is a full one (an operator's request that landed during the apply is then seen).
+    With ``keep_read_after_apply`` (set by the daemon from ``[sync] incremental``, see docs/sync.md
+    "Incremental steps"), an apply keeps what it predicts sozu holds as the cached read, with the
+    fingerprint probed after it, only when that prediction is certain: every request accepted, no re-read
+    (it worked from the exact SaveState read it was given, no batch mode), the same connection, and
+    request counters that rose by exactly our requests of each type, for types sozu had counted before
+    (:func:`sozud.state.live.counts_explained`). Else the next read is a full one (an operator's request
+    that landed during the apply is then seen).
 
     Without a shared directory some objects cannot be read back (backends of removed clusters,
     certificates no worker listener serves). Objects of that kind that sozud itself made sozu accept are
@@ -64,8 +65,8 @@ class SozuAdapter:
         self.restarts = 0
         self.stale_reads = 0  # fresh reads that found the cached one wrong (sozud.sync.SozuPort.stale_reads)
         self.live_version = 0  # bumped by every full read and every apply (sozud.sync.SozuPort.live_version)
-        # Keep the live read after an apply that the request counters prove was ours alone (off by default
-        # until a first-start convergence failure seen with it is understood; see the issue 10 note).
+        # Keep the live read after an apply that the request counters prove was ours alone: the daemon sets
+        # it from ``[sync] incremental`` (default on); off for adapters built directly.
         self.keep_read_after_apply = False
         self._records = RecordCache()  # SaveState records of the last live read (a re-read decodes the new ones)
         self._clusters = ClusterReplies()  # without shared_dir: the cluster replies of the last read (by hash)

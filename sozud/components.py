@@ -106,6 +106,7 @@ def build_components(config: Config, reuse: Components | None = None) -> Compone
             max_rounds=config.sync.max_rounds,
             max_removal_ratio=config.sync.max_removal_ratio,
         )
+    sozu.keep_read_after_apply = config.sync.incremental  # (also on a reload that keeps the adapter)
     osvc = config.opensvc
     shared: SharedPort
     if reuse is not None and reuse.om is om:  # the client is rebuilt whenever [opensvc] changes
@@ -126,6 +127,7 @@ def build_components(config: Config, reuse: Components | None = None) -> Compone
         max_removal_ratio=config.sync.max_removal_ratio,
         force=config.sync.force,
         boot_state_file=config.sozu.boot_state_file,
+        incremental=config.sync.incremental,
     )
     engine: SyncEngine
     if (

@@ -84,6 +84,7 @@ class SyncSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     force: bool = False
     max_rounds: int = 3
     retry_max_s: float = 60.0
+    incremental: bool = True
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -204,6 +205,9 @@ FIELD_HELP: dict[str, str] = {
     "force": "Apply/push plans that the removal safety valve refuses.",
     "max_rounds": "Apply rounds (apply, re-read, re-plan) before giving up on convergence.",
     "retry_max_s": "Cap of the backoff between failed syncs.",
+    "incremental": "A step after a settled one costs what changed, not the whole state (docs/sync.md, "
+    '"Incremental steps"); every periodic resync and every 100th step is a full check. Off: every step '
+    "reads, merges and plans the whole state.",
     "node": "This node's name (default: the host name).",
     "log_level": "debug, info, warning or error.",
     "log_format": "auto (JSON unless stderr is a terminal), json or console.",

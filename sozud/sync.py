@@ -87,8 +87,8 @@ class EngineSettings:
     # sozu boots from it, since the shared state itself is sharded in OpenSVC).
     boot_state_file: str | None = None
     # Steps after a settled one cost what changed (docs/sync.md, "Incremental steps"); every periodic
-    # resync and every ``full_check_every``-th step reads sozu in full and takes the full path. Off by
-    # default: the first-start test misses its deadline now and then with it on, unexplained so far.
+    # resync and every ``full_check_every``-th step reads sozu in full and takes the full path. The daemon
+    # takes it from ``[sync] incremental`` (default on); off here for engines built directly (tests).
     incremental: bool = False
     full_check_every: int = 100
     # Compute the full decision beside every incremental one and compare (tests; costs O(state)).

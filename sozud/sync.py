@@ -237,6 +237,7 @@ class SyncEngine:
                     self.log.warning("shared.partial", reason=caveat, action="additions only, then a push repairs it")
             elif meta is not None and data.vouched:
                 lineage, shared_digest = meta, meta.digest  # the layout checked every part against the manifest
+                self._shared_digest = (shared, shared_digest)  # a push naming it as its parent needs no O(state) digest
             elif meta is not None:
                 shared_digest = self._digest_of(shared)
                 if meta.digest == shared_digest:

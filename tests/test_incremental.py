@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +31,7 @@ from sozud.socket_proto import SozuChannel
 from sozud.state.codec import MAX_STATE_BYTES, parse_state_file, write_state_file
 from sozud.state.model import ConfigState
 from sozud.sync import EngineSettings, SyncEngine
+from sozud.sync_model import SharedMeta
 from sozud.testing import builders as build
 from sozud.testing.fake_sozu import FakeSozu
 from sozud.versions import SozuVersion
@@ -227,3 +230,33 @@ async def test_with_incremental_steps_off_the_periodic_resync_still_reads_sozu_i
         await b.engine.sync_once("test")
         weights = [x.load_balancing_parameters.weight for x in b.sozu.state.backends[cid]]
         assert weights == [42], "the change reached the other node"
+
+
+async def test_a_push_names_its_parent_by_the_digest_the_manifest_vouched_for_without_computing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local change on a settled node: the push's parent is the shared state it read, whose digest the
+    metadata gave (the layout checked every shard against the manifest). Only the new state's digest is
+    computed: one O(state) pass, not two."""
+    async with world(True) as (a, b):
+        data, meta_bytes = await b.shared.read()
+        assert data is not None and data.vouched and meta_bytes is not None
+        parent_digest = msgspec.json.decode(meta_bytes, type=SharedMeta).digest
+        operator(b.sozu, ("weight", 3, 7))
+        computed: list[int] = []
+        real = ConfigState.digest
+
+        def counting(self: ConfigState) -> str:
+            computed.append(len(self))
+            return real(self)
+
+        monkeypatch.setattr(ConfigState, "digest", counting)
+        report = await b.engine.sync_once("sozu_change")
+        assert report.pushed
+        assert len(computed) == 1, f"{len(computed)} digests computed in one push step"
+        _, meta_bytes = await b.shared.read()
+        assert meta_bytes is not None
+        assert msgspec.json.decode(meta_bytes, type=SharedMeta).parent == parent_digest
+        monkeypatch.undo()
+        await a.engine.sync_once("opensvc_change")  # the lineage still reads as a child of what a holds
+        assert a.engine.incremental_disagreements == 0

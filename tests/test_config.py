@@ -289,3 +289,21 @@ def test_environment_variables_and_flags_keep_their_names() -> None:
     )
     assert (c.opensvc.poll_interval_s, c.sozu.version, c.sync.poll_interval_s) == (4.0, "0.15", 0.5)
     assert (c.sozu.request_timeout_s, c.opensvc.request_timeout_s, c.opensvc.object) == (3.0, 3.0, "ns/sec/x")
+
+
+async def test_the_incremental_setting_reaches_the_engine_and_the_adapter_also_on_a_reload(tmp_path: Path) -> None:
+    from sozud.components import build_components
+    from sozud.config import config_from_settings
+
+    base = {
+        "socket": str(tmp_path / "s.sock"),
+        "sozu_version": "2.1.0",
+        "api": f"unix://{tmp_path}/lsnr.sock",
+        "node": "a",
+        "state_dir": str(tmp_path / "state"),
+    }
+    first = build_components(config_from_settings(base))
+    assert first.engine.settings.incremental and first.sozu.keep_read_after_apply  # the default
+    reloaded = build_components(config_from_settings({**base, "incremental": False}), reuse=first)
+    assert reloaded.sozu is first.sozu and reloaded.engine is first.engine  # kept across the reload
+    assert not reloaded.engine.settings.incremental and not reloaded.sozu.keep_read_after_apply

@@ -28,7 +28,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from sozud.state.model import ConfigState, ObjKey, copy_message, describe, value_digest
+from sozud.state.model import ConfigState, ObjKey, describe, value_digest
 
 __all__ = ["Conflict", "MergeResult", "merge"]
 
@@ -112,7 +112,7 @@ def merge(base: ConfigState, live: ConfigState, shared: ConfigState) -> MergeRes
                 )
             )
         if value is not None:
-            out.objects[key] = copy_message(value)
+            out.objects[key] = value  # shared, not copied: states never modify a message in place
     return MergeResult(out, conflicts, local_changes, remote_changes)
 
 

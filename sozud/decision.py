@@ -114,6 +114,20 @@ def decide_settled(shared: ConfigState, changed: frozenset[ObjKey]) -> Decision:
     )
 
 
+def decide_own_push(shared: ConfigState, changed: frozenset[ObjKey]) -> Decision:
+    """:func:`decide` for the step that reads back this node's own push, in O(``changed``): live is the
+    pushed state, ``shared`` is it read back, and the merge base is the push itself (the lineage knows it by
+    its id). All three are one state: no conflict, no change, nothing to push. ``changed`` are the keys
+    where the push differs from the shared state it replaced (the base store's state until this step)."""
+    return Decision(
+        Branch.MERGE,
+        shared,
+        True,
+        False,
+        note=f"three-way merge (incremental: own push read back, {len(changed)} object(s) changed by it)",
+    )
+
+
 def same_decision(a: Decision, b: Decision) -> bool:
     """Whether two decisions ask for the same thing (their notes aside)."""
     return (

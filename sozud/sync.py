@@ -36,7 +36,7 @@ from pathlib import Path
 import msgspec
 from google.protobuf.message import Message
 
-from sozud.decision import Branch, Decision, decide, decide_settled, drift, same_decision
+from sozud.decision import Branch, Decision, decide, decide_own_push, decide_settled, drift, same_decision
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
 from sozud.layout import SharedData
 from sozud.lineage import HISTORY, Lineage
@@ -106,6 +106,18 @@ class _Settled:
     live_version: int
 
 
+@dataclass(frozen=True)
+class _OwnPush:
+    """What the last step left after a push that live holds (no drift, no refused request): the push's
+    id and state, the shared state it replaced (the parser's previous state), the adapter's
+    ``live_version`` then."""
+
+    id: str
+    state: ConfigState
+    replaced: ConfigState
+    live_version: int
+
+
 class SyncEngine:
     """Runs sync steps; holds no I/O of its own besides its ports and the base store."""
 
@@ -120,6 +132,7 @@ class SyncEngine:
         self._parts = PartsParser()
         self._shared_digest: tuple[ConfigState, str] | None = None  # the last shared state's digest, once computed
         self._settled: _Settled | None = None
+        self._own_push: _OwnPush | None = None
         self._since_full_check = 0
         self.incremental_steps = 0  # steps that took the incremental path
         self.incremental_disagreements = 0  # stale cached reads found by a full check, and verify mismatches
@@ -142,8 +155,9 @@ class SyncEngine:
         restarts = self.sozu.restarts
         restarted = self._seen_restarts is not None and restarts != self._seen_restarts
         settled, self._settled = self._settled, None  # set again only by a step that ends settled
+        own, self._own_push = self._own_push, None  # set again only by a step that ends with a push live holds
         full_check = "periodic_resync" in reason.split(",") or self._since_full_check >= self.settings.full_check_every
-        inputs = await self._read_inputs(restarted, settled, full_check, self.settings.verify_incremental)
+        inputs = await self._read_inputs(restarted, settled, own, full_check, self.settings.verify_incremental)
         report = SyncReport(reason=reason, outcome="in_sync")
         decision = self._decide(inputs, restarted, report)
         if full_check:
@@ -185,7 +199,10 @@ class SyncEngine:
 
         if inputs.changed is None or inputs.shared is None:
             return full()
-        fast = decide_settled(inputs.shared, inputs.changed)
+        if inputs.own_push:
+            fast = decide_own_push(inputs.shared, inputs.changed)
+        else:
+            fast = decide_settled(inputs.shared, inputs.changed)
         if self.settings.verify_incremental:
             checked = full()
             if not same_decision(fast, checked):
@@ -206,7 +223,7 @@ class SyncEngine:
         return fast
 
     async def _read_inputs(
-        self, restarted: bool, settled: _Settled | None, full_check: bool, verify: bool
+        self, restarted: bool, settled: _Settled | None, own: _OwnPush | None, full_check: bool, verify: bool
     ) -> SyncInputs:
         # A full check reads sozu in full (the adapter compares it with the read the probe vouched for)
         # and takes the full path: anti-entropy for everything the incremental path takes on trust.
@@ -270,6 +287,26 @@ class SyncEngine:
             # live, the merge base and the previous shared state are one state: only what shared
             # changed can differ (docs/sync.md, "Incremental steps")
             changed = parsed.changed
+        own_push = False
+        if (
+            changed is None
+            and self.settings.incremental
+            and own is not None
+            and parsed is not None
+            and parsed.changed is not None
+            and parsed.previous is own.replaced
+            and lineage is not None
+            and lineage.id == own.id
+            and merge_base is own.state
+            and complete
+            and not repair
+            and not restarted
+            and self.sozu.live_version == own.live_version
+            and not full_check
+        ):
+            # shared is our own push read back (the layout vouched for it), live has not changed since and
+            # held it, and the merge base is that push: one state; the base store moves to it
+            changed, own_push = parsed.changed, True
         if merge_base is not None:
             # What the live read cannot see is unknown, not removed: keep the merge base's view of it (in a
             # copy of the read: it may be the adapter's cached one).
@@ -285,6 +322,7 @@ class SyncEngine:
         if data is not None and shared is not None:
             inputs.shared_data, inputs.shared_digest = data, shared_digest
         inputs.changed = changed
+        inputs.own_push = own_push
         inputs.stale_read = stale_read
         inputs.previous = parsed.previous if parsed is not None else None
         return inputs
@@ -378,6 +416,8 @@ class SyncEngine:
         if report.drift == 0 and report.pushed_id:
             # live holds our push: a state later pushes may descend from, a merge base for later syncs
             self.lineage.remember(report.pushed_id, merged)
+            if not report.failures:
+                self._own_push = _OwnPush(report.pushed_id, merged, shared, self.sozu.live_version)
         if not report.pushed and report.drift == 0:
             base = self._move_base(inputs)
             if not report.failures:

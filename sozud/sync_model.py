@@ -183,4 +183,8 @@ class SyncInputs:
     # (settled) step parsed, which live and the merge base equal (None: a full step)
     changed: frozenset[ObjKey] | None = None
     previous: ConfigState | None = None
+    # ... or shared is this node's own last push read back, live unchanged since, the merge base that push:
+    # all three equal; ``changed`` are the keys where the push differs from ``previous``, the shared state
+    # it replaced (the base store's state until this step moves it)
+    own_push: bool = False
     stale_read: bool = False  # a full check found the read the probe vouched for wrong (SozuPort.stale_reads)

@@ -260,3 +260,27 @@ async def test_a_push_names_its_parent_by_the_digest_the_manifest_vouched_for_wi
         monkeypatch.undo()
         await a.engine.sync_once("opensvc_change")  # the lineage still reads as a child of what a holds
         assert a.engine.incremental_disagreements == 0
+
+
+async def test_reading_back_its_own_push_is_an_incremental_step_that_moves_the_base() -> None:
+    """A local change costs one full step (it reads, merges and pushes the whole state); the next step, which
+    reads that push back, is incremental, decides what the full path decides (checked by
+    ``verify_incremental``), sends and pushes nothing, and moves the base: the step after is settled."""
+    async with world(True) as (a, b):
+        operator(b.sozu, ("weight", 3, 7))
+        pushed = await b.engine.sync_once("sozu_change")
+        assert pushed.pushed and not pushed.incremental
+        b.mutations()
+        echo = await b.engine.sync_once("opensvc_change")
+        assert echo.incremental and not echo.pushed and echo.requests_sent == 0
+        assert b.engine.incremental_disagreements == 0
+        base = b.engine.base.load(V2)
+        data, _ = await b.shared.read()
+        assert base is not None and data is not None
+        assert base[0].same_as(parse_state_file(data.assembled, V2, source="shared"))
+        # settled on it: a remote change is incremental again on both nodes
+        await a.engine.sync_once("opensvc_change")
+        operator(a.sozu, ("weight", 5, 9))
+        await a.engine.sync_once("sozu_change")
+        report = await b.engine.sync_once("opensvc_change")
+        assert report.incremental and report.requests_sent == 1 and b.engine.incremental_disagreements == 0

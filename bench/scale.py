@@ -7,9 +7,10 @@ Two sozud engines (nodes a and b), each over its own SIMULATED sozu 2.1.0 (``soz
 share one in-memory OpenSVC object (sharded layout). Both start in sync on a state of N clusters (one
 backend and one HTTP frontend each). Then, per change: an operator changes one backend's weight on b's
 sozu; b syncs (reads it, pushes); a syncs (the step measured: from its trigger to the change applied on
-its sozu). Printed per N: a's sync time (p50), b's push sync time (p50), requests a sent to its sozu
-(mutations and reads), bytes b wrote to OpenSVC, the process's max RSS, how many of a's measured steps
-took the incremental path (docs/sync.md, "Incremental steps"), and the ratio of a's time between the
+its sozu); then b reads its own push back (the step that moves its base). Printed per N: a's sync time
+(p50), b's push sync time and read-back sync time (p50), requests a sent to its sozu (mutations and
+reads), bytes b wrote to OpenSVC, the process's max RSS, how many of a's measured steps and of b's
+read-backs took the incremental path (docs/sync.md, "Incremental steps"), and the ratio of a's time between the
 largest and the smallest size, all measured in the same run. ``--profile FILE`` writes a cProfile of a's
 measured steps.
 
@@ -51,7 +52,7 @@ from sozud.versions import SozuVersion
 
 OBJ = "igw/sec/sozu"
 VERSION = SozuVersion(2, 1, 0)
-INCREMENTAL = True  # --full: the daemon's default today (incremental steps off, see docs/sync.md)
+INCREMENTAL = True  # as the daemon by default; --full: every step full (`incremental = false`, docs/sync.md)
 PROFILE: cProfile.Profile | None = None  # --profile: a's measured syncs only
 MUTATIONS = {"add_backend", "remove_backend", "add_cluster", "remove_cluster", "add_http_frontend"}
 
@@ -90,7 +91,8 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, An
     try:
         for n in (a, b, a, b):  # a bootstraps, b reads it back, both take their base
             await n.engine.sync_once("setup")
-        a_times, a_sozud, b_times, requests, written = [], [], [], [], []
+        a_times, a_sozud, b_times, b_back, requests, written = [], [], [], [], [], []
+        b_back_incremental: list[bool] = []
         incremental: list[bool] = []
         for i in range(changes):
             cid = f"app-{(clusters // 2 + i) % clusters:06d}"
@@ -121,10 +123,16 @@ async def measure(clusters: int, changes: int, shared_dir: bool) -> dict[str, An
             a_sozud.append(elapsed - (a.sim_seconds() - sim))
             requests.append(len(a.sozu.requests) - sent)
             assert report.requests_sent >= 1, f"a applied nothing for change {i}: {report}"
+            started = time.perf_counter()
+            back = await b.engine.sync_once("bench")  # b reads its own push back: its base moves
+            b_back.append(time.perf_counter() - started)
+            b_back_incremental.append(back.incremental)
         return {
             "a_s": statistics.median(a_times),
             "a_sozud_s": statistics.median(a_sozud),
             "b_s": statistics.median(b_times),
+            "b_back_s": statistics.median(b_back),
+            "b_back_incremental": f"{sum(b_back_incremental)}/{len(b_back_incremental)}",
             "requests": statistics.median(requests),
             "written": statistics.median(written),
             "incremental": f"{sum(incremental)}/{len(incremental)}",
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--no-shared-dir", action="store_true", help="live reads by queries, not SaveState")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of a's measured syncs to FILE")
-    parser.add_argument("--full", action="store_true", help="incremental steps off (the daemon's default today)")
+    parser.add_argument("--full", action="store_true", help="every step full (the daemon with incremental = false)")
     args = parser.parse_args()
     global PROFILE, INCREMENTAL
     INCREMENTAL = not args.full
@@ -151,18 +159,19 @@ def main() -> None:
     tune_gc()  # as the daemon does (sozud run)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
-        "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | requests to a's sozu "
-        "| bytes to OpenSVC | max RSS MB | a's incremental steps |"
+        "| clusters | a: sync s (p50) | of it sozud s | b: push sync s | b: read-back sync s | requests to a's sozu "
+        "| bytes to OpenSVC | max RSS MB | a's incremental steps | b's incremental read-backs |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for n in sizes:
         r = asyncio.run(measure(n, args.changes, not args.no_shared_dir))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         results[n] = r
         print(
-            f"| {n:,} | {r['a_s']:.3f} | {r['a_sozud_s']:.3f} | {r['b_s']:.3f} | {r['requests']:.0f} "
-            f"| {r['written']:,.0f} | {rss:.0f} | {r['incremental']} |",
+            f"| {n:,} | {r['a_s']:.3f} | {r['a_sozud_s']:.3f} | {r['b_s']:.3f} | {r['b_back_s']:.3f} "
+            f"| {r['requests']:.0f} | {r['written']:,.0f} | {rss:.0f} | {r['incremental']} "
+            f"| {r['b_back_incremental']} |",
             flush=True,
         )
     first, last = sizes[0], sizes[-1]

@@ -218,7 +218,8 @@ async def test_the_periodic_resync_reads_sozu_in_full_and_counts_what_the_probe_
 
 
 async def test_with_incremental_steps_off_the_periodic_resync_still_reads_sozu_in_full() -> None:
-    """The daemon's default: every step is full, and the periodic resync does not trust the probe either."""
+    """With incremental steps off (`incremental = false`): every step is full, and the periodic resync does not
+    trust the probe either."""
     async with world(False) as (a, b):
         cid = "app-000004"
         hidden = build.backend(cid, f"{cid}-0", _address(4), weight=42)

@@ -382,11 +382,9 @@ def _differing_keys(
 ) -> set[ObjKey]:
     """The keys where live (with what we assume it holds) and desired differ, among ``scope`` (None:
     every key: a full pass over both states)."""
-    if scope is None:
-        view = {**live.objects, **assumed}
-        return {k for k in view.keys() | desired.objects.keys() if view.get(k) != desired.objects.get(k)}
     have, want = live.objects, desired.objects
-    return {k for k in scope if (assumed[k] if k in assumed else have.get(k)) != want.get(k)}
+    keys = (have.keys() | assumed.keys() | want.keys()) if scope is None else scope
+    return {k for k in keys if (assumed[k] if k in assumed else have.get(k)) != want.get(k)}
 
 
 def _convergence_message(report: ApplyReport) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,53 +272,40 @@ class SyncEngine:
             merge_base, complete = self.lineage.merge_base(base, lineage)
         repair = bool(caveat) and shared is not None
         changed: frozenset[ObjKey] | None = None
-        if (
-            self.settings.incremental
-            and settled is not None
-            and parsed is not None
-            and parsed.changed is not None
-            and parsed.previous is settled.shared
-            and any(merge_base is s for s in settled.equal)
-            and complete
-            and not repair
-            and not restarted
-            and self.sozu.live_version == settled.live_version
-            and not full_check
-        ):
-            # live, the merge base and the previous shared state are one state: only what shared
-            # changed can differ (docs/sync.md, "Incremental steps")
-            changed = parsed.changed
         own_push = False
         if (
-            changed is None
-            and self.settings.incremental
-            and own is not None
+            self.settings.incremental
             and parsed is not None
             and parsed.changed is not None
-            and parsed.previous is own.replaced
-            and lineage is not None
-            and lineage.id == own.id
-            and merge_base is own.state
             and complete
             and not repair
             and not restarted
-            and self.sozu.live_version == own.live_version
             and not full_check
         ):
-            # shared is our own push read back (the layout vouched for it), live has not changed since and
-            # held it, and the merge base is that push: one state; the base store moves to it
-            changed, own_push = parsed.changed, True
+            live_version = self.sozu.live_version
+            if (
+                settled is not None
+                and parsed.previous is settled.shared
+                and any(merge_base is s for s in settled.equal)
+                and live_version == settled.live_version
+            ):
+                # live, the merge base and the previous shared state are one state: only what shared
+                # changed can differ (docs/sync.md, "Incremental steps")
+                changed = parsed.changed
+            elif (
+                own is not None
+                and parsed.previous is own.replaced
+                and lineage is not None
+                and lineage.id == own.id
+                and merge_base is own.state
+                and live_version == own.live_version
+            ):
+                # shared is our own push read back (the layout vouched for it), live has not changed since
+                # and held it, and the merge base is that push: one state; the base store moves to it
+                changed, own_push = parsed.changed, True
         if merge_base is not None:
-            # What the live read cannot see is unknown, not removed: keep the merge base's view of it (in a
-            # copy of the read: it may be the adapter's cached one).
-            hidden: dict[ObjKey, Message] = {}
-            for k in merge_base.objects if (changed is None or full_check or verify) else changed:
-                v = merge_base.objects.get(k)
-                if v is not None and k not in live.objects and self.sozu.hides(k, v):
-                    hidden[k] = v
-            if hidden:
-                live = live.shallow_copy()
-                live.objects.update(hidden)
+            # What the live read cannot see is unknown, not removed: keep the merge base's view of it.
+            live = self._with_hidden(live, merge_base, None if (changed is None or full_check or verify) else changed)
         inputs = SyncInputs(live, shared, meta, lineage, complete, repair, base, base_meta, merge_base)
         if data is not None and shared is not None:
             inputs.shared_data, inputs.shared_digest = data, shared_digest
@@ -326,6 +314,20 @@ class SyncEngine:
         inputs.stale_read = stale_read
         inputs.previous = parsed.previous if parsed is not None else None
         return inputs
+
+    def _with_hidden(self, live: ConfigState, source: ConfigState, keys: Collection[ObjKey] | None) -> ConfigState:
+        """``live`` with the objects of ``source`` (among ``keys``; None: all) that the last live read could
+        not have seen. A copy when there are any: ``live`` may be the port's cached read, never modified."""
+        hidden: dict[ObjKey, Message] = {}
+        for k in source.objects if keys is None else keys:
+            v = source.objects.get(k)
+            if v is not None and k not in live.objects and self.sozu.hides(k, v):
+                hidden[k] = v
+        if not hidden:
+            return live
+        out = live.shallow_copy()
+        out.objects.update(hidden)
+        return out
 
     def _check_mismatch(self, data: SharedData, digest: str, meta: SharedMeta) -> bool:
         """A state whose digest is not its metadata's: wait while it may be a write in progress, then
@@ -388,15 +390,7 @@ class SyncEngine:
             report.requests_by_type = outcome.requests_by_type
             report.plan_digest = outcome.plan_digest
             report.failures = list(outcome.failures)
-            live_after = outcome.live_after  # may be the adapter's cached read: copied before adding to it
-            hidden: dict[ObjKey, Message] = {}
-            for k in merged.objects if scope is None else scope:
-                v = merged.objects.get(k)
-                if v is not None and k not in live_after.objects and self.sozu.hides(k, v):
-                    hidden[k] = v
-            if hidden:
-                live_after = live_after.shallow_copy()
-                live_after.objects.update(hidden)
+            live_after = self._with_hidden(outcome.live_after, merged, scope)
         if decision.push:
             if len(merged) == 0:
                 raise UnsafePlanError(

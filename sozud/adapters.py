@@ -131,8 +131,8 @@ class SozuAdapter:
             self._assumed_epoch = self.channel.epoch
         state = report.state
         for k, v in self._assumed.items():
-            if k not in state.objects and report.hides(k, v):
-                state.objects[k] = v
+            if k not in state and report.hides(k, v):
+                state.put(k, v)
         return state
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
@@ -208,11 +208,11 @@ class SozuAdapter:
             else:
                 # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
                 # show is remembered for later reads
-                self._assumed = {k: v for k, v in desired.objects.items() if self.hides(k, v)}
-                hidden = {k: v for k, v in self._assumed.items() if k not in live_after.objects and self.hides(k, v)}
+                self._assumed = {k: v for k, v in desired.items() if self.hides(k, v)}
+                hidden = {k: v for k, v in self._assumed.items() if k not in live_after and self.hides(k, v)}
                 if hidden:
                     live_after = live_after.shallow_copy()
-                    live_after.objects.update(hidden)
+                    live_after.update(hidden)
             self._assumed_epoch = self.channel.epoch
             # Keep the prediction as the cached read only when nothing but our requests can have changed
             # sozu since the read it was predicted from (class docstring); else the next read is full.

@@ -78,9 +78,9 @@ def decide(
     effective = shared
     if not complete:
         effective = shared.shallow_copy()
-        for k, v in base.objects.items():
-            if k not in effective.objects:
-                effective.objects[k] = v
+        for k, v in base.items():
+            if k not in effective:
+                effective.put(k, v)
     return _from_merge(Branch.MERGE, merge(base, live, effective), shared, complete, repair, "three-way merge")
 
 

@@ -319,14 +319,14 @@ class SyncEngine:
         """``live`` with the objects of ``source`` (among ``keys``; None: all) that the last live read could
         not have seen. A copy when there are any: ``live`` may be the port's cached read, never modified."""
         hidden: dict[ObjKey, Message] = {}
-        for k in source.objects if keys is None else keys:
-            v = source.objects.get(k)
-            if v is not None and k not in live.objects and self.sozu.hides(k, v):
+        for k in source if keys is None else keys:
+            v = source.get(k)
+            if v is not None and k not in live and self.sozu.hides(k, v):
                 hidden[k] = v
         if not hidden:
             return live
         out = live.shallow_copy()
-        out.objects.update(hidden)
+        out.update(hidden)
         return out
 
     def _check_mismatch(self, data: SharedData, digest: str, meta: SharedMeta) -> bool:
@@ -363,12 +363,12 @@ class SyncEngine:
         elif decision.branch is Branch.UNION and shared is not None:
             self.log.info(
                 "sync.first_union",
-                live_only_objects=sum(1 for k in live.objects if k not in shared.objects),
-                shared_only_objects=sum(1 for k in shared.objects if k not in live.objects),
+                live_only_objects=len(live.keys() - shared.keys()),
+                shared_only_objects=len(shared.keys() - live.keys()),
                 conflicts=len(decision.conflicts),
             )
         elif decision.branch is Branch.SHARED_WINS and shared is not None:
-            dropped = sum(1 for k in live.objects if k not in shared.objects)
+            dropped = len(live.keys() - shared.keys())
             if dropped:
                 self.log.info("sync.shared_wins", reason="sozu restarted", live_only_objects=dropped)
 
@@ -545,7 +545,7 @@ class SyncEngine:
     def _check_push_removals(self, shared: ConfigState, merged: ConfigState) -> None:
         if self.settings.force or len(shared) == 0:
             return
-        removed = sum(1 for k in shared.objects if k not in merged.objects)
+        removed = len(shared.keys() - merged.keys())
         if removed > self.settings.max_removal_ratio * len(shared):
             raise UnsafePlanError(
                 f"pushing would remove {removed} of the {len(shared)} objects of {self._source()} "

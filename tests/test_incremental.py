@@ -285,3 +285,28 @@ async def test_reading_back_its_own_push_is_an_incremental_step_that_moves_the_b
         await a.engine.sync_once("sozu_change")
         report = await b.engine.sync_once("opensvc_change")
         assert report.incremental and report.requests_sent == 1 and b.engine.incremental_disagreements == 0
+
+
+async def test_an_incremental_step_copies_no_whole_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What keeps a remote change O(change) on the receiving node: the parse's new shared state, the live
+    state predicted after the apply and the states between are copies that share one mapping
+    (``ConfigState`` is copy-on-write), and nothing on the incremental path reads a whole state, which would
+    fold a copy's changes into a mapping of its own (an O(state) copy)."""
+    async with world(True) as (a, b):
+        for n in (a, b):
+            n.engine.settings.verify_incremental = False  # the check computes the full decision: O(state)
+        operator(b.sozu, ("weight", 3, 7))
+        await b.engine.sync_once("test")
+        folds: list[int] = []
+        real = ConfigState._fold
+
+        def counting(self: ConfigState) -> None:
+            folds.append(len(self))
+            real(self)
+
+        monkeypatch.setattr(ConfigState, "_fold", counting)
+        report = await a.engine.sync_once("opensvc_change")
+        assert report.incremental and report.requests_sent == 1
+        assert folds == [], f"{len(folds)} whole-mapping copies in an incremental step"
+        monkeypatch.undo()
+        assert _live(a) == _live(b)

@@ -265,7 +265,7 @@ class _Apply:
         extra = {k: v for k, v in self.assumed.items() if r.hides(k, v) or (k[0] == "certificate" and not r.exact)}
         if extra:
             view = r.state.shallow_copy()
-            view.objects.update(extra)
+            view.update(extra)
         # A re-plan only finishes what the first plan set out to do (the scope): any other difference
         # appeared while we applied (an operator's request) and is left alone for the next sync to merge.
         return plan(
@@ -303,8 +303,8 @@ class _Apply:
         request the main state accepted), and whether every step was accepted."""
         replaced: dict[ObjKey, Message] = {}  # what this round removed to re-add with other values
         for step in current.steps:
-            if step.action == "remove" and step.key in live.state.objects:
-                replaced[step.key] = live.state.objects[step.key]
+            if step.action == "remove" and step.key in live.state:
+                replaced[step.key] = live.state[step.key]
             result = await _send_one(self.cch, step, round_no, live)
             self.report.steps.append(result)
             _track(self.assumed, step, result, self.desired)
@@ -382,7 +382,7 @@ def _differing_keys(
 ) -> set[ObjKey]:
     """The keys where live (with what we assume it holds) and desired differ, among ``scope`` (None:
     every key: a full pass over both states)."""
-    have, want = live.objects, desired.objects
+    have, want = (live.objects, desired.objects) if scope is None else (live, desired)  # a scope: point reads
     keys = (have.keys() | assumed.keys() | want.keys()) if scope is None else scope
     return {k for k in keys if (assumed[k] if k in assumed else have.get(k)) != want.get(k)}
 
@@ -408,8 +408,8 @@ def _track(assumed: dict[ObjKey, Message], step: PlanStep, result: StepResult, d
         return
     key = tuple(step.key)
     kind = result.kind  # what was sent (an add_certificate may have gone as replace_certificate)
-    if kind.startswith(("add_", "update_", "activate_", "deactivate_", "replace_")) and key in desired.objects:
-        value = desired.objects[key]
+    if kind.startswith(("add_", "update_", "activate_", "deactivate_", "replace_")) and key in desired:
+        value = desired[key]
         if (
             isinstance(value, pb.AddCertificate)
             and kind == "add_certificate"

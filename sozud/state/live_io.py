@@ -60,16 +60,16 @@ class LiveRead:
 
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether this read could not have seen ``key`` (with ``value``) even if sozu holds it."""
-        if self.exact or key in self.state.objects:
+        if self.exact or key in self.state:
             return False
         kind = key[0]
         if kind == "backend":
             assert isinstance(value, pb.AddBackend)
-            return ("cluster", value.cluster_id) not in self.state.objects
+            return ("cluster", value.cluster_id) not in self.state
         if kind in FRONTEND_KINDS and not self.frontends_listed:
             cluster_id = getattr(value, "cluster_id", "")
             has = value.HasField("cluster_id") if isinstance(value, pb.RequestHttpFrontend) else True
-            return not has or ("cluster", cluster_id) not in self.state.objects
+            return not has or ("cluster", cluster_id) not in self.state
         if kind == "certificate":
             if key[2] in self.state_fingerprints:
                 return True
@@ -81,9 +81,10 @@ class LiveRead:
     def visible(self, state: ConfigState) -> ConfigState:
         """``state`` without the objects this read could not see (what a read would show of it)."""
         out = ConfigState(state.version)
-        for k, v in state.objects.items():
+        objects = out.objects
+        for k, v in state.items():
             if not self.hides(k, v):
-                out.objects[k] = v
+                objects[k] = v
         return out
 
 

@@ -86,6 +86,7 @@ def merge(base: ConfigState, live: ConfigState, shared: ConfigState) -> MergeRes
     """Merge the local changes (``live`` vs ``base``) with the remote ones (``shared`` vs ``base``)."""
     b, lo, sh = base.objects, live.objects, shared.objects
     out = ConfigState(live.version)
+    objects = out.objects
     conflicts: list[Conflict] = []
     local_changes = remote_changes = 0
     for key in sorted(set(b) | set(lo) | set(sh)):
@@ -112,7 +113,7 @@ def merge(base: ConfigState, live: ConfigState, shared: ConfigState) -> MergeRes
                 )
             )
         if value is not None:
-            out.objects[key] = value  # shared, not copied: states never modify a message in place
+            objects[key] = value  # shared, not copied: states never modify a message in place
     return MergeResult(out, conflicts, local_changes, remote_changes)
 
 

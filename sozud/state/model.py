@@ -26,9 +26,9 @@ keys with equal messages.
 from __future__ import annotations
 
 import hashlib
+import math
 import ssl
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, MutableMapping, ValuesView
 from typing import Any, Literal, TypeAlias
 
 from google.protobuf.message import Message
@@ -122,50 +122,142 @@ def key_of(kind: Kind, value: Message) -> ObjKey:
 # --- the state ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class ConfigState:
-    """A sozu configuration: object key -> the add-request message that creates it."""
+_ABSENT: Any = object()
 
-    version: SozuVersion
-    objects: dict[ObjKey, Message] = field(default_factory=dict)
+
+def _overlay_limit(size: int) -> int:
+    """How many changed keys a state keeps over a shared mapping before a copy folds them in: about the
+    square root of the state, so a copy costs O(sqrt n) and a fold, O(n), comes once every O(sqrt n)
+    changes."""
+    return max(256, 4 * math.isqrt(size))
+
+
+class ConfigState(MutableMapping[ObjKey, Message]):
+    """A sozu configuration: object key -> the add-request message that creates it.
+
+    Copy-on-write: :meth:`shallow_copy` shares the mapping in O(changes kept), and each side then keeps
+    its own changes over it. Point operations (``get``, ``in``, ``[]``, :meth:`put`, ``pop``, ``del``,
+    ``len``) cost O(1) either way. Whole-state operations (iteration, ``items()``, :attr:`objects`,
+    :meth:`same_as`, :meth:`digest`) first fold the changes into a mapping of this state's own, one O(n)
+    copy, which a whole-state operation costs anyway. Incremental steps use point operations only.
+    """
+
+    __slots__ = ("_base", "_delta", "_over", "_shared", "version")
+
+    def __init__(self, version: SozuVersion, objects: dict[ObjKey, Message] | None = None) -> None:
+        self.version = version
+        self._base: dict[ObjKey, Message] = {} if objects is None else objects  # the caller's, now ours
+        # Changes over a shared ``_base`` (None: removed). Never both empty-``_over`` and written-``_base``
+        # while ``_shared``: a shared mapping is read only.
+        self._over: dict[ObjKey, Message | None] = {}
+        self._delta = 0  # len(self) - len(self._base)
+        self._shared = False
+
+    @property
+    def objects(self) -> dict[ObjKey, Message]:
+        """The whole mapping as a dict this state alone holds (writes to it are writes to the state).
+        Folds any kept changes first (O(n) then). Do not keep it across a :meth:`shallow_copy`."""
+        if self._shared:
+            self._fold()
+        return self._base
+
+    def _fold(self) -> None:
+        base = self._base.copy()
+        for k, v in self._over.items():
+            if v is None:
+                base.pop(k, None)
+            else:
+                base[k] = v
+        self._base, self._over, self._delta, self._shared = base, {}, 0, False
 
     # -- building
 
     def put(self, key: ObjKey, value: Message) -> None:
-        self.objects[key] = value
+        if not self._shared:
+            self._base[key] = value
+            return
+        if self.get(key) is None:
+            self._delta += 1
+        self._over[key] = value
 
     def add_listener(self, kind: str, config: Message) -> ObjKey:
         key = listener_key(kind, config)
-        self.objects[key] = config
+        self.put(key, config)
         return key
 
     def add(self, kind: Kind, value: Message) -> ObjKey:
         key = key_of(kind, value)
-        self.objects[key] = value
+        self.put(key, value)
         return key
+
+    def __setitem__(self, key: ObjKey, value: Message) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: ObjKey) -> None:
+        if self.pop(key, _ABSENT) is _ABSENT:
+            raise KeyError(key)
+
+    def pop(self, key: ObjKey, default: Any = _ABSENT) -> Any:
+        """Remove ``key`` and return its value (``default`` when absent; KeyError without one)."""
+        if not self._shared:
+            value = self._base.pop(key, default)
+        else:
+            value = self.get(key)
+            if value is None:
+                value = default
+            else:
+                self._over[key] = None
+                self._delta -= 1
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
 
     # -- reading
 
+    def get(self, key: ObjKey, default: Any = None) -> Any:
+        over = self._over
+        if over:
+            value = over.get(key, _ABSENT)
+            if value is not _ABSENT:
+                return default if value is None else value
+        return self._base.get(key, default)
+
+    def __getitem__(self, key: ObjKey) -> Message:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        assert isinstance(value, Message)
+        return value
+
     def __len__(self) -> int:
-        return len(self.objects)
+        return len(self._base) + self._delta
 
     def __iter__(self) -> Iterator[ObjKey]:
         return iter(self.objects)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.objects
+        return self.get(key) is not None  # type: ignore[arg-type]  # any object may be asked about
 
-    def get(self, key: ObjKey) -> Message | None:
-        return self.objects.get(key)
+    def keys(self) -> KeysView[ObjKey]:
+        return self.objects.keys()
+
+    def items(self) -> ItemsView[ObjKey, Message]:
+        return self.objects.items()
+
+    def values(self) -> ValuesView[Message]:
+        return self.objects.values()
 
     def of_kind(self, kind: Kind) -> Iterable[tuple[ObjKey, Message]]:
         return ((k, v) for k, v in self.objects.items() if k[0] == kind)
 
     def same_as(self, other: ConfigState) -> bool:
         """Semantic equality: same keys, equal messages (record ids and order do not matter)."""
-        if self.objects.keys() != other.objects.keys():
+        if len(self) != len(other):
             return False
-        return all(v == other.objects[k] for k, v in self.objects.items())
+        mine, theirs = self.objects, other.objects
+        if mine.keys() != theirs.keys():
+            return False
+        return all(v == theirs[k] for k, v in mine.items())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConfigState):
@@ -174,27 +266,37 @@ class ConfigState:
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
+    def __repr__(self) -> str:
+        return f"ConfigState({self.version}, {len(self)} objects)"
+
     def copy(self) -> ConfigState:
         out = ConfigState(self.version)
         for k, v in self.objects.items():
             c = type(v)()
             c.CopyFrom(v)
-            out.objects[k] = c
+            out._base[k] = c
         return out
 
     def shallow_copy(self) -> ConfigState:
-        """A state with its own mapping but the same messages: for callers that add, replace or remove
-        objects but never modify a message in place (sozud's own code changes an object by storing a new
-        message, see :func:`apply_request`). :meth:`copy` copies the messages too."""
-        return ConfigState(self.version, dict(self.objects))
+        """A state with the same objects that changes apart from this one, sharing the messages (for
+        callers that add, replace or remove objects but never modify a message in place: sozud's own code
+        changes an object by storing a new message, see :func:`apply_request`). O(changes kept) (class
+        docstring); :meth:`copy` copies the messages too."""
+        if len(self._over) > _overlay_limit(len(self)):
+            self._fold()
+        out = ConfigState(self.version, self._base)
+        out._over, out._delta = dict(self._over), self._delta
+        out._shared = self._shared = True
+        return out
 
     def digest(self) -> str:
         """A content hash independent of order and record ids (sha-256 hex)."""
+        objects = self.objects
         h = hashlib.sha256()
-        for k in sorted(self.objects):
+        for k in sorted(objects):
             h.update("\x1f".join(k).encode())
             h.update(b"\x1e")
-            h.update(self.objects[k].SerializeToString(deterministic=True))
+            h.update(objects[k].SerializeToString(deterministic=True))
             h.update(b"\x1d")
         return h.hexdigest()
 
@@ -313,10 +415,10 @@ def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> 
     handler = _HANDLERS.get(kind)
     if handler is None:
         raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
-    handler(state.objects, kind, getattr(req, kind), own)
+    handler(state, kind, getattr(req, kind), own)
 
 
-Objects: TypeAlias = dict[ObjKey, Message]
+Objects: TypeAlias = ConfigState
 _Own: TypeAlias = Callable[[Message], Message]
 
 

@@ -249,7 +249,7 @@ class PartsParser:
         self, data: SharedData, version: SozuVersion, source: str, prev: ConfigState, changed: list[int]
     ) -> PartsParse | None:
         state = prev.shallow_copy()
-        objects = state.objects
+        objects = state  # point operations only: the copy shares prev's mapping (ConfigState)
         parsed: list[tuple[int, ConfigState]] = []
         removed: dict[ObjKey, Message] = {}
         parts = list(self._parts)

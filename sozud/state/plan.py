@@ -177,7 +177,7 @@ def plan(
 def overlay(live: ConfigState, desired: ConfigState, scope: Collection[ObjKey]) -> ConfigState:
     """``desired'`` of a scoped plan: ``live`` with the keys of ``scope`` as in ``desired`` (a full copy)."""
     objects = dict(live.objects)
-    want = desired.objects
+    want = desired
     for k in scope:
         v = want.get(k)
         if v is None:
@@ -194,7 +194,7 @@ def _scoped_states(
     planned in full (module docstring, "Scope")."""
     if len(scope) > SCOPE_MAX_SHARE * len(live):
         return None
-    have_all, want_all = live.objects, desired.objects
+    have_all, want_all = live, desired  # point reads: the scope is small
     sub_live: dict[ObjKey, Message] = {}
     sub_desired: dict[ObjKey, Message] = {}
     removed_backends: set[tuple[str, str]] = set()  # (cluster_id, address) of the backends removed

@@ -6,10 +6,14 @@ took 2.2 s to write and kept the agent busy for ~11 s). With ``layout = "sharded
 default: two nodes pushing at once can leave a manifest listing a shard the other overwrote, see README)
 the state is not one plain key:
 
-- ``<key>.s00`` ... ``<key>.s15``: shards. The state file's records are split by a hash of each record's
+- ``<key>.s00``, ``<key>.s01``, ...: shards. The state file's records are split by a hash of each record's
   content (listener records, which must come first and in order, all go to shard 0), renumbered within
   their shard, zlib-compressed and base64-encoded (the v2 API carries text; every value ends with a
-  newline). A one-object change rewrites one or two shards, each about 1/16 of the compressed state.
+  newline). A one-object change rewrites one or two shards. There are 16 shards up to 32,768 records,
+  then twice as many each time the state doubles (about 2,048 records a shard, at most 1,024 shards), so
+  what one change rewrites, fetches and decompresses stays small at any size. A writer keeps the count
+  the manifest has while it is within a factor of two of that (a state whose size hovers at a boundary
+  does not rewrite every shard); readers take whatever count the manifest lists.
 - ``<key>.manifest``: written last; the shards' keys and digests and sozud's metadata (generation,
   origin, lineage). A reader takes the manifest, reads only the shards whose digest it has not seen, and
   checks each against the manifest: a shard from another write than its manifest (a torn read) is a
@@ -41,7 +45,9 @@ import msgspec
 from sozud.errors import SharedInFlightError, StateParseError
 from sozud.log import get_logger
 
-SHARDS = 16
+SHARDS = 16  # the fewest shards of a sharded write
+MAX_SHARDS = 1024
+RECORDS_PER_SHARD = 2048
 LAYOUT_FORMAT = 2
 _ID = re.compile(rb'^\{"id":"[^"]*",')
 _LISTENER = re.compile(rb'^\{"id":"[^"]*","content":\{"request_type":\{"[A-Z_]*LISTENER"')
@@ -92,6 +98,17 @@ def split_state(data: bytes, shards: int = SHARDS) -> list[bytes]:
         index = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "big") % shards
         parts[index].append(raw)
     return [_renumber(p) for p in parts]
+
+
+def shard_count(records: int, current: int = 0) -> int:
+    """How many shards a write of ``records`` records makes, when the stored layout has ``current`` (0:
+    none) (module docstring)."""
+    want = SHARDS
+    while want < MAX_SHARDS and want * RECORDS_PER_SHARD < records:
+        want *= 2
+    if want // 2 <= current <= min(want * 2, MAX_SHARDS) and current >= SHARDS:
+        return current
+    return want
 
 
 def assemble(shard_files: list[bytes]) -> bytes:
@@ -283,7 +300,9 @@ class OpenSVCShared:
         # compressed shards, which would hide the keys from the check
         self.client.check_value(self.obj, self.key, state)
         refs: list[ShardRef] = []
-        for i, data in enumerate(split_state(state)):
+        previous = len(self._stored)  # 0 after a plain read or before any
+        count = shard_count(state.count(b"\0"), previous)
+        for i, data in enumerate(split_state(state, count)):
             value = encode_shard(data)
             ref = ShardRef(key=f"{self.key}.s{i:02d}", digest=digest(value), records=data.count(b"\0"))
             if self._stored.get(ref.key) != ref.digest:
@@ -296,6 +315,19 @@ class OpenSVCShared:
         encoded = msgspec.json.encode(manifest) + b"\n"
         await self.client.put_key(self.obj, self.manifest_key, encoded)
         self.bytes_written += len(encoded)
+        listed = {ref.key for ref in refs}
+        stale = sorted(k for k in self._stored if k not in listed)
+        if stale:
+            # fewer shards than before: the ones no manifest lists any more keep no old records (the agent
+            # carries every key of the object); a reader of the previous manifest takes them for a write
+            # in progress and reads again
+            empty = encode_shard(b"")
+            for key in stale:
+                await self.client.put_key(self.obj, key, empty)
+                self.bytes_written += len(empty)
+                del self._stored[key]
+        if previous and previous != count:
+            self.log.info("shared.resharded", shards=count, previous_shards=previous, blanked=len(stale))
         if self._last_layout == "plain":
             self.log.info("shared.migrated", layout="sharded", shards=len(refs), plain_key_kept=self.key)
             self._last_layout = "sharded"

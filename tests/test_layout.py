@@ -7,10 +7,11 @@ import pytest
 from conftest import FIXTURES
 from structlog.testing import capture_logs
 
+import sozud.layout
 from sozud._om.base import OMSettings
 from sozud._om.memory import MemoryTransport
 from sozud.errors import OpenSVCRefusedError, SharedInFlightError, StateParseError
-from sozud.layout import SHARDS, OpenSVCShared, assemble, split_state
+from sozud.layout import MAX_SHARDS, RECORDS_PER_SHARD, SHARDS, OpenSVCShared, assemble, shard_count, split_state
 from sozud.om_api import OMClient
 from sozud.state.codec import parse_state_file, write_state_file
 from sozud.testing import builders as build
@@ -75,6 +76,60 @@ async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
     await _read(reader)  # reads the manifest, the plain meta, and the changed shards only
     gets = [c for c in transport.calls[before:] if c[0] == "get"]
     assert len(gets) <= 4
+
+
+def test_the_shard_count_keeps_shards_small_and_does_not_flap_at_a_boundary() -> None:
+    for records in [0, 1, 1000, 40_000, 200_001, 3_000_000, 10**9]:
+        count = shard_count(records)
+        assert SHARDS <= count <= MAX_SHARDS and count & (count - 1) == 0
+        assert count in (SHARDS, MAX_SHARDS) or records / count <= RECORDS_PER_SHARD, (records, count)
+        assert count == SHARDS or records / (count // 2) > RECORDS_PER_SHARD, "the fewest shards that keep that size"
+    # a state whose size goes back and forth across a boundary keeps the count it has
+    boundary = 64 * RECORDS_PER_SHARD
+    count = shard_count(boundary - 1)
+    for records in [boundary + 1, boundary - 1, boundary + 1]:
+        assert shard_count(records, count) == count
+    # far from it (a factor 4), it changes
+    assert shard_count(boundary * 4, count) == shard_count(boundary * 4)
+    assert shard_count(boundary // 4, count) == shard_count(boundary // 4)
+
+
+async def test_a_larger_state_is_written_in_more_shards_and_a_smaller_one_leaves_no_old_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sozud.layout, "RECORDS_PER_SHARD", 8)  # 600 records: many shards at once
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    port = _port(transport)
+    big = _generated(300)
+    await port.write(big, b'{"generation":1}\n')
+    count = shard_count(big.count(b"\0"))
+    assert count > SHARDS
+    shard_keys = sorted(k for k in transport.objects[OBJ] if k.startswith("state.json.s"))
+    assert len(shard_keys) == count
+    reader = _port(transport)
+    state, _ = await _read(reader)
+    assert parse_state_file(state or b"", source="r") == parse_state_file(big, source="w")
+    # one object changed: still one or two shards rewritten, now each a smaller share of the state
+    first = len(transport.writes)
+    await port.write(_generated(300, weight=7), b'{"generation":2}\n')
+    assert 2 <= len(transport.writes) - first <= 3
+    # the state shrinks (a factor 4 at least): fewer shards, and those no manifest lists hold no records
+    small = _generated(30)
+    with capture_logs() as logs:
+        await reader.write(small, b'{"generation":3}\n')
+    fewer = shard_count(small.count(b"\0"))
+    assert fewer < count
+    assert [e["shards"] for e in logs if e["event"] == "shared.resharded"] == [fewer]
+    stale = [k for k in transport.objects[OBJ] if k.startswith("state.json.s") and int(k[12:]) >= fewer]
+    assert len(stale) == count - fewer
+    for key in stale:
+        assert sozud.layout.decode_shard(transport.objects[OBJ][key], source=key, max_bytes=1 << 20) == b""
+    state, _ = await _read(_port(transport))
+    assert parse_state_file(state or b"", source="r") == parse_state_file(small, source="w")
+    # the node that still holds the larger manifest reads the smaller state (its stale shards are not read)
+    state, _ = await _read(port)
+    assert parse_state_file(state or b"", source="r") == parse_state_file(small, source="w")
 
 
 async def test_a_shard_that_is_not_a_shard_is_an_error_at_once() -> None:

@@ -267,7 +267,8 @@ class OpenSVCShared:
             stored[ref.key] = actual
             files.append((actual, cached))
         self._stored = stored
-        for d in [d for d in self._shards if d not in stored.values()]:
+        listed = set(stored.values())
+        for d in [d for d in self._shards if d not in listed]:
             del self._shards[d]
         return tuple(files), torn
 

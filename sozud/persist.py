@@ -127,10 +127,11 @@ class BaseStore:
         # kept while its files are unchanged (a large base is expensive to parse at every sync)
         self._cached: _Cached | None = None
         self._records = RecordCache()  # the base's records last written or parsed
+        self._part_paths: dict[str, Path] = {}  # part id -> its file, for the ids checked (a base has hundreds)
 
     def _identity(self, path: Path) -> _Identity | None:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -138,16 +139,30 @@ class BaseStore:
     def _part_path(self, part_id: str, *, source: Path | None = None) -> Path:
         """The file of part ``part_id``; an id that is not a plain file name is refused (from ``source``,
         a meta file: a StateParseError naming it)."""
+        path = self._part_paths.get(part_id)
+        if path is not None:
+            return path
         if not _PART_ID.fullmatch(part_id):
             reason = f"part id {part_id!r} is not a safe file name (1-128 of [0-9A-Za-z_-])"
             if source is not None:
                 raise StateParseError(reason, source=str(source), path="parts")
             raise StateError(f"cannot save the base in {self.parts_dir}: {reason}")
-        return self.parts_dir / part_id
+        path = self._part_paths[part_id] = self.parts_dir / part_id
+        return path
 
-    def _remember(self, paths: tuple[Path, ...], version: SozuVersion, state: ConfigState, meta: BaseMeta) -> None:
+    def _remember(
+        self,
+        paths: tuple[Path, ...],
+        version: SozuVersion,
+        state: ConfigState,
+        meta: BaseMeta,
+        known: dict[Path, _Identity | None] | None = None,
+    ) -> None:
+        """Cache ``state`` as the base its files hold. ``known``: identities of files not written since they
+        were last checked (a file changed behind our back then only misses the cache at the next load)."""
         meta_ident = self._identity(self.meta_path)
-        idents = tuple(self._identity(p) for p in paths)
+        known = known or {}
+        idents = tuple(known[p] if p in known else self._identity(p) for p in paths)
         if meta_ident is not None and None not in idents:
             self._cached = _Cached(meta_ident, paths, idents, version, state, _copy(meta))
 
@@ -270,6 +285,7 @@ class BaseStore:
 
     def _save_parts(self, state: ConfigState, meta: BaseMeta, parts: Sequence[tuple[str, bytes]]) -> None:
         paths = tuple(self._part_path(part_id) for part_id, _ in parts)
+        self._part_paths = {part_id: path for (part_id, _), path in zip(parts, paths, strict=True)}
         by_id: dict[str, bytes] = {}
         for part_id, part in parts:  # an id listed twice (two empty parts) is one file
             if by_id.setdefault(part_id, part) is not part and by_id[part_id] != part:
@@ -282,18 +298,21 @@ class BaseStore:
             _fsync_dir(self.dir)  # the directory's entry is durable before a meta can name its files
         # 1. The parts not on disk yet. A name on disk already holds those bytes (ids are content ids),
         # and the parts the current meta lists are left as they are: it remains a complete base.
+        c = self._cached
+        known = dict(zip(c.paths, c.idents, strict=True)) if c is not None else {}
         for part_id, part in by_id.items():
             if part_id not in present:
+                known.pop(self.parts_dir / part_id, None)
                 atomic_write(self.parts_dir / part_id, part)
         # 2. The meta naming the new set: the switch (an atomic rename).
-        meta.parts = [p.name for p in paths]
+        meta.parts = [part_id for part_id, _ in parts]
         atomic_write(self.meta_path, msgspec.json.encode(meta))
         # 3. Only now what no base names any more (older parts, temporary files a crash left, the single
         # file). A failure here leaves files that the next save deletes; the base is saved.
         for stale in [*(self.parts_dir / name for name in sorted(present - set(meta.parts))), self.state_path]:
             with contextlib.suppress(OSError):
                 _delete(stale)
-        self._remember(paths, state.version, state, meta)
+        self._remember(paths, state.version, state, meta, known)
 
     def _remove_parts_dir(self) -> None:
         with contextlib.suppress(OSError):

@@ -147,8 +147,8 @@ class ConfigState(MutableMapping[ObjKey, Message]):
     def __init__(self, version: SozuVersion, objects: dict[ObjKey, Message] | None = None) -> None:
         self.version = version
         self._base: dict[ObjKey, Message] = {} if objects is None else objects  # the caller's, now ours
-        # Changes over a shared ``_base`` (None: removed). Never both empty-``_over`` and written-``_base``
-        # while ``_shared``: a shared mapping is read only.
+        # While ``_shared``, ``_base`` may be another state's too and is never written: changes go to
+        # ``_over`` (None: removed). A state that is not shared has no ``_over`` and writes ``_base``.
         self._over: dict[ObjKey, Message | None] = {}
         self._delta = 0  # len(self) - len(self._base)
         self._shared = False

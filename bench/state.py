@@ -13,7 +13,9 @@ mix of docs/sozu-command-protocol.md §11.10) it prints, in one table:
 - the requests sozud sends for a one-object change (a backend's weight) next to what a full replay
   sends (one request per record, the old way), and their ratio,
 - peak memory of the size's steps (tracemalloc peak, Python allocations), the peak RSS of a fresh process
-  that only parses the file (and the bytes per object it adds), and this process's max RSS.
+  that only parses the file (and the bytes per object it adds), the peak RSS of a fresh process running one
+  sozud engine for three syncs against the simulator (a node holding the state: live, shared and base
+  states, caches, shards; simulator only), and this process's max RSS.
 
 Then, for every apply size: the time to apply the state to an empty sozu one request at a time and in
 batch mode (LoadState chunks through the shared directory), with the requests counted; the ratio is
@@ -318,6 +320,17 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
                 ratio(report.requests_sent, replay),
             )
         )
+        if target.args.socket is None:
+            before, after = await node_rss_alone(target.fake.socket_path, target.tmp, version)
+            rows.append(
+                Row(
+                    "max RSS of a node holding the state (3 syncs)",
+                    n,
+                    f"{after:.0f} MB",
+                    f"after imports {before:.0f} MB",
+                    f"{(after - before) * 2**20 / max(len(state), 1):.0f} B/object",
+                )
+            )
     finally:
         await target.close(ch)
     rows.append(Row("max RSS so far", n, f"{max_rss_mb():.0f} MB"))
@@ -334,6 +347,67 @@ before = hwm()
 state = parse_state_file(data, SozuVersion.parse(sys.argv[2]), source="bench")
 print(before, hwm())
 """
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NODE_ALONE = """
+import asyncio, sys, tempfile
+from sozud._om.memory import MemoryTransport
+from sozud.adapters import SozuAdapter
+from sozud.layout import OpenSVCShared
+from sozud.main import tune_gc
+from sozud.om_api import OMClient, OMSettings
+from sozud.persist import BaseStore
+from sozud.socket_proto import SozuChannel
+from sozud.state.codec import MAX_STATE_BYTES
+from sozud.sync import EngineSettings, SyncEngine
+from sozud.versions import SozuVersion
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+async def main(sock, shared_dir, version):
+    obj = "igw/sec/sozu"
+    ch = SozuChannel(sock, version=version, request_timeout_s=600.0)
+    adapter = SozuAdapter(ch, shared_dir=shared_dir)
+    adapter.keep_read_after_apply = True
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(obj)
+    client = OMClient(transport, OMSettings(retry_attempts=1, request_timeout_s=600.0))
+    shared = OpenSVCShared(client, obj, "state.json", "state.json.meta", max_state_bytes=MAX_STATE_BYTES)
+    settings = EngineSettings(node="n", object=obj, incremental=True)
+    with tempfile.TemporaryDirectory() as state_dir:
+        engine = SyncEngine(adapter, shared, BaseStore(state_dir), settings)
+        before = hwm()
+        for _ in range(3):  # bootstrap (reads sozu, pushes), reads its push back, a settled step
+            await engine.sync_once("bench")
+        print(before, hwm())
+    await ch.aclose()
+tune_gc()
+asyncio.run(main(sys.argv[1], sys.argv[2], SozuVersion.parse(sys.argv[3])))
+"""
+
+
+async def node_rss_alone(socket_path: str, shared_dir: str, version: SozuVersion) -> tuple[float, float]:
+    """Peak RSS (MB) of a fresh process running one sozud engine against the simulator serving
+    ``socket_path`` (in this process), with an in-memory OpenSVC object: after its imports, and after three
+    syncs (it then holds the live, shared and base states, its caches and the shards). Linux only."""
+    root = _ROOT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _NODE_ALONE,
+        socket_path,
+        shared_dir,
+        str(version),
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the node process failed: {err.decode(errors='replace')[-2000:]}")
+    before, after = out.split()[-2:]
+    return float(before), float(after)
 
 
 def parse_rss_alone(data: bytes, version: SozuVersion) -> tuple[float, float]:

@@ -110,6 +110,11 @@ class SozuAdapter:
             self._restart_unverified = True
             raise
 
+    @property
+    def records(self) -> RecordCache:
+        """The SaveState records of the last live read (:attr:`sozud.sync_model.SozuPort.records`)."""
+        return self._records
+
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
         return self._last_read is not None and self._last_read.hides(key, value)

@@ -130,7 +130,7 @@ class SyncEngine:
         self.log = get_logger(node=settings.node)
         self._seen_restarts: int | None = None
         # The shared state's parts last parsed: a new shared state costs the parts that changed.
-        self._parts = PartsParser()
+        self._parts = PartsParser(peer=sozu.records)
         self._shared_digest: tuple[ConfigState, str] | None = None  # the last shared state's digest, once computed
         self._settled: _Settled | None = None
         self._own_push: _OwnPush | None = None

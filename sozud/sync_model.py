@@ -16,6 +16,7 @@ from sozud.layout import SharedData
 from sozud.persist import BaseMeta
 from sozud.state.merge import Conflict
 from sozud.state.model import ConfigState, ObjKey
+from sozud.state.records import RecordCache
 from sozud.versions import SozuVersion
 
 META_FORMAT = 1
@@ -54,6 +55,12 @@ class SozuPort(Protocol):
 
     def hides(self, key: ObjKey, value: Message) -> bool:
         """Whether the last live read could not have seen this object even if sozu holds it."""
+        ...
+
+    @property
+    def records(self) -> RecordCache | None:
+        """The record cache of its live reads, if it keeps one: the engine's parses of the shared state take
+        the messages of the records it holds from it, so live and shared states share them."""
         ...
 
     async def apply(

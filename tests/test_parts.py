@@ -12,12 +12,12 @@ from strategies import derived, states
 
 from sozud.errors import StateParseError
 from sozud.layout import SharedData, assemble, split_state
-from sozud.state.codec import parse_state_file, write_state_file
+from sozud.state.codec import RecordCache, parse_state_file, write_state_file
 from sozud.state.model import ConfigState
 from sozud.state.parts import PartsParser, _bodies, _diff_all, _diff_narrow
 from sozud.state.plan import diff
 from sozud.testing import builders as build
-from sozud.versions import V2_1_0
+from sozud.versions import V2_1_0, SozuVersion
 
 
 def parted(state: ConfigState, shards: int = 4) -> SharedData:
@@ -167,3 +167,27 @@ def test_the_narrow_record_diff_is_the_full_record_diff(edit: tuple[list[bytes],
         assert got.added == want.added
         assert sorted(got.gone) == sorted(want.gone)
         assert got.order == want.order
+
+
+def test_the_parts_take_the_messages_of_the_records_the_live_read_holds() -> None:
+    """With the live reads' record cache as peer, a part's record that the last live read held is not
+    decoded again: the shared state holds the live state's very message (one in memory, not two). Only
+    from a peer that parsed the same version: a record's meaning depends on it."""
+    v1 = SozuVersion(1, 1, 1)
+    for version in (V2_1_0, v1):
+        data = write_state_file(build.fleet_state(40, version=version))
+        live_cache = RecordCache()
+        live = parse_state_file(data, version, source="live", cache=live_cache)
+        shards = SharedData(tuple((hashlib.sha256(p).hexdigest(), p) for p in split_state(data, 4)))
+        parser = PartsParser(peer=live_cache)
+        shared = parser.parse(shards, version, source="shared").state
+        assert shared == live
+        assert all(shared[k] is live[k] for k in live)
+        assert sum(c.decoded for c in parser._caches) == 0
+        alone = PartsParser().parse(shards, version, source="shared").state
+        assert alone == live and not any(alone[k] is live[k] for k in live), "no peer: messages of its own"
+        if version == v1:  # a 1.x file reads as 2.x too: a peer that parsed it so is not taken from
+            peer_cache = RecordCache()
+            as_v2 = parse_state_file(data, V2_1_0, source="as 2.x", cache=peer_cache)
+            alone = PartsParser(peer=peer_cache).parse(shards, version, source="shared").state
+            assert alone == live and not any(alone[k] is as_v2.get(k) for k in live)

@@ -42,6 +42,7 @@ class MemSozu:
         self.stale_reads = 0
         self.applies = 0
         self.version = V2
+        self.records = None  # no record cache: the shared state is parsed on its own
 
     async def read_live(self, *, fresh: bool = False) -> ConfigState:
         return self.live.copy()

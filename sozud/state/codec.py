@@ -56,7 +56,7 @@ from sozud.state.model import (
     add_request,
     apply_request,
 )
-from sozud.state.records import RecordCache, Seen, body_digest, digest16, seen_after
+from sozud.state.records import RecordCache, Seen, body_digest, digest16, peer_records, seen_after
 from sozud.versions import STORED_REQUESTS, V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
 
 __all__ = [
@@ -202,12 +202,15 @@ def _parse_reference(
     if cache is not None and version is not None:
         cache._for(version)
         known = cache._parsed
+    peer = peer_records(cache, version) if version is not None else {}
     bodies = [body_digest(raw) for _, raw in raws] if cache is not None else []
     # each record's JSON value to decode, or None when the cache's last parse saw it (``reused``)
     values: list[Any] = []
     reused: dict[int, Seen] = {}
     for n, raw in raws:
         seen = known.get(bodies[n]) if known else None
+        if seen is None and peer:
+            seen = peer.get(bodies[n])
         if seen is not None:
             reused[n] = seen
             values.append(None)
@@ -246,6 +249,7 @@ def _parse_streaming(
     if cache is not None:
         cache._for(version)
         known = cache._parsed
+    peer = peer_records(cache, version)
     decoded = 0
     strings: bool | None = None  # the first address's shape: a string (0.15) or an object
     v2 = False
@@ -256,6 +260,8 @@ def _parse_streaming(
         for n, raw in raws:
             body = body_digest(raw) if cache is not None else b""
             seen = known.get(body) if known else None
+            if seen is None and peer:
+                seen = peer.get(body)
             if seen is not None:
                 yield n, body, seen, None
                 continue

@@ -191,13 +191,16 @@ class PartsParser:
     unchanged messages): callers may keep them.
     """
 
-    def __init__(self, *, max_state_bytes: int = MAX_STATE_BYTES) -> None:
+    def __init__(self, *, max_state_bytes: int = MAX_STATE_BYTES, peer: RecordCache | None = None) -> None:
+        """``peer``: the live reads' record cache, whose messages the parts' states take for the records it
+        holds (:class:`~sozud.state.records.RecordCache`)."""
         self.max_state_bytes = max_state_bytes
+        self.peer = peer
         self._version: SozuVersion | None = None
         self._parts: list[_Part] = []
         self._state: ConfigState | None = None
         self._caches: list[RecordCache] = []
-        self._whole = RecordCache()  # for the assembled file, when the parts cannot be taken one by one
+        self._whole = RecordCache(peer)  # for the assembled file, when the parts cannot be taken one by one
         self.full_parses = 0  # parses that read every part (or the assembled file): for tests and benchmarks
         self.parts_parsed = 0
 
@@ -223,7 +226,7 @@ class PartsParser:
 
     def _cache(self, i: int) -> RecordCache:
         while len(self._caches) <= i:
-            self._caches.append(RecordCache())
+            self._caches.append(RecordCache(self.peer))
         return self._caches[i]
 
     def _parse_part(self, data: SharedData, i: int, version: SozuVersion, source: str) -> ConfigState | None:

@@ -35,9 +35,15 @@ class RecordCache:
     Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
     last call's records are kept, so memory follows the state's size. One cache per source: the shared
     key, sozu's SaveState output, the base file.
+
+    ``peer``: another source's cache (the live reads' one, for the parts of the shared state). A record this
+    cache's last parse did not see but the peer's last parse of the same version did is taken from the
+    peer, so the two sources' states share that message instead of holding one each (messages are never
+    modified in place). The sources' bytes need not match: only records with the same body are shared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peer: RecordCache | None = None) -> None:
+        self.peer = peer
         self.version: SozuVersion | None = None
         self._parsed: dict[bytes, Seen] = {}
         self._written: dict[bytes, bytes] = {}
@@ -49,6 +55,12 @@ class RecordCache:
             self.version = version
             self._parsed = {}
             self._written = {}
+
+
+def peer_records(cache: RecordCache | None, version: SozuVersion) -> dict[bytes, Seen]:
+    """What ``cache``'s peer saw of each record body in its last parse of ``version`` (empty: none)."""
+    peer = cache.peer if cache is not None else None
+    return peer._parsed if peer is not None and peer.version == version else {}
 
 
 class Seen(NamedTuple):

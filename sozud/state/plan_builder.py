@@ -134,9 +134,10 @@ class StepBuilder:
         """New objects of ``kind`` are added; changed ones are sent again (an upsert) or, ``remove_first``
         (HTTP/HTTPS frontends: what changes is not part of sozu's route key), removed with their stored
         values then added."""
+        work = self.work.objects  # the working copy's own mapping (never shared): emit() writes to it
         for key in self.keys(kind, self.desired):
             want = self.desired[key]
-            have = self.work.objects.get(key)
+            have = work.get(key)
             if have is None:
                 self.emit(add_request(key, want), "add", key)
             elif have != want and not remove_first:

@@ -15,7 +15,7 @@ mix of docs/sozu-command-protocol.md §11.10) it prints, in one table:
 - peak memory of the size's steps (tracemalloc peak, Python allocations), the peak RSS of a fresh process
   that only parses the file (and the bytes per object it adds), the peak RSS of a fresh process running one
   sozud engine for three syncs against the simulator (a node holding the state: live, shared and base
-  states, caches, shards; simulator only), and this process's max RSS.
+  states, caches, shards; simulator only) and its RSS once they are done, and this process's max RSS.
 
 Then, for every apply size: the time to apply the state to an empty sozu one request at a time and in
 batch mode (LoadState chunks through the shared directory), with the requests counted; the ratio is
@@ -321,7 +321,7 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
             )
         )
         if target.args.socket is None:
-            before, after = await node_rss_alone(target.fake.socket_path, target.tmp, version)
+            before, after, kept = await node_rss_alone(target.fake.socket_path, target.tmp, version)
             rows.append(
                 Row(
                     "max RSS of a node holding the state (3 syncs)",
@@ -329,6 +329,15 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
                     f"{after:.0f} MB",
                     f"after imports {before:.0f} MB",
                     f"{(after - before) * 2**20 / max(len(state), 1):.0f} B/object",
+                )
+            )
+            rows.append(
+                Row(
+                    "RSS of that node once its syncs are done",
+                    n,
+                    f"{kept:.0f} MB",
+                    f"after imports {before:.0f} MB",
+                    f"{(kept - before) * 2**20 / max(len(state), 1):.0f} B/object",
                 )
             )
     finally:
@@ -351,7 +360,7 @@ print(before, hwm())
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NODE_ALONE = """
-import asyncio, sys, tempfile
+import asyncio, gc, sys, tempfile
 from sozud._om.memory import MemoryTransport
 from sozud.adapters import SozuAdapter
 from sozud.layout import OpenSVCShared
@@ -364,6 +373,8 @@ from sozud.sync import EngineSettings, SyncEngine
 from sozud.versions import SozuVersion
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
 async def main(sock, shared_dir, version):
     obj = "igw/sec/sozu"
     ch = SozuChannel(sock, version=version, request_timeout_s=600.0)
@@ -379,17 +390,19 @@ async def main(sock, shared_dir, version):
         before = hwm()
         for _ in range(3):  # bootstrap (reads sozu, pushes), reads its push back, a settled step
             await engine.sync_once("bench")
-        print(before, hwm())
+        gc.collect()
+        print(before, hwm(), rss())
     await ch.aclose()
 tune_gc()
 asyncio.run(main(sys.argv[1], sys.argv[2], SozuVersion.parse(sys.argv[3])))
 """
 
 
-async def node_rss_alone(socket_path: str, shared_dir: str, version: SozuVersion) -> tuple[float, float]:
+async def node_rss_alone(socket_path: str, shared_dir: str, version: SozuVersion) -> tuple[float, float, float]:
     """Peak RSS (MB) of a fresh process running one sozud engine against the simulator serving
     ``socket_path`` (in this process), with an in-memory OpenSVC object: after its imports, and after three
-    syncs (it then holds the live, shared and base states, its caches and the shards). Linux only."""
+    syncs (it then holds the live, shared and base states, its caches and the shards), and its RSS once they
+    are done (what it keeps). Linux only."""
     root = _ROOT
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -406,8 +419,8 @@ async def node_rss_alone(socket_path: str, shared_dir: str, version: SozuVersion
     out, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the node process failed: {err.decode(errors='replace')[-2000:]}")
-    before, after = out.split()[-2:]
-    return float(before), float(after)
+    before, after, kept = out.split()[-3:]
+    return float(before), float(after), float(kept)
 
 
 def parse_rss_alone(data: bytes, version: SozuVersion) -> tuple[float, float]:

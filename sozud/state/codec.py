@@ -38,7 +38,7 @@ Writing (:func:`write_state_file`)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from typing import Any
 
@@ -56,7 +56,7 @@ from sozud.state.model import (
     add_request,
     apply_request,
 )
-from sozud.state.records import RecordCache, Seen, body_digest, digest16, peer_records, seen_after
+from sozud.state.records import RecordCache, Seen, body_digest, digest16, seen_after
 from sozud.versions import STORED_REQUESTS, V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
 
 __all__ = [
@@ -198,19 +198,16 @@ def _parse_reference(
     all of them, then the records applied in order. Holds every record's JSON value at once."""
     if version is None:
         cache = None  # records are kept per version: a parse that must detect it keeps none
-    known: dict[bytes, Seen] = {}
+    seen_of: Callable[[bytes], Seen | None] | None = None
     if cache is not None and version is not None:
         cache._for(version)
-        known = cache._parsed
-    peer = peer_records(cache, version) if version is not None else {}
+        seen_of = cache.lookup()
     bodies = [body_digest(raw) for _, raw in raws] if cache is not None else []
     # each record's JSON value to decode, or None when the cache's last parse saw it (``reused``)
     values: list[Any] = []
     reused: dict[int, Seen] = {}
     for n, raw in raws:
-        seen = known.get(bodies[n]) if known else None
-        if seen is None and peer:
-            seen = peer.get(bodies[n])
+        seen = seen_of(bodies[n]) if seen_of is not None else None
         if seen is not None:
             reused[n] = seen
             values.append(None)
@@ -245,11 +242,10 @@ def _parse_streaming(
     collector busy). Raises at the first problem of any kind; the caller then runs
     :func:`_parse_reference`, whose errors are the ones to report. Returns the state, what the cache
     keeps, and how many records were decoded."""
-    known: dict[bytes, Seen] = {}
+    seen_of: Callable[[bytes], Seen | None] | None = None
     if cache is not None:
         cache._for(version)
-        known = cache._parsed
-    peer = peer_records(cache, version)
+        seen_of = cache.lookup()
     decoded = 0
     strings: bool | None = None  # the first address's shape: a string (0.15) or an object
     v2 = False
@@ -258,10 +254,8 @@ def _parse_streaming(
     def records() -> Iterator[tuple[int, bytes, Seen | None, Any]]:
         nonlocal decoded, strings, v2
         for n, raw in raws:
-            body = body_digest(raw) if cache is not None else b""
-            seen = known.get(body) if known else None
-            if seen is None and peer:
-                seen = peer.get(body)
+            body = body_digest(raw) if seen_of is not None else b""
+            seen = seen_of(body) if seen_of is not None else None
             if seen is not None:
                 yield n, body, seen, None
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 from google.protobuf.message import Message
@@ -56,11 +57,20 @@ class RecordCache:
             self._parsed = {}
             self._written = {}
 
+    def lookup(self) -> Callable[[bytes], Seen | None]:
+        """What the last parse saw of a record body, else what the peer's last parse of the same version saw
+        (None: neither). Call after :meth:`_for`."""
+        own = self._parsed.get
+        peer = self.peer
+        if peer is None or peer.version != self.version or not peer._parsed:
+            return own
+        theirs = peer._parsed.get
 
-def peer_records(cache: RecordCache | None, version: SozuVersion) -> dict[bytes, Seen]:
-    """What ``cache``'s peer saw of each record body in its last parse of ``version`` (empty: none)."""
-    peer = cache.peer if cache is not None else None
-    return peer._parsed if peer is not None and peer.version == version else {}
+        def either(body: bytes) -> Seen | None:
+            seen = own(body)
+            return seen if seen is not None else theirs(body)
+
+        return either
 
 
 class Seen(NamedTuple):

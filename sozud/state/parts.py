@@ -252,7 +252,6 @@ class PartsParser:
         self, data: SharedData, version: SozuVersion, source: str, prev: ConfigState, changed: list[int]
     ) -> PartsParse | None:
         state = prev.shallow_copy()
-        objects = state  # point operations only: the copy shares prev's mapping (ConfigState)
         parsed: list[tuple[int, ConfigState]] = []
         removed: dict[ObjKey, Message] = {}
         parts = list(self._parts)
@@ -265,12 +264,12 @@ class PartsParser:
             parsed.append((i, part))
             commits.append(commit)
             for k in gone:
-                removed[k] = objects.pop(k)
+                removed[k] = state.pop(k)
         dirty: set[ObjKey] = set()
         for i, part in parsed:
             old_keys = self._parts[i].keys
             for k, v in part.objects.items():
-                old = objects.get(k)
+                old = state.get(k)
                 if old is None:
                     old = removed.pop(k, None)
                     if old is None or (old is not v and old != v):
@@ -279,7 +278,7 @@ class PartsParser:
                     return None  # another part holds it too: the records' order decides which value stays
                 elif old is not v and old != v:
                     dirty.add(k)
-                objects[k] = v
+                state.put(k, v)
         dirty.update(removed)
         for commit in commits:
             commit()

@@ -87,10 +87,11 @@ def generate_state(n: int, version: SozuVersion) -> ConfigState:
 
 def one_backend_changed(state: ConfigState) -> ConfigState:
     out = state.copy()
-    key = next(k for k in out.objects if k[0] == "backend")
-    value = out.objects[key]
+    key = next(k for k in out if k[0] == "backend")
+    value = out[key]
     assert isinstance(value, pb.AddBackend)
     value.load_balancing_parameters.weight = 42
+    out[key] = value
     return out
 
 
@@ -239,7 +240,7 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
             ratio(t_plan1, t_plan),
         )
     )
-    scope = [k for k, v in changed.objects.items() if v != state.objects.get(k)]  # (the engine knows it)
+    scope = [k for k, v in changed.items() if v != state.get(k)]  # (the engine knows it)
     p2, t_plan2 = timed(lambda: plan(state, changed, scope=scope))
     assert p2.digest() == p1.digest()
     rows.append(
@@ -288,7 +289,7 @@ async def bench_size(n: int, target: Target, rows: list[Row]) -> None:
             rows.append(Row("live read, queries", n, f"{r_q.requests} requests, {ms(t_q)}"))
         else:
             # the simulator answers each cluster query in O(N) (it sorts every frontend): not run here
-            expected = 4 + sum(1 for k in state.objects if k[0] == "cluster")
+            expected = 4 + sum(1 for k in state if k[0] == "cluster")
             rows.append(Row("live read, queries", n, f"{expected} requests (not run: simulator too slow)"))
         if target.shared_dir is not None:
             r_s, t_s = await atimed(

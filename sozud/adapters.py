@@ -14,7 +14,7 @@ from sozud.socket_proto import SozuChannel
 from sozud.state.apply import ApplyReport, apply_plan
 from sozud.state.codec import RecordCache
 from sozud.state.live import ClusterReplies, Fingerprint, LiveRead, counts_explained, probe, read_live_report
-from sozud.state.model import ConfigState, ObjKey
+from sozud.state.model import ConfigState, ObjKey, decode_value
 from sozud.state.plan import diff
 from sozud.sync import ApplyOutcome
 from sozud.versions import SozuVersion
@@ -115,7 +115,7 @@ class SozuAdapter:
         """The SaveState records of the last live read (:attr:`sozud.sync_model.SozuPort.records`)."""
         return self._records
 
-    def hides(self, key: ObjKey, value: Message) -> bool:
+    def hides(self, key: ObjKey, value: Message | bytes) -> bool:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
         return self._last_read is not None and self._last_read.hides(key, value)
 
@@ -213,7 +213,7 @@ class SozuAdapter:
             else:
                 # converged (apply_plan raises otherwise): what sozu accepted from us but a read cannot
                 # show is remembered for later reads
-                self._assumed = {k: v for k, v in desired.items() if self.hides(k, v)}
+                self._assumed = {k: decode_value(k, v) for k, v in desired.raw_items() if self.hides(k, v)}
                 hidden = {k: v for k, v in self._assumed.items() if k not in live_after and self.hides(k, v)}
                 if hidden:
                     live_after = live_after.shallow_copy()

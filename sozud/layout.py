@@ -36,6 +36,8 @@ import hashlib
 import re
 import time
 import zlib
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -50,7 +52,9 @@ MAX_SHARDS = 1024
 RECORDS_PER_SHARD = 2048
 LAYOUT_FORMAT = 2
 _ID = re.compile(rb'^\{"id":"[^"]*",')
-_LISTENER = re.compile(rb'^\{"id":"[^"]*","content":\{"request_type":\{"[A-Z_]*LISTENER"')
+# matched at a record's offset in a whole file (``^`` would match at the file's start only)
+_ID_AT = re.compile(rb'\{"id":"[^"]*",')
+_LISTENER_AT = re.compile(rb'\{"id":"[^"]*","content":\{"request_type":\{"[A-Z_]*LISTENER"')
 
 
 class KeyStore(Protocol):
@@ -89,15 +93,36 @@ def _renumber(records: list[bytes]) -> bytes:
 
 def split_state(data: bytes, shards: int = SHARDS) -> list[bytes]:
     """The state file ``data`` as ``shards`` state files (each renumbered from SAVE-0)."""
-    parts: list[list[bytes]] = [[] for _ in range(shards)]
-    for raw in data.split(b"\0")[:-1]:
-        if _LISTENER.match(raw):
-            parts[0].append(raw)
-            continue
-        body = _ID.sub(b"", raw, count=1)
-        index = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "big") % shards
-        parts[index].append(raw)
-    return [_renumber(p) for p in parts]
+    return list(iter_shards(data, shards))
+
+
+def iter_shards(data: bytes, shards: int = SHARDS) -> Iterator[bytes]:
+    """:func:`split_state` one shard at a time: records are placed by their offsets in ``data``, and a
+    shard's file is built when its turn comes, so that one shard's bytes are alive at a time beside
+    ``data`` (not a second copy of the whole state)."""
+    places = [array("q") for _ in range(shards)]  # (start, end) of each record, per shard
+    view = memoryview(data)
+    start = 0
+    while (end := data.find(b"\0", start)) >= 0:
+        if _LISTENER_AT.match(data, start, end):
+            index = 0
+        else:
+            m = _ID_AT.match(data, start, end)
+            body = view[m.end() if m else start : end]
+            index = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "big") % shards
+        places[index].extend((start, end))
+        start = end + 1
+    for offsets in places:
+        pieces: list[bytes | memoryview] = []
+        for n in range(0, len(offsets), 2):
+            start, end = offsets[n], offsets[n + 1]
+            m = _ID_AT.match(data, start, end)
+            if m:
+                pieces.append(b'{"id":"SAVE-%d",' % (n // 2))
+                start = m.end()
+            pieces.append(view[start:end])
+            pieces.append(b"\0")
+        yield b"".join(pieces)
 
 
 def shard_count(records: int, current: int = 0) -> int:
@@ -303,7 +328,7 @@ class OpenSVCShared:
         refs: list[ShardRef] = []
         previous = len(self._stored)  # 0 after a plain read or before any
         count = shard_count(state.count(b"\0"), previous)
-        for i, data in enumerate(split_state(state, count)):
+        for i, data in enumerate(iter_shards(state, count)):
             value = encode_shard(data)
             ref = ShardRef(key=f"{self.key}.s{i:02d}", digest=digest(value), records=data.count(b"\0"))
             if self._stored.get(ref.key) != ref.digest:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-from google.protobuf.message import Message
 
 from sozud.decision import Branch, Decision, decide, decide_own_push, decide_settled, drift, same_decision
 from sozud.errors import SharedInFlightError, StateError, UnsafePlanError, VersionMismatchError
@@ -318,15 +317,16 @@ class SyncEngine:
     def _with_hidden(self, live: ConfigState, source: ConfigState, keys: Collection[ObjKey] | None) -> ConfigState:
         """``live`` with the objects of ``source`` (among ``keys``; None: all) that the last live read could
         not have seen. A copy when there are any: ``live`` may be the port's cached read, never modified."""
-        hidden: dict[ObjKey, Message] = {}
+        hidden: dict[ObjKey, bytes] = {}
         for k in source if keys is None else keys:
-            v = source.get(k)
+            v = source.raw(k)
             if v is not None and k not in live and self.sozu.hides(k, v):
                 hidden[k] = v
         if not hidden:
             return live
         out = live.shallow_copy()
-        out.update(hidden)
+        for k, v in hidden.items():
+            out.put_raw(k, v)
         return out
 
     def _check_mismatch(self, data: SharedData, digest: str, meta: SharedMeta) -> bool:

@@ -53,7 +53,7 @@ class SozuPort(Protocol):
         apply left) before: equal values mean the same live state."""
         ...
 
-    def hides(self, key: ObjKey, value: Message) -> bool:
+    def hides(self, key: ObjKey, value: Message | bytes) -> bool:
         """Whether the last live read could not have seen this object even if sozu holds it."""
         ...
 

@@ -10,10 +10,6 @@ from typing import Any
 
 import pytest
 
-# Parsed states share the record cache's messages: check, in every test, that nothing modifies one in place
-# (set before sozud is imported; subprocesses inherit it).
-os.environ["SOZUD_CHECK_SHARED_MESSAGES"] = "1"
-
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("SOZUD_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 

@@ -278,13 +278,13 @@ def derived(draw: st.DrawFn, base: ConfigState) -> ConfigState:
     other = draw(states(base.version, max_each=3))
     out = ConfigState(base.version)
     keep = draw(st.lists(st.booleans(), min_size=len(base), max_size=len(base)))
-    for (key, value), kept in zip(base.objects.items(), keep, strict=True):
+    for (key, value), kept in zip(base.items(), keep, strict=True):
         if kept:
-            out.objects[key] = copy_message(value)
+            out[key] = copy_message(value)
     take = draw(st.lists(st.booleans(), min_size=len(other), max_size=len(other)))
-    for (key, value), taken in zip(other.objects.items(), take, strict=True):
+    for (key, value), taken in zip(other.items(), take, strict=True):
         if taken:
-            out.objects[key] = value
+            out[key] = value
     return out
 
 

@@ -258,7 +258,7 @@ async def test_a_fresh_read_queries_every_cluster_again_and_a_normal_one_only_wh
     n = len(fake.requests)
     live = await adapter.read_live()  # the probe saw a change: a read, reusing the 4 unchanged clusters
     assert cluster_queries(n) == 1
-    sticky = live.objects[("cluster", "c2")]
+    sticky = live[("cluster", "c2")]
     assert isinstance(sticky, pb.Cluster) and sticky.sticky_session
     n = len(fake.requests)
     assert await adapter.read_live(fresh=True) == live  # anti-entropy: trusts no hash

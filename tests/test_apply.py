@@ -87,7 +87,7 @@ async def saved(ch: SozuChannel, workdir: str) -> ConfigState:
 
 
 def listener_addresses(state: ConfigState) -> set[str]:
-    return {k[2] for k in state.objects if k[0] == "listener"}
+    return {k[2] for k in state if k[0] == "listener"}
 
 
 def assert_documented_failures(report_steps: list, desired: ConfigState) -> None:  # type: ignore[type-arg]
@@ -97,7 +97,7 @@ def assert_documented_failures(report_steps: list, desired: ConfigState) -> None
         if step.ok:
             continue
         assert step.main_accepted, step
-        assert step.key is not None and tuple(step.key) in desired.objects, step
+        assert step.key is not None and tuple(step.key) in desired, step
         address = object_address(tuple(step.key))
         if "found no listener" in step.message:
             assert address is not None and address not in listener_addresses(desired), step
@@ -138,11 +138,11 @@ async def test_apply_every_pair_by_queries(workdir: str, version: str, a: str, b
         report = await apply_plan(ch, desired, force=True)
         assert report.converged
         live = await saved(ch, workdir)
-    for key, value in desired.objects.items():
-        assert live.objects.get(key) == value, key
-    clusters = {k[1] for k in live.objects if k[0] == "cluster"}
-    for key in live.objects.keys() - desired.objects.keys():
-        assert key in start.objects, key  # nothing new appeared
+    for key, value in desired.items():
+        assert live.get(key) == value, key
+    clusters = {k[1] for k in live if k[0] == "cluster"}
+    for key in live.keys() - desired.keys():
+        assert key in start, key  # nothing new appeared
         if key[0] == "backend":
             assert key[1] not in clusters, key  # a backend of a removed cluster: no query lists it
         else:
@@ -201,7 +201,7 @@ async def test_stops_at_the_first_failure_reports_it_and_replans(workdir: str) -
 def bad_certificate_state(version: str) -> ConfigState:
     """00-initial plus a certificate whose PEM is not X.509: sozu's main state refuses it every time."""
     _, state = fixture_state(version, "00-initial.state")
-    https = next(k[2] for k in state.objects if k[0] == "listener" and k[1] == "https")
+    https = next(k[2] for k in state if k[0] == "listener" and k[1] == "https")
     cert = pb.CertificateAndKey(
         certificate=(FIXTURES / "certs" / "malformed.pem").read_text(),
         key=(FIXTURES / "certs" / "api.example.test.key").read_text(),
@@ -317,11 +317,11 @@ async def test_batch_failures_fall_back_to_one_by_one(workdir: str) -> None:
     one, where sozu's refusal is attributed to its request."""
     desired = generated("2.1.0", 60)
     bad = bad_certificate_state("2.1.0")
-    for key, value in bad.objects.items():
+    for key, value in bad.items():
         if key[0] == "certificate":
             desired.put(key, value)
-    https = next(k for k in bad.objects if k[0] == "listener" and k[1] == "https")
-    desired.put(https, bad.objects[https])
+    https = next(k for k in bad if k[0] == "listener" and k[1] == "https")
+    desired.put(https, bad[https])
     async with sozu(workdir, "2.1.0") as (fake, ch):
         report = await apply_plan(
             ch, desired, shared_dir=workdir, batch_threshold=50, chunk_bytes=20_000, raise_on_failure=False
@@ -361,7 +361,7 @@ def test_chunks_keep_order_and_size_and_leave_out_oversized_records() -> None:
 
 
 def _value(state: ConfigState, key: ObjKey) -> Message | None:
-    return state.objects.get(key)
+    return state.get(key)
 
 
 # --- a change made while the plan is applied ----------------------------------------------------------
@@ -408,7 +408,7 @@ async def test_a_change_made_during_the_apply_is_not_reverted(workdir: str, vers
         assert op.done and report.converged
         after = (await read_live_report(ch, shared_dir=workdir)).state  # exact (SaveState)
     assert ("cluster", "operator-added") in after, "the operator's concurrent change was reverted"
-    missing = [k for k, v in desired.objects.items() if after.objects.get(k) != v]
+    missing = [k for k, v in desired.items() if after.get(k) != v]
     assert not missing, f"the plan itself was not finished: {missing}"
 
 
@@ -427,17 +427,17 @@ async def test_a_changed_frontend_whose_new_value_is_refused_gets_its_old_value_
 ) -> None:
     _, live = fixture_state(version, "01-populated.state")
     desired = live.copy()
-    key, old = next((k, v) for k, v in live.objects.items() if k[0] == "http_frontend")
+    key, old = next((k, v) for k, v in live.items() if k[0] == "http_frontend")
     new = pb.RequestHttpFrontend()
     new.CopyFrom(old)
     new.tags["new"] = "1"
-    desired.objects[key] = new
+    desired[key] = new
     async with sozu(workdir, version) as (_fake, ch):
         await apply_plan(ch, live, raise_on_failure=False)
         report = await apply_plan(_RefuseFrontendAdds(ch), desired, raise_on_failure=False)
         after = (await read_live_report(ch, shared_dir=workdir)).state
     assert not report.converged
-    assert after.objects.get(key) == old, "the route was lost: its old value must be put back"
+    assert after.get(key) == old, "the route was lost: its old value must be put back"
     restores = [s for s in report.steps if s.summary.startswith("restore")]
     assert len(restores) == 1 and restores[0].ok, "restored once, and not tried again round after round"
 
@@ -507,17 +507,17 @@ def _weight_changed(desired: ConfigState) -> None:
 
 def _frontend_added_and_removed(desired: ConfigState) -> None:
     desired.add("http_frontend", build.http_frontend("app-000001", "127.0.0.1:18080", "new.example.com"))
-    (gone,) = [k for k in desired.objects if k[0] == "http_frontend" and "app-000002." in k[1]]
-    del desired.objects[gone]
+    (gone,) = [k for k in desired if k[0] == "http_frontend" and "app-000002." in k[1]]
+    del desired[gone]
 
 
 def _cluster_removed(desired: ConfigState) -> None:
-    for k in [k for k in desired.objects if "app-000005" in k[1]]:
-        del desired.objects[k]  # the cluster, its backend and its frontend
+    for k in [k for k in desired if "app-000005" in k[1]]:
+        del desired[k]  # the cluster, its backend and its frontend
 
 
 def _backend_at_a_shared_address_removed(desired: ConfigState) -> None:
-    del desired.objects[("backend", "app-000003", "app-000003-0", "10.0.0.3:8000")]
+    del desired[("backend", "app-000003", "app-000003-0", "10.0.0.3:8000")]
 
 
 SCOPE_CASES = {
@@ -549,7 +549,7 @@ async def test_a_scoped_apply_sends_what_a_full_apply_sends(
     before = _scope_base(version)
     desired = before.copy()
     SCOPE_CASES[case](desired)
-    scope = [k for k in before.objects.keys() | desired.objects.keys() if before.get(k) != desired.get(k)]
+    scope = [k for k in before.keys() | desired.keys() if before.get(k) != desired.get(k)]
     from sozud.state.codec import write_state_file
 
     results = []
@@ -593,4 +593,4 @@ async def test_a_scoped_apply_leaves_what_is_outside_the_scope(workdir: str) -> 
         after = await saved(ch, workdir)
     assert report.converged and report.requests_by_type == {"add_backend": 1}
     assert ("cluster", "outside") not in after
-    assert after.objects[key] == desired.objects[key]
+    assert after[key] == desired[key]

@@ -230,14 +230,14 @@ def _health_with_tags(version: str, n_tags: int, workdir: str) -> tuple[str, pb.
     desired = parse_state_file(Path(state(version, "01-populated")).read_bytes(), source="fixture")
     health = next(
         (k, v)
-        for k, v in desired.objects.items()
+        for k, v in desired.items()
         if k[0] == "http_frontend" and getattr(v, "hostname", "") == "example.test" and "/health" in str(v.path)
     )
     changed = pb.RequestHttpFrontend()
     changed.CopyFrom(health[1])
     for i in range(n_tags):
         changed.tags[f"tag{i:06d}"] = "x" * 8
-    desired.objects[health[0]] = changed
+    desired[health[0]] = changed
     path = os.path.join(workdir, "desired.state")
     Path(path).write_bytes(write_state_file(desired))
     return path, health[1]

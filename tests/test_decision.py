@@ -41,12 +41,12 @@ def test_decide_properties(
     if restarted:
         assert d.branch is Branch.SHARED_WINS and d.desired == shared and not d.push
     elif not complete:
-        assert set(live.objects) <= set(d.desired.objects), "no removal from an incomplete shared state"
+        assert set(live) <= set(d.desired), "no removal from an incomplete shared state"
     if live == shared and not restarted:
         assert d.desired == live and not d.push, "a state already live and shared changes nothing"
     u = decide(live=live, shared=shared, base=None, complete=complete, restarted=restarted)
     assert u.branch is Branch.UNION
-    assert set(live.objects) | set(shared.objects) == set(u.desired.objects), "union: nothing removed"
+    assert set(live) | set(shared) == set(u.desired), "union: nothing removed"
     # the union resolves a key held differently on both sides the same way whichever side is live
     v = decide(live=shared, shared=live, base=None)
     assert v.desired == u.desired
@@ -96,7 +96,7 @@ INPUTS = {
 
 
 def _snapshot(s: ConfigState | None) -> dict[ObjKey, bytes] | None:
-    return None if s is None else {k: v.SerializeToString(deterministic=True) for k, v in s.objects.items()}
+    return None if s is None else {k: v.SerializeToString(deterministic=True) for k, v in s.items()}
 
 
 def expected(
@@ -108,16 +108,16 @@ def expected(
     a base object shared lacks counts as unchanged (additions only). Both sides changed a key differently:
     a change beats a removal, else the greater content digest."""
     if shared is None:
-        return dict(live.objects)
+        return dict(live)
     if base is not None and restarted:
-        return dict(shared.objects)
-    b = {} if base is None else base.objects
-    remote = dict(shared.objects)
+        return dict(shared)
+    b = {} if base is None else base
+    remote = dict(shared)
     if not complete and base is not None:
-        remote.update({k: v for k, v in base.objects.items() if k not in remote})
+        remote.update({k: v for k, v in base.items() if k not in remote})
     out: dict[ObjKey, Message] = {}
-    for key in set(b) | set(live.objects) | set(remote):
-        bv, lv, rv = b.get(key), live.objects.get(key), remote.get(key)
+    for key in set(b) | set(live) | set(remote):
+        bv, lv, rv = b.get(key), live.get(key), remote.get(key)
         if lv in (bv, rv):
             v = rv
         elif rv == bv:
@@ -164,7 +164,7 @@ def test_decide_follows_the_documented_rules(
         assert d.branch is (Branch.UNION if base is None else Branch.SHARED_WINS if restarted else Branch.MERGE)
         assert d.complete == complete
     # the desired state
-    assert d.desired.objects == expected(live, shared, base, complete, restarted), d.branch
+    assert dict(d.desired) == expected(live, shared, base, complete, restarted), d.branch
     # the push: a state that differs from shared is always pushed; one equal to shared only for a repair
     if shared is None:
         assert d.push == (len(live) > 0)
@@ -182,15 +182,15 @@ def test_shared_that_may_be_incomplete_only_adds(live: ConfigState, shared: Conf
     the base's value (a local removal); with a base, no object of live or base is dropped otherwise."""
     d = decide(live=live, shared=shared, base=base, complete=False)
     assert d.branch is Branch.MERGE and not d.complete
-    for k, v in live.objects.items():
-        if k not in shared.objects:
-            assert d.desired.objects.get(k) == v, f"{k}: a live object shared lacks was not kept"
-    for k, v in shared.objects.items():
-        if k not in d.desired.objects:
-            assert k not in live.objects and base.objects.get(k) == v, f"{k}: dropped without a local removal"
-    for k, v in base.objects.items():
-        if k not in d.desired.objects:
-            assert k not in live.objects and shared.objects.get(k) in (None, v), f"{k}: a base object dropped"
+    for k, v in live.items():
+        if k not in shared:
+            assert d.desired.get(k) == v, f"{k}: a live object shared lacks was not kept"
+    for k, v in shared.items():
+        if k not in d.desired:
+            assert k not in live and base.get(k) == v, f"{k}: dropped without a local removal"
+    for k, v in base.items():
+        if k not in d.desired:
+            assert k not in live and shared.get(k) in (None, v), f"{k}: a base object dropped"
     if d.desired.same_as(shared):
         assert not d.push
 
@@ -207,11 +207,11 @@ def test_both_sides_compute_the_same_state_and_report_the_same_conflicts(
     y = decide(live=b, shared=a, base=base)
     assert x.desired == y.desired
     assert set(x.conflicts) == set(y.conflicts)
-    bo = {} if base is None else base.objects
-    keys = set(bo) | set(a.objects) | set(b.objects)
-    mine = {k for k in keys if a.objects.get(k) != bo.get(k)}
-    theirs = {k for k in keys if b.objects.get(k) != bo.get(k)}
-    assert {c.key for c in x.conflicts} == {k for k in mine & theirs if a.objects.get(k) != b.objects.get(k)}
+    bo = {} if base is None else base
+    keys = set(bo) | set(a) | set(b)
+    mine = {k for k in keys if a.get(k) != bo.get(k)}
+    theirs = {k for k in keys if b.get(k) != bo.get(k)}
+    assert {c.key for c in x.conflicts} == {k for k in mine & theirs if a.get(k) != b.get(k)}
     assert (x.local_changes, x.remote_changes) == (len(mine), len(theirs))
 
 

@@ -136,15 +136,15 @@ class Model:
             name = self.fresh("op")
             key, value = ("cluster", name), obj(name, "v0")
         else:
-            keys = sorted(k for k in live.objects if k != ANCHOR)
+            keys = sorted(k for k in live if k != ANCHOR)
             if not keys:
                 return
             key = keys[pick % len(keys)]
             value = obj(key[1], self.fresh("v")) if kind == "change" else None
         if value is None:
-            del live.objects[key]
+            del live[key]
         else:
-            live.objects[key] = value
+            live[key] = value
         self.events.append(Event(t, n, kind, key, value))
 
     def sync(self, t: int, n: int) -> tuple[bool, bool]:
@@ -206,13 +206,13 @@ def run(initial: list[dict[str, str]], ops: list[tuple[str, int, int]], immediat
     nodes = []
     for n in range(NODES):
         live = ConfigState(V2)
-        live.objects[ANCHOR] = obj("anchor", "")
+        live[ANCHOR] = obj("anchor", "")
         for name, value in initial[n].items():
-            live.objects[("cluster", name)] = obj(name, value)
+            live[("cluster", name)] = obj(name, value)
         nodes.append(Node(live))
     m = Model(nodes, immediate)
     for n in range(NODES):
-        for key, value in nodes[n].live.objects.items():
+        for key, value in nodes[n].live.items():
             if key != ANCHOR:
                 assert isinstance(value, pb.Cluster)
                 m.events.append(Event(0, n, "add", key, value))
@@ -236,7 +236,7 @@ def _check(m: Model) -> None:
 
     # 1. Convergence: every node's live is the newest shared state (and the last round changed nothing).
     for n, node in enumerate(m.nodes):
-        assert node.live == final, f"node {n} did not converge: {sorted(node.live.objects)} vs {sorted(final.objects)}"
+        assert node.live == final, f"node {n} did not converge: {sorted(node.live)} vs {sorted(final)}"
 
     by_key: dict[ObjKey, list[Event]] = {}
     for e in m.events:
@@ -254,7 +254,7 @@ def _check(m: Model) -> None:
     for key, events in by_key.items():
         last = events[-1]
         if last.kind != "remove" and not _conflicted(m, key, last):
-            assert key in final.objects, f"lost: {key[1]} ({last.kind} on node {last.node} at step {last.t})"
+            assert key in final, f"lost: {key[1]} ({last.kind} on node {last.node} at step {last.t})"
 
     # The next two hold when no push overwrote a version its writer had not read: then versions form a
     # chain, every node's merge base is the last version its live held (live = that version + its
@@ -276,7 +276,7 @@ def _check(m: Model) -> None:
         if len({e.node for e in events}) > 1 or _union_met(m, key, last) or _conflicted(m, key, last):
             continue
         event(f"a single writer's last {last.kind} checked")
-        assert final.objects.get(key) == last.value, f"{key[1]}: node {last.node}'s last {last.kind} lost"
+        assert final.get(key) == last.value, f"{key[1]}: node {last.node}'s last {last.kind} lost"
 
     # 4. A removal sticks: an object that never had more than one value (added once, never changed),
     # removed by an operator on node n whose next sync was a three-way merge (n had a base), is absent
@@ -293,10 +293,10 @@ def _check(m: Model) -> None:
             first = next((s for s in after if s.node == r.node), None)
             if first is None or first.branch is not Branch.MERGE:
                 continue
-            if any(s.branch is Branch.UNION and key in s.live.objects for s in after):
+            if any(s.branch is Branch.UNION and key in s.live for s in after):
                 continue
             event("a removal checked")
-            assert key not in final.objects, f"{key[1]}: removed on node {r.node} at step {r.t}, resurrected"
+            assert key not in final, f"{key[1]}: removed on node {r.node} at step {r.t}, resurrected"
 
 
 def _union_met(m: Model, key: ObjKey, edit: Event) -> bool:
@@ -305,7 +305,7 @@ def _union_met(m: Model, key: ObjKey, edit: Event) -> bool:
     for step in m.steps:
         if step.t > edit.t and step.branch is Branch.UNION:
             for side in (step.live, step.shared):
-                if side is not None and key in side.objects and side.objects[key] != edit.value:
+                if side is not None and key in side and side[key] != edit.value:
                     return True
     return False
 

@@ -248,8 +248,8 @@ def _valid_mid_state() -> bytes:
     from sozud.state.codec import parse_state_file, write_state_file
 
     state = parse_state_file((FIXTURES / "sozu-2.1.0/states/02-mid.state").read_bytes(), source="02-mid")
-    for key in [k for k in state.objects if any("127.0.0.1:21099" in part for part in k)]:
-        del state.objects[key]
+    for key in [k for k in state if any("127.0.0.1:21099" in part for part in k)]:
+        del state[key]
     return write_state_file(state)
 
 

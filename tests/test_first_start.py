@@ -133,10 +133,7 @@ async def run_scenario(sc: Scenario) -> None:
         try:
             await wait_until(converged, timeout_s=30.0, what=f"seed {sc.seed}: every node to hold the union")
         except AssertionError:
-            lost = {
-                n.name: sorted(str(k) for k in want.objects if k not in live_state(n, sc.version).objects)
-                for n in cluster.nodes
-            }
+            lost = {n.name: sorted(str(k) for k in want if k not in live_state(n, sc.version)) for n in cluster.nodes}
             raise AssertionError(
                 f"seed {sc.seed} ({sc.version}, {sc.nodes}): not converged in {cluster.root}; missing {lost}"
             ) from None

@@ -99,4 +99,4 @@ async def test_the_incremental_path_takes_the_same_steps_as_the_full_one_on_a_fi
     assert inc_steps == full_steps
     assert (inc_rounds, inc_shared) == (full_rounds, full_shared)
     assert all(live == full_shared for live in full_lives + inc_lives)
-    assert ("cluster", "late") in full_shared.objects and ("cluster", "op-1-3") in full_shared.objects
+    assert ("cluster", "late") in full_shared and ("cluster", "op-1-3") in full_shared

@@ -312,12 +312,12 @@ async def test_an_incremental_step_copies_no_whole_mapping(monkeypatch: pytest.M
         assert _live(a) == _live(b)
 
 
-async def test_a_node_holds_one_message_per_object_for_its_live_and_shared_states() -> None:
+async def test_a_node_holds_one_value_per_object_for_its_live_and_shared_states() -> None:
     """The shared state's parts are parsed with the live reads' record cache as peer: once a node is in sync,
-    its live state (the adapter's read) and its shared state hold the same message objects."""
+    its live state (the adapter's read) and its shared state hold the same value objects (bytes)."""
     async with world(True) as (a, _b):
         live = await a.adapter.read_live(fresh=True)
         await a.engine.sync_once("test")  # nothing changed: the parts parsed before are kept
         shared = a.engine._parts._state
         assert shared is not None and shared == live
-        assert all(shared[k] is live[k] for k in live)
+        assert all(shared.raw(k) is live.raw(k) for k in live)

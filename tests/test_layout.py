@@ -3,6 +3,8 @@ still read and migrated, bytes written per change, the private-key policy on the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import FIXTURES
 from structlog.testing import capture_logs
@@ -41,6 +43,31 @@ def test_a_one_object_change_touches_at_most_two_shards() -> None:
     before, after = split_state(_generated(500)), split_state(_generated(500, weight=7))
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
     assert 1 <= len(changed) <= 2
+
+
+def _records(shard: bytes) -> list[tuple[bytes, bytes]]:
+    """(id, body) of each record of a shard file."""
+    out = []
+    for record in shard.split(b"\0")[:-1]:
+        m = re.match(rb'\{"id":"([^"]*)",', record)
+        assert m is not None
+        out.append((m[1], record[m.end() :]))
+    return out
+
+
+def test_a_record_goes_to_the_shard_its_body_picks_whatever_its_id_and_place() -> None:
+    data = _generated(300)
+    records = data.split(b"\0")[:-1]
+    # the same records, in the reverse order and with ids that are not sozu's
+    other = b"".join(
+        re.sub(rb'^\{"id":"[^"]*",', b'{"id":"x%d",' % i, r, count=1) + b"\0" for i, r in enumerate(reversed(records))
+    )
+    ours, theirs = split_state(data, 8), split_state(other, 8)
+    assert sum(len(_records(s)) for s in ours) == len(records)
+    for mine, yours in zip(ours, theirs, strict=True):
+        assert sorted(b for _, b in _records(mine)) == sorted(b for _, b in _records(yours))
+        for shard in (mine, yours):  # each shard is a state file of its own, numbered from SAVE-0
+            assert [i for i, _ in _records(shard)] == [b"SAVE-%d" % n for n in range(len(_records(shard)))]
 
 
 def _client(transport: MemoryTransport) -> OMClient:

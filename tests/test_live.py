@@ -119,8 +119,8 @@ async def test_read_by_queries_equals_save_state_except_what_sozu_cannot_show(
         before = len(fake.requests)
         read = await read_live_report(ch)
         sent = [r.WhichOneof("request_type") for r in fake.requests[before:]]
-    clusters = {k[1] for k in reference.objects if k[0] == "cluster"}
-    has_certs = any(k[0] == "certificate" for k in reference.objects)
+    clusters = {k[1] for k in reference if k[0] == "cluster"}
+    has_certs = any(k[0] == "certificate" for k in reference)
     # list_listeners, cluster hashes, one query per cluster, list_frontends, certificates (+ workers)
     assert sent.count("query_cluster_by_id") == len(clusters)
     assert len(sent) == read.requests == 4 + len(clusters) + (1 if has_certs else 0)
@@ -128,12 +128,12 @@ async def test_read_by_queries_equals_save_state_except_what_sozu_cannot_show(
     # what the read says it can see of sozu's state is exactly what it returned
     assert read.visible(reference) == read.state
     # whatever the read shows is exactly what sozu holds
-    for key, value in read.state.objects.items():
-        assert reference.objects.get(key) == value, key
+    for key, value in read.state.items():
+        assert reference.get(key) == value, key
     # what it misses is what sozu does not show without a saved state (documented in the module)
-    missing = {k for k in reference.objects if k not in read.state.objects}
+    missing = {k for k in reference if k not in read.state}
     for key in missing:
-        assert read.hides(key, reference.objects[key]), key
+        assert read.hides(key, reference[key]), key
         if key[0] == "backend":
             assert key[1] not in clusters  # a backend of a removed cluster
         else:
@@ -145,7 +145,7 @@ async def test_read_by_queries_equals_save_state_except_what_sozu_cannot_show(
         assert any(k[0] == "certificate" and k[2] == FINGERPRINT_478B and k[1].endswith("099") for k in missing)
         assert read.unresolved_certificates
         assert {k[2] for k in missing if k[0] == "certificate"} <= read.state_fingerprints | {
-            k[2] for k in reference.objects if k[0] == "certificate" and version.startswith("0.15")
+            k[2] for k in reference if k[0] == "certificate" and version.startswith("0.15")
         }
         assert any("served by no worker listener" in n for n in read.notes)
 
@@ -173,13 +173,13 @@ async def test_read_without_listing_frontends_on_1_0_4(workdir: str) -> None:
         read = await read_live_report(AsVersion(ch, SozuVersion(1, 0, 4)))
     assert not read.frontends_listed
     assert any("cannot list frontends" in n for n in read.notes)
-    deny = [k for k, v in reference.objects.items() if k[0] == "http_frontend" and not v.HasField("cluster_id")]
+    deny = [k for k, v in reference.items() if k[0] == "http_frontend" and not v.HasField("cluster_id")]
     assert deny, "the fixture has a deny route"
     for key in deny:
-        assert key not in read.state.objects
-        assert read.hides(key, reference.objects[key])
-    for key, value in read.state.objects.items():
-        assert reference.objects.get(key) == value, key
+        assert key not in read.state
+        assert read.hides(key, reference[key])
+    for key, value in read.state.items():
+        assert reference.get(key) == value, key
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -445,7 +445,7 @@ async def test_a_query_read_queries_only_the_cluster_whose_hash_changed(workdir:
         asked = [r.query_cluster_by_id for r in fake.requests[before:] if r.HasField("query_cluster_by_id")]
         assert asked == ["app7"]
         assert second.requests == first.requests - 19
-        weight = second.state.objects[("backend", "app7", "b0", "10.0.1.8:80")]
+        weight = second.state[("backend", "app7", "b0", "10.0.1.8:80")]
         assert isinstance(weight, pb.AddBackend) and weight.load_balancing_parameters.weight == 5
         # a new connection may be a restarted sozu: every cluster is queried again, even with the same hashes
         await fake.restart(empty=False)

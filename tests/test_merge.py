@@ -24,8 +24,8 @@ def three_states(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, ConfigState
 
 def _changed(base: ConfigState, side: ConfigState) -> dict[Any, Any]:
     """key -> new value (None = removed) for every key ``side`` changed relative to ``base``."""
-    keys = set(base.objects) | set(side.objects)
-    return {k: side.objects.get(k) for k in keys if side.objects.get(k) != base.objects.get(k)}
+    keys = set(base) | set(side)
+    return {k: side.get(k) for k in keys if side.get(k) != base.get(k)}
 
 
 @SETTINGS
@@ -34,14 +34,14 @@ def test_every_non_conflicting_change_survives(s: tuple[ConfigState, ConfigState
     base, local, remote = s
     result = merge(base, local, remote)
     mine, theirs = _changed(base, local), _changed(base, remote)
-    merged = result.state.objects
+    merged = result.state
     for key, value in mine.items():
         if key not in theirs or theirs[key] == value:
             assert merged.get(key) == value, key
     for key, value in theirs.items():
         if key not in mine:
             assert merged.get(key) == value, key
-    for key, value in base.objects.items():
+    for key, value in base.items():
         if key not in mine and key not in theirs:
             assert merged[key] == value
     assert result.local_changes == len(mine)
@@ -123,9 +123,9 @@ def test_two_different_changes_keep_the_greater_digest_and_are_reported() -> Non
         )
         sides.append(s)
     key = ("backend", "c", "b", "10.0.0.1:80")
-    winner = max((s.objects[key] for s in sides), key=value_digest)
+    winner = max((s[key] for s in sides), key=value_digest)
     r1, r2 = merge(base, sides[0], sides[1]), merge(base, sides[1], sides[0])
-    assert r1.state.objects[key] == r2.state.objects[key] == winner
+    assert r1.state[key] == r2.state[key] == winner
     assert r1.conflicts == r2.conflicts and len(r1.conflicts) == 1
     assert isinstance(r1.conflicts[0], Conflict) and "backend c/b @ 10.0.0.1:80" in str(r1.conflicts[0])
 
@@ -135,9 +135,9 @@ def test_both_removing_is_not_a_conflict() -> None:
     base.add("cluster", _cluster("c", False))
     base.add("cluster", _cluster("d", False))
     a = base.copy()
-    del a.objects[("cluster", "c")]
+    del a[("cluster", "c")]
     result = merge(base, a, a.copy())
-    assert sorted(result.state.objects) == [("cluster", "d")] and result.conflicts == []
+    assert sorted(result.state) == [("cluster", "d")] and result.conflicts == []
 
 
 def test_conflict_reports_never_hold_private_keys() -> None:
@@ -145,9 +145,10 @@ def test_conflict_reports_never_hold_private_keys() -> None:
     cert = pb.AddCertificate(address=sock("127.0.0.1:8443"), certificate=fixture_certificate("api.example.test"))
     base.add("certificate", cert)
     a, b = base.copy(), ConfigState(V2_1_0)
-    ((key, value),) = a.objects.items()
+    ((key, value),) = a.items()
     assert isinstance(value, pb.AddCertificate)
     value.certificate.versions.append(pb.TLS_V1_3)
+    a[key] = value
     (conflict,) = merge(base, a, b).conflicts
     text = str(conflict) + repr(conflict) + str(conflict.as_log())
     assert "PRIVATE KEY" not in text and "certificate 127.0.0.1:8443" in text

@@ -14,7 +14,7 @@ from sozud.errors import StateParseError
 from sozud.layout import SharedData, assemble, split_state
 from sozud.state.codec import RecordCache, parse_state_file, write_state_file
 from sozud.state.model import ConfigState
-from sozud.state.parts import PartsParser, _bodies, _diff_all, _diff_narrow
+from sozud.state.parts import PartsParser, _bodies, _diff_all, _diff_narrow, _digest
 from sozud.state.plan import diff
 from sozud.testing import builders as build
 from sozud.versions import V2_1_0, SozuVersion
@@ -146,9 +146,10 @@ def _edited(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
 def test_the_narrow_record_diff_is_the_full_record_diff(edit: tuple[list[bytes], list[bytes]], renumber: str) -> None:
     old_texts, new_texts = edit
     old_raw = _shard(old_texts)
-    order = _bodies(old_raw)
-    assert order is not None
-    bodies = {b: ("cluster", str(n)) for n, b in enumerate(order)}
+    old_bodies = _bodies(old_raw)
+    assert old_bodies is not None
+    order = [_digest(b) for b in old_bodies]  # what a part keeps of its records
+    bodies = {d: ("cluster", str(n)) for n, d in enumerate(order)}
     if renumber == "layout":  # as the layout writes it: every record after a change gets a new id
         new_raw = _shard(new_texts)
     elif renumber == "kept":  # each record keeps its old id (a writer that does not renumber)
@@ -164,14 +165,15 @@ def test_the_narrow_record_diff_is_the_full_record_diff(edit: tuple[list[bytes],
     if renumber == "layout":
         assert got is not None, "a part the layout wrote is diffed narrowly"
     if got is not None:
-        assert got.added == want.added
+        assert got.added == want.added and got.added_ids == want.added_ids
+        assert [_digest(b) for b in got.added] == got.added_ids
         assert sorted(got.gone) == sorted(want.gone)
         assert got.order == want.order
 
 
-def test_the_parts_take_the_messages_of_the_records_the_live_read_holds() -> None:
+def test_the_parts_take_the_values_of_the_records_the_live_read_holds() -> None:
     """With the live reads' record cache as peer, a part's record that the last live read held is not
-    decoded again: the shared state holds the live state's very message (one in memory, not two). Only
+    decoded again: the shared state holds the live state's very value (one in memory, not two). Only
     from a peer that parsed the same version: a record's meaning depends on it."""
     v1 = SozuVersion(1, 1, 1)
     for version in (V2_1_0, v1):
@@ -182,12 +184,12 @@ def test_the_parts_take_the_messages_of_the_records_the_live_read_holds() -> Non
         parser = PartsParser(peer=live_cache)
         shared = parser.parse(shards, version, source="shared").state
         assert shared == live
-        assert all(shared[k] is live[k] for k in live)
+        assert all(shared.raw(k) is live.raw(k) for k in live)
         assert sum(c.decoded for c in parser._caches) == 0
         alone = PartsParser().parse(shards, version, source="shared").state
-        assert alone == live and not any(alone[k] is live[k] for k in live), "no peer: messages of its own"
+        assert alone == live and not any(alone.raw(k) is live.raw(k) for k in live), "no peer: values of its own"
         if version == v1:  # a 1.x file reads as 2.x too: a peer that parsed it so is not taken from
             peer_cache = RecordCache()
             as_v2 = parse_state_file(data, V2_1_0, source="as 2.x", cache=peer_cache)
             alone = PartsParser(peer=peer_cache).parse(shards, version, source="shared").state
-            assert alone == live and not any(alone[k] is as_v2.get(k) for k in live)
+            assert alone == live and not any(alone.raw(k) is as_v2.raw(k) for k in live)

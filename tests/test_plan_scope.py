@@ -40,21 +40,21 @@ def _same(a: Message | None, b: Message | None) -> bool:
 
 def overlaid(live: ConfigState, desired: ConfigState, scope: Collection[ObjKey]) -> ConfigState:
     """desired' computed here, independently of the planner."""
-    out = ConfigState(desired.version, dict(live.objects))
+    out = ConfigState(desired.version, dict(live))
     for k in scope:
-        if k in desired.objects:
-            out.objects[k] = desired.objects[k]
+        if k in desired:
+            out[k] = desired[k]
         else:
-            out.objects.pop(k, None)
+            out.pop(k, None)
     return out
 
 
 @st.composite
 def scoped_cases(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, Collection[ObjKey]]:
     live, desired = draw(state_pairs())
-    for key in [k for k in live.objects if k[0] == "listener"]:
+    for key in [k for k in live if k[0] == "listener"]:
         if draw(st.booleans()):  # a changed listener (often one that must be rebuilt) rather than a new one
-            desired.objects[key] = draw(listener(key[1], key[2], live.version))
+            desired[key] = draw(listener(key[1], key[2], live.version))
     # Objects both states hold unchanged, from the same pools as the drawn ones: enough of them for a
     # scope to be small next to live (so the scoped path runs), and objects that planning a drawn one
     # looks at: backends sharing (cluster_id, address) with a removed one (re-added), frontends and
@@ -73,7 +73,7 @@ def scoped_cases(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, Collection[
         fillers += [(kind, f) for f in draw(st.lists(http_frontend(version), max_size=3))]
     fillers += [("tcp_frontend", f) for f in draw(st.lists(l4_frontend("tcp"), max_size=3))]
     fillers += [("certificate", c) for c in draw(st.lists(certificate(), max_size=2))]
-    for key in sorted(live.objects.keys() | desired.objects.keys()):
+    for key in sorted(live.keys() | desired.keys()):
         if draw(st.booleans()):
             fillers += _neighbours(draw, key, version)
     for kind, value in fillers:
@@ -81,8 +81,8 @@ def scoped_cases(draw: st.DrawFn) -> tuple[ConfigState, ConfigState, Collection[
             continue
         live.add(kind, value)
         desired.add(kind, copy_message(value))
-    keys = sorted(live.objects.keys() | desired.objects.keys())
-    differing = [k for k in keys if not _same(live.objects.get(k), desired.objects.get(k))]
+    keys = sorted(live.keys() | desired.keys())
+    differing = [k for k in keys if not _same(live.get(k), desired.get(k))]
     modes = ["any", "differing", "differing_and_more", "some_differing", "one_differing", "one_differing"]
     mode = draw(st.sampled_from(modes))
     if mode == "one_differing":  # the common case: one change (its kind decides the path)
@@ -192,7 +192,7 @@ def builder_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_one_backend_change_is_planned_from_a_few_objects(builder_sizes: list[int]) -> None:
     live = build.fleet_state(2000)
     desired = build.fleet_state(2000, changed_weight=7)
-    changed = [k for k, v in desired.objects.items() if live.objects[k] != v]
+    changed = [k for k, v in desired.items() if live[k] != v]
     assert len(changed) == 1
     scoped = plan(live, desired, scope=changed)
     assert builder_sizes == [1], "the scoped plan was built from more than the changed backend"
@@ -206,7 +206,7 @@ def test_a_removed_backend_brings_its_siblings_into_the_plan(builder_sizes: list
         live.add("backend", build.backend("app-000001", f"sib{i}", "10.9.9.9:80"))
     desired = live.shallow_copy()
     gone = ("backend", "app-000001", "sib0", "10.9.9.9:80")
-    del desired.objects[gone]
+    del desired[gone]
     scoped = plan(live, desired, scope=[gone])
     assert builder_sizes == [3]
     assert [(s.action, s.key[2]) for s in scoped.steps] == [("remove", "sib0"), ("add", "sib1"), ("add", "sib2")]
@@ -216,10 +216,10 @@ def test_a_removed_backend_brings_its_siblings_into_the_plan(builder_sizes: list
 def test_a_scope_on_a_listener_or_a_large_scope_is_planned_in_full(builder_sizes: list[int]) -> None:
     live = build.fleet_state(100)
     desired = live.shallow_copy()
-    ((lkey, lvalue),) = [(k, v) for k, v in live.objects.items() if k[0] == "listener"]
+    ((lkey, lvalue),) = [(k, v) for k, v in live.items() if k[0] == "listener"]
     active = copy_message(lvalue)
     setattr(active, "active", True)  # noqa: B010
-    desired.objects[lkey] = active
+    desired[lkey] = active
     p = plan(live, desired, scope=[lkey])
     assert builder_sizes == [len(live)] and [s.action for s in p.steps] == ["activate"]
     builder_sizes.clear()
@@ -231,19 +231,17 @@ def test_a_scope_on_a_listener_or_a_large_scope_is_planned_in_full(builder_sizes
     )
     assert builder_sizes == [1]
     builder_sizes.clear()
-    big = [k for k in live.objects if k[0] == "cluster"][:80]  # more than a quarter of 301 objects
-    plan(
-        live, ConfigState(live.version, {k: v for k, v in live.objects.items() if k not in big}), scope=big, force=True
-    )
+    big = [k for k in live if k[0] == "cluster"][:80]  # more than a quarter of 301 objects
+    plan(live, ConfigState(live.version, {k: v for k, v in live.items() if k not in big}), scope=big, force=True)
     assert builder_sizes == [len(live)]
 
 
 def test_the_safety_valve_counts_the_whole_state() -> None:
     live = build.fleet_state(100)
     desired = live.shallow_copy()
-    gone = [k for k in live.objects if k[0] == "cluster"][:10]
+    gone = [k for k in live if k[0] == "cluster"][:10]
     for k in gone:
-        del desired.objects[k]
+        del desired[k]
     # 10 of 301 objects: fine with the whole state counted (10 of 10 would not be)
     assert len(plan(live, desired, scope=gone).steps) == 10
     with pytest.raises(UnsafePlanError, match="incomplete") as info:
@@ -259,10 +257,10 @@ def test_a_scoped_plan_still_checks_the_versions() -> None:
 def _rebuilt_listener() -> tuple[ConfigState, ConfigState, ObjKey]:
     live = build.fleet_state(8, version=V1_1_1)  # 1.x has no update_*_listener: any change rebuilds
     desired = live.shallow_copy()
-    (key,) = [k for k in live.objects if k[0] == "listener"]
-    value = copy_message(live.objects[key])
+    (key,) = [k for k in live if k[0] == "listener"]
+    value = copy_message(live[key])
     setattr(value, "front_timeout", 77)  # noqa: B010
-    desired.objects[key] = value
+    desired[key] = value
     return live, desired, key
 
 
@@ -274,7 +272,7 @@ def _l4_group(kind: str) -> tuple[ConfigState, ConfigState, ObjKey]:
     kept.tags["env"] = "a"
     live.add(kind, kept)  # type: ignore[arg-type]
     desired = live.shallow_copy()
-    del desired.objects[gone]
+    del desired[gone]
     return live, desired, gone
 
 
@@ -282,7 +280,7 @@ def _shared_address() -> tuple[ConfigState, ConfigState, ObjKey]:
     live = build.fleet_state(8)
     gone = live.add("backend", build.backend("app-000001", "other", "10.0.0.1:8000"))  # beside app-000001-0
     desired = live.shallow_copy()
-    del desired.objects[gone]
+    del desired[gone]
     return live, desired, gone
 
 

@@ -59,10 +59,10 @@ class MemSozu:
         self, desired: ConfigState, *, force: bool, desired_is_complete: bool, scope: object = None
     ) -> ApplyOutcome:
         self.applies += 1
-        removed = [k for k in self.live.objects if k not in desired.objects]
+        removed = [k for k in self.live if k not in desired]
         if removed and not desired_is_complete and not force:
             raise UnsafePlanError("removal from an incomplete desired state")
-        changed = sum(1 for k, v in desired.objects.items() if self.live.objects.get(k) != v) + len(removed)
+        changed = sum(1 for k, v in desired.items() if self.live.get(k) != v) + len(removed)
         self.live = desired.copy()
         return ApplyOutcome(changed, {"mixed": changed}, "digest", self.live.copy())
 
@@ -164,8 +164,8 @@ async def test_first_start_is_a_union_and_removes_nothing(tmp_path: Path) -> Non
     e = engine(tmp_path, "a", sozu, shared)
     r = await e.sync_once("startup")
     union = fixture_state("01-populated")
-    for k, v in (*theirs.objects.items(), *mine.objects.items()):
-        union.objects[k] = v
+    for k, v in (*theirs.items(), *mine.items()):
+        union[k] = v
     assert sozu.live == union and shared_state(shared) == union
     assert r.pushed and not r.conflicts
     assert e.base.load(V2) is None  # our own push is not a base...
@@ -199,7 +199,7 @@ async def test_issue_8_sequence_concurrent_bootstrap_then_an_immediate_change(tm
     or the removal valve blocked A forever)."""
     start = ConfigState(V2)
     lst = build.http_listener("127.0.0.1:8080", version=V2)
-    start.objects[listener_key("http", lst)] = lst
+    start[listener_key("http", lst)] = lst
     start.add("cluster", cluster("base"))
     start.add("backend", backend("base", "base-0", "10.0.0.1:80"))
     shared = MemShared()
@@ -225,7 +225,7 @@ async def test_issue_8_sequence_concurrent_bootstrap_then_an_immediate_change(tm
         for e in (a, b):
             await e.sync_once("sozu_probe")
     assert a_sozu.live == b_sozu.live == shared_state(shared)
-    assert all(k in a_sozu.live for k in mine.objects), "an object the operator added on A was removed"
+    assert all(k in a_sozu.live for k in mine), "an object the operator added on A was removed"
     assert ("cluster", "only-b") in a_sozu.live
     for e in (a, b):
         loaded = e.base.load(V2)
@@ -245,7 +245,7 @@ async def test_damaged_or_deleted_base_counts_as_none_union_not_removal(tmp_path
     sozu.live.add("cluster", cluster("while-down"))
     remote = shared_state(shared)
     removed_key = next(k for k, _ in remote.of_kind("backend"))
-    del remote.objects[removed_key]
+    del remote[removed_key]
     publish(shared, remote)
     parts = msgspec.json.decode(e.base.meta_path.read_bytes(), type=BaseMeta).parts
     assert parts, "the engine keeps its base as the shared state's parts"
@@ -278,7 +278,7 @@ async def test_local_change_reaches_a_peer_and_removals_too(tmp_path: Path) -> N
     # A adds a cluster and removes a backend.
     a_sozu.live.add("cluster", cluster("new"))
     removed_key = next(k for k, _ in a_sozu.live.of_kind("backend"))
-    del a_sozu.live.objects[removed_key]
+    del a_sozu.live[removed_key]
     ra = await a.sync_once("sozu_probe")
     assert ra.pushed and ra.requests_sent == 0 and ra.local_changes == 2
     rb = await b.sync_once("opensvc_change")
@@ -450,7 +450,7 @@ async def test_a_state_and_metadata_from_different_writes_are_not_acted_on(tmp_p
     older_state = shared_state_of(start)  # an older, complete state without "newer", and one backend less
     older_state = older_state.copy()
     removed_key = next(k for k, _ in older_state.of_kind("backend"))
-    del older_state.objects[removed_key]
+    del older_state[removed_key]
     shared.state = write_state_file(older_state)  # torn: meta says generation 7 with "newer"
     writes = shared.writes
     with pytest.raises(SharedInFlightError, match="do not match yet"):
@@ -491,7 +491,7 @@ async def test_a_push_that_overwrote_ours_does_not_remove_our_objects(tmp_path: 
     b.shared = StaleView(shared)  # B's view stops here
     a_sozu.live.add("cluster", cluster("from-a"))
     removed_key = next(k for k, _ in a_sozu.live.of_kind("backend"))
-    del a_sozu.live.objects[removed_key]
+    del a_sozu.live[removed_key]
     await a.sync_once("sozu_probe")  # pushes
     await a.sync_once("opensvc_change")  # reads it back: A's base now holds from-a
     b_sozu.live.add("cluster", cluster("from-b"))
@@ -567,7 +567,7 @@ async def test_what_a_read_cannot_see_is_added_to_a_copy_of_it_not_to_the_ports_
     await e.sync_once("startup")  # takes shared as its base
     await e.sync_once("again")
     assert e.base.load(V2) is not None
-    read = sozu.live = ConfigState(V2, {k: v for k, v in state.objects.items() if k[1] != "c2"})
+    read = sozu.live = ConfigState(V2, {k: v for k, v in state.items() if k[1] != "c2"})
     report = await e.sync_once("hidden")
-    assert sozu.live is read and ("cluster", "c2") not in read.objects, "the port's read was modified"
+    assert sozu.live is read and ("cluster", "c2") not in read, "the port's read was modified"
     assert report.drift == 0 and not report.pushed

@@ -100,10 +100,10 @@ async def test_every_node_converges_and_no_addition_is_lost(ops: list[tuple[obje
             sozus[n].live.add("cluster", c)
             added[("cluster", c.cluster_id)] = n
         elif kind == "remove":
-            keys = sorted(k for k in sozus[n].live.objects if k in added)
+            keys = sorted(k for k in sozus[n].live if k in added)
             if keys:
                 k = keys[int(op[2]) % len(keys)]  # type: ignore[call-overload]
-                del sozus[n].live.objects[k]
+                del sozus[n].live[k]
                 removed.add(k)
         elif kind == "sync":
             await engines[n].sync_once("probe")
@@ -128,5 +128,5 @@ async def test_every_node_converges_and_no_addition_is_lost(ops: list[tuple[obje
     shared = parse_state_file(state, V2, source="shared") if state else ConfigState(V2)
     for n, s in enumerate(sozus):
         assert s.live == shared, f"node {n} did not converge"
-    lost = sorted(k for k in added if k not in removed and k not in shared.objects)
+    lost = sorted(k for k in added if k not in removed and k not in shared)
     assert not lost, f"additions lost: {lost}"

@@ -66,7 +66,7 @@ from sozud.state.batch import (
 )
 from sozud.state.batch import _chunks as _chunks  # tests check the chunking rule directly
 from sozud.state.live import ClusterReplies, LiveRead, SozuRequester, derived_names, read_live_report
-from sozud.state.model import ConfigState, ObjKey, add_request, apply_request, describe
+from sozud.state.model import ConfigState, ObjKey, add_request, apply_request, describe, encode_value
 from sozud.state.plan import Plan, PlanStep, plan
 from sozud.versions import Family, SozuVersion
 
@@ -382,9 +382,13 @@ def _differing_keys(
 ) -> set[ObjKey]:
     """The keys where live (with what we assume it holds) and desired differ, among ``scope`` (None:
     every key: a full pass over both states)."""
-    have, want = (live.objects, desired.objects) if scope is None else (live, desired)  # a scope: point reads
-    keys = (have.keys() | assumed.keys() | want.keys()) if scope is None else scope
-    return {k for k in keys if (assumed[k] if k in assumed else have.get(k)) != want.get(k)}
+    ours = {k: encode_value(v) for k, v in assumed.items()}  # values compared as canonical bytes
+    if scope is None:
+        have, want = live.raw_map(), desired.raw_map()
+        keys = have.keys() | ours.keys() | want.keys()
+        return {k for k in keys if (ours[k] if k in ours else have.get(k)) != want.get(k)}
+    # a scope: point reads
+    return {k for k in scope if (ours[k] if k in ours else live.raw(k)) != desired.raw(k)}
 
 
 def _convergence_message(report: ApplyReport) -> str:

@@ -38,6 +38,7 @@ Writing (:func:`write_state_file`)
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from typing import Any
@@ -54,9 +55,11 @@ from sozud.state.model import (
     ConfigState,
     ObjKey,
     add_request,
+    add_request_field,
     apply_request,
+    decode_value,
 )
-from sozud.state.records import RecordCache, Seen, body_digest, digest16, seen_after
+from sozud.state.records import RecordCache, Seen, body_digest, seen_after
 from sozud.versions import STORED_REQUESTS, V0_15_19, V1_1_1, V2_1_0, Family, SozuVersion
 
 __all__ = [
@@ -285,23 +288,22 @@ def _build_state(
     the cache saw it): an object is added again by its key when that is all the record did. Returns the
     state and, when ``cached``, what the cache keeps of each record."""
     state = ConfigState(version)
-    objects = state.objects
     parsed: dict[bytes, Seen] = {}
     for n, body, seen, value in records:
-        if seen is not None and seen.key is not None and seen.value is not None:
-            if seen.key not in objects:
-                objects[seen.key] = seen.reused()  # what applying it added before (messages are never changed)
+        if seen is not None and seen.key is not None and seen.raw is not None:
+            if seen.key not in state:
+                state.put_raw(seen.key, seen.raw)  # what applying it added before
                 parsed[body] = seen
                 continue
-            req = add_request(seen.key, seen.value)  # an object added twice: applying it tells what sozu does
+            req = add_request(seen.key, seen.raw)  # an object added twice: applying it tells what sozu does
         elif seen is not None:
             req = pb.Request.FromString(seen.request)
         else:
             req = _record_request(value, version, source, n)
         kind = req.WhichOneof("request_type") or ""
-        size = len(objects)
+        size = len(state)
         try:
-            apply_request(state, req, copy=False)
+            apply_request(state, req)
         except StateError as e:
             raise StateParseError(
                 f"sozu's main state would refuse {kind.upper()}: {e}",
@@ -310,7 +312,7 @@ def _build_state(
                 path=f"content.request_type.{kind.upper()}",
             ) from None
         if cached:
-            parsed[body] = seen_after(req, kind, objects, added=len(objects) == size + 1)
+            parsed[body] = seen_after(req, kind, state, added=state.newest() if len(state) == size + 1 else None)
     return state, parsed
 
 
@@ -456,23 +458,26 @@ def _check_compatible(version: SozuVersion, values: list[Any], source: str) -> N
 # --- writing ------------------------------------------------------------------------------------------
 
 
-def state_requests(state: ConfigState) -> list[pb.Request]:
-    """The requests sozu's ``save_state`` writes for ``state``, in its record order (§6.3)."""
-    by_kind: dict[str, list[tuple[ObjKey, Message]]] = {}
-    for key, value in state.objects.items():
-        by_kind.setdefault(key[0] if key[0] != "listener" else f"listener:{key[1]}", []).append((key, value))
-    out: list[pb.Request] = []
+_Record = tuple[ObjKey, bytes] | pb.Request  # an object's add request (key, canonical bytes), or a request
+
+
+def _save_records(state: ConfigState) -> Iterator[_Record]:
+    """The records sozu's ``save_state`` writes for ``state``, in its order (§6.3). Only listeners,
+    certificates and backends whose (cluster, backend id) is not unique are decoded (to sort them)."""
+    by_kind: dict[str, list[tuple[ObjKey, bytes]]] = {}
+    for key, raw in state.raw_items():
+        by_kind.setdefault(key[0] if key[0] != "listener" else f"listener:{key[1]}", []).append((key, raw))
     udp_ok = state.version.family is not Family.V0_15 and state.version.knows_request("add_udp_listener")
     for lkind in ("http", "https", "tcp", "udp"):
-        items = by_kind.get(f"listener:{lkind}", [])
-        if lkind == "udp" and items and not udp_ok:
+        listeners = [(k, decode_value(k, raw)) for k, raw in by_kind.get(f"listener:{lkind}", [])]
+        if lkind == "udp" and listeners and not udp_ok:
             raise StateError(f"state holds UDP listeners but sozu {state.version} has none")
         if state.version.family is Family.V0_15:
-            items.sort(key=lambda kv: kv[0][2])
+            listeners.sort(key=lambda kv: kv[0][2])
         else:
-            items.sort(key=lambda kv: serde.address_sort_key(getattr(kv[1], "address")))  # noqa: B009
-        for key, value in items:
-            out.append(add_request(key, value))
+            listeners.sort(key=lambda kv: serde.address_sort_key(getattr(kv[1], "address")))  # noqa: B009
+        for key, value in listeners:
+            yield add_request(key, value)
             if getattr(value, "active"):  # noqa: B009
                 req = pb.Request()
                 req.activate_listener.CopyFrom(
@@ -482,23 +487,41 @@ def state_requests(state: ConfigState) -> list[pb.Request]:
                         from_scm=False,
                     )
                 )
-                out.append(req)
-    for kind, sort_key in (
-        ("cluster", lambda kv: kv[0][1]),
-        ("http_frontend", lambda kv: kv[0][1]),
-        ("certificate", _cert_sort_key),
-        ("https_frontend", lambda kv: kv[0][1]),
-        ("tcp_frontend", lambda kv: kv[0][1]),
-        ("udp_frontend", lambda kv: kv[0][1]),
-        ("backend", _backend_sort_key),
-    ):
-        items = sorted(by_kind.get(kind, []), key=sort_key)  # stable: keeps insertion order on ties
-        for key, value in items:
+                yield req
+    for kind in ("cluster", "http_frontend", "certificate", "https_frontend", "tcp_frontend", "udp_frontend"):
+        items = by_kind.get(kind, [])
+        if kind != "certificate":
+            yield from sorted(items, key=lambda kv: kv[0][1])  # stable: keeps insertion order on ties
+            continue
+        certificates = [(k, decode_value(k, raw)) for k, raw in items]
+        for key, value in sorted(certificates, key=_cert_sort_key):
             req = add_request(key, value)
-            if kind == "certificate":
-                req.add_certificate.ClearField("expired_at")
-            out.append(req)
-    return out
+            req.add_certificate.ClearField("expired_at")
+            yield req
+    yield from _sorted_backends(by_kind.get("backend", []))
+
+
+def _sorted_backends(items: list[tuple[ObjKey, bytes]]) -> Iterator[tuple[ObjKey, bytes]]:
+    """Backends in :func:`_backend_sort_key` order, decoding only those whose (cluster id, backend id)
+    another backend shares (the rest of the sort key tells them apart)."""
+    items = sorted(items, key=lambda kv: (kv[0][1], kv[0][2]))  # the key's (cluster_id, backend_id)
+    i = 0
+    while i < len(items):
+        j = i + 1
+        while j < len(items) and items[j][0][1:3] == items[i][0][1:3]:
+            j += 1
+        if j - i == 1:
+            yield items[i]
+        else:
+            group = [(k, decode_value(k, raw), raw) for k, raw in items[i:j]]
+            group.sort(key=lambda kvr: _backend_sort_key((kvr[0], kvr[1])))
+            yield from ((k, raw) for k, _, raw in group)
+        i = j
+
+
+def state_requests(state: ConfigState) -> list[pb.Request]:
+    """The requests sozu's ``save_state`` writes for ``state``, in its record order (§6.3)."""
+    return [rec if isinstance(rec, pb.Request) else add_request(*rec) for rec in _save_records(state)]
 
 
 def _cert_sort_key(kv: tuple[ObjKey, Message]) -> tuple[Any, ...]:
@@ -528,34 +551,43 @@ def write_state_file(state: ConfigState, *, cache: RecordCache | None = None) ->
     """The bytes sozu ``state.version``'s ``save_state`` writes for ``state`` (module docstring).
     ``cache``: requests its last write encoded are not encoded again (:class:`RecordCache`)."""
     version = state.version
-    known: dict[bytes, bytes] = {}
-    written: dict[bytes, bytes] = {}
+    known: dict[str, dict[bytes, bytes]] = {}
+    written: dict[str, dict[bytes, bytes]] = {}
     if cache is not None:
         cache._for(version)
         known = cache._written
-    chunks: list[bytes] = []
-    for n, req in enumerate(state_requests(state)):
+    out = io.BytesIO()  # getvalue() hands over its buffer: the file is not copied at the end
+    write = out.write
+    for n, rec in enumerate(_save_records(state)):
         if cache is None:
+            req = rec if isinstance(rec, pb.Request) else add_request(*rec)
             record = pb.WorkerRequest(id=f"SAVE-{n}", content=req)
-            chunks.append(_ENCODER.encode(serde.to_json(record, version)))
+            write(_ENCODER.encode(serde.to_json(record, version)))
         else:
-            key = digest16(req.SerializeToString(deterministic=True))
-            content = known.get(key)
+            if isinstance(rec, pb.Request):
+                field, value = "", rec.SerializeToString(deterministic=True)
+            else:
+                field, value = add_request_field(rec[0]), rec[1]
+            seen = known.get(field)
+            content = seen.get(value) if seen is not None else None
             if content is None:
+                req = rec if isinstance(rec, pb.Request) else add_request(*rec)
                 content = _ENCODER.encode(serde.to_json(req, version))
                 cache.encoded += 1
-            written[key] = content
-            chunks.append(b'{"id":"SAVE-%d","content":%s}' % (n, content))
-        chunks.append(b"\n\0")
+            written.setdefault(field, {})[value] = content
+            write(b'{"id":"SAVE-%d","content":' % n)
+            write(content)
+            write(b"}")
+        write(b"\n\0")
     if cache is not None:
         cache._written = written
-    return b"".join(chunks)
+    return out.getvalue()
 
 
 def record_count(state: ConfigState) -> int:
     """How many records :func:`write_state_file` writes for ``state`` (objects + active listeners)."""
-    active = sum(1 for k, v in state.objects.items() if k[0] == "listener" and getattr(v, "active"))  # noqa: B009
-    return len(state.objects) + active
+    active = sum(1 for k, v in state.of_kind("listener") if getattr(v, "active"))  # noqa: B009
+    return len(state) + active
 
 
 def file_digest(data: bytes) -> str:

@@ -219,7 +219,9 @@ async def _read_by_save_state(
     try:
         await ask(ch, pb.Request(save_state=sozu_path), None)
         try:
-            data = await asyncio.to_thread(_read_bytes, local_path)
+            box: list[bytes] = []  # not the thread's result: a finished future may outlive the read (GC)
+            await asyncio.to_thread(_read_bytes, local_path, box)
+            data = box.pop()
         except OSError as e:
             raise StateError(
                 f"sozu saved its state to {sozu_path} but it cannot be read at {local_path}: {e} "
@@ -246,6 +248,6 @@ async def _read_by_save_state(
     return LiveRead(state=state, method="save_state", requests=1)
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, box: list[bytes]) -> None:
     with open(path, "rb") as f:
-        return f.read()
+        box.append(f.read())

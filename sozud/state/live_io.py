@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from sozud.errors import SozuProtocolError
 from sozud.proto import command_pb2 as pb
-from sozud.state.model import ConfigState, Kind, ObjKey
+from sozud.state.model import ConfigState, Kind, ObjKey, decode_value
 from sozud.versions import Family, SozuVersion
 
 FRONTEND_KINDS: tuple[Kind, ...] = ("http_frontend", "https_frontend", "tcp_frontend", "udp_frontend")
@@ -58,10 +58,13 @@ class LiveRead:
         """True when the read saw everything (a parsed save_state)."""
         return self.method == "save_state"
 
-    def hides(self, key: ObjKey, value: Message) -> bool:
-        """Whether this read could not have seen ``key`` (with ``value``) even if sozu holds it."""
+    def hides(self, key: ObjKey, value: Message | bytes) -> bool:
+        """Whether this read could not have seen ``key`` (with ``value``, a message or its canonical bytes)
+        even if sozu holds it."""
         if self.exact or key in self.state:
             return False
+        if isinstance(value, bytes):
+            value = decode_value(key, value)
         kind = key[0]
         if kind == "backend":
             assert isinstance(value, pb.AddBackend)
@@ -80,12 +83,7 @@ class LiveRead:
 
     def visible(self, state: ConfigState) -> ConfigState:
         """``state`` without the objects this read could not see (what a read would show of it)."""
-        out = ConfigState(state.version)
-        objects = out.objects
-        for k, v in state.items():
-            if not self.hides(k, v):
-                objects[k] = v
-        return out
+        return ConfigState.from_raw(state.version, {k: v for k, v in state.raw_items() if not self.hides(k, v)})
 
 
 def derived_names(pem: str) -> list[str] | None:

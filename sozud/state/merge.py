@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf.message import Message
-
 from sozud.state.model import ConfigState, ObjKey, describe, value_digest
 
 __all__ = ["Conflict", "MergeResult", "merge"]
@@ -78,15 +76,14 @@ class MergeResult:
     remote_changes: int  # keys shared changed relative to base
 
 
-def _side(value: Message | None) -> str:
+def _side(value: bytes | None) -> str:
     return REMOVED if value is None else "sha256:" + value_digest(value)
 
 
 def merge(base: ConfigState, live: ConfigState, shared: ConfigState) -> MergeResult:
     """Merge the local changes (``live`` vs ``base``) with the remote ones (``shared`` vs ``base``)."""
-    b, lo, sh = base.objects, live.objects, shared.objects
-    out = ConfigState(live.version)
-    objects = out.objects
+    b, lo, sh = base.raw_map(), live.raw_map(), shared.raw_map()  # values compared as canonical bytes
+    objects: dict[ObjKey, bytes] = {}
     conflicts: list[Conflict] = []
     local_changes = remote_changes = 0
     for key in sorted(set(b) | set(lo) | set(sh)):
@@ -113,11 +110,11 @@ def merge(base: ConfigState, live: ConfigState, shared: ConfigState) -> MergeRes
                 )
             )
         if value is not None:
-            objects[key] = value  # shared, not copied: states never modify a message in place
-    return MergeResult(out, conflicts, local_changes, remote_changes)
+            objects[key] = value
+    return MergeResult(ConfigState.from_raw(live.version, objects), conflicts, local_changes, remote_changes)
 
 
-def _resolve(a: Message | None, b: Message | None) -> tuple[Message | None, str]:
+def _resolve(a: bytes | None, b: bytes | None) -> tuple[bytes | None, str]:
     """The side-independent choice between two different changes of one key."""
     if a is None:
         return b, "change beats removal"

@@ -20,7 +20,11 @@ The route key of an HTTP(S) frontend is sozu's own: ``"<ip:port>;<hostname>;<P|R
 ``";<method>"`` when a method is set. Objects are independent, as in sozu: a removed cluster's
 frontends and backends stay (orphans are state too). A listener's ``active`` flag is part of its
 value. Equality ignores record ids and record order; two states are equal when they hold the same
-keys with equal messages.
+keys with equal values.
+
+Inside, a value is held as its canonical bytes (its deterministic protobuf encoding, :func:`encode_value`)
+under its decoded identity (the key): a compact, immutable value that compares as bytes. A message is built
+from it only where one is needed (a request to send, a field to read), and each read gives a new one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import ssl
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, MutableMapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, MutableMapping
 from typing import Any, Literal, TypeAlias
 
 from google.protobuf.message import Message
@@ -124,6 +128,41 @@ def key_of(kind: Kind, value: Message) -> ObjKey:
 
 _ABSENT: Any = object()
 
+# The message type of each kind's value (listeners: of each listener kind).
+_VALUE_TYPE: dict[str, type[Message]] = {
+    "cluster": pb.Cluster,
+    "http_frontend": pb.RequestHttpFrontend,
+    "https_frontend": pb.RequestHttpFrontend,
+    "tcp_frontend": pb.RequestTcpFrontend,
+    "udp_frontend": pb.RequestUdpFrontend,
+    "backend": pb.AddBackend,
+    "certificate": pb.AddCertificate,
+}
+_LISTENER_TYPE: dict[str, type[Message]] = {
+    "http": pb.HttpListenerConfig,
+    "https": pb.HttpsListenerConfig,
+    "tcp": pb.TcpListenerConfig,
+    "udp": pb.UdpListenerConfig,
+}
+
+
+def value_type(key: ObjKey) -> type[Message]:
+    """The message type of the value of the object ``key``."""
+    try:
+        return _LISTENER_TYPE[key[1]] if key[0] == "listener" else _VALUE_TYPE[key[0]]
+    except (KeyError, IndexError):
+        raise ValueError(f"not an object key: {key!r}") from None
+
+
+def encode_value(value: Message) -> bytes:
+    """A value's canonical bytes: its deterministic protobuf encoding (equal values, equal bytes)."""
+    return value.SerializeToString(deterministic=True)
+
+
+def decode_value(key: ObjKey, raw: bytes) -> Message:
+    """The message of the object ``key`` whose canonical bytes are ``raw`` (a new message each call)."""
+    return value_type(key).FromString(raw)
+
 
 def _overlay_limit(size: int) -> int:
     """How many changed keys a state keeps over a shared mapping before a copy folds them in: about the
@@ -135,28 +174,39 @@ def _overlay_limit(size: int) -> int:
 class ConfigState(MutableMapping[ObjKey, Message]):
     """A sozu configuration: object key -> the add-request message that creates it.
 
+    Values are held as their canonical bytes (:func:`encode_value`, about 40 bytes for a backend, where a
+    message costs about 1 kB), keyed by their decoded identity (the key). Reading a value (``get``, ``[]``,
+    ``items()``) decodes a new message each time: changing it changes nothing in the state; storing it
+    (``put``, ``[]=``) encodes it. Comparisons, digests and the state-file writer work on the bytes
+    (:meth:`raw`, :meth:`raw_items`) and decode only what they send or write anew.
+
     Copy-on-write: :meth:`shallow_copy` shares the mapping in O(changes kept), and each side then keeps
     its own changes over it. Point operations (``get``, ``in``, ``[]``, :meth:`put`, ``pop``, ``del``,
-    ``len``) cost O(1) either way. Whole-state operations (iteration, ``items()``, :attr:`objects`,
+    ``len``) cost O(1) either way. Whole-state operations (iteration, ``items()``, :meth:`raw_items`,
     :meth:`same_as`, :meth:`digest`) first fold the changes into a mapping of this state's own, one O(n)
     copy, which a whole-state operation costs anyway. Incremental steps use point operations only.
     """
 
     __slots__ = ("_base", "_delta", "_over", "_shared", "version")
 
-    def __init__(self, version: SozuVersion, objects: dict[ObjKey, Message] | None = None) -> None:
+    def __init__(self, version: SozuVersion, objects: Mapping[ObjKey, Message] | None = None) -> None:
         self.version = version
-        self._base: dict[ObjKey, Message] = {} if objects is None else objects  # the caller's, now ours
+        self._base: dict[ObjKey, bytes] = {} if objects is None else {k: encode_value(v) for k, v in objects.items()}
         # While ``_shared``, ``_base`` may be another state's too and is never written: changes go to
         # ``_over`` (None: removed). A state that is not shared has no ``_over`` and writes ``_base``.
-        self._over: dict[ObjKey, Message | None] = {}
+        self._over: dict[ObjKey, bytes | None] = {}
         self._delta = 0  # len(self) - len(self._base)
         self._shared = False
 
-    @property
-    def objects(self) -> dict[ObjKey, Message]:
-        """The whole mapping as a dict this state alone holds (writes to it are writes to the state).
-        Folds any kept changes first (O(n) then). Do not keep it across a :meth:`shallow_copy`."""
+    @classmethod
+    def from_raw(cls, version: SozuVersion, objects: dict[ObjKey, bytes]) -> ConfigState:
+        """A state holding ``objects`` (key -> canonical bytes); the dict becomes the state's own."""
+        out = cls(version)
+        out._base = objects
+        return out
+
+    def _own(self) -> dict[ObjKey, bytes]:
+        """The whole mapping as a dict this state alone holds (folds any kept changes first: O(n) then)."""
         if self._shared:
             self._fold()
         return self._base
@@ -173,12 +223,16 @@ class ConfigState(MutableMapping[ObjKey, Message]):
     # -- building
 
     def put(self, key: ObjKey, value: Message) -> None:
+        self.put_raw(key, encode_value(value))
+
+    def put_raw(self, key: ObjKey, raw: bytes) -> None:
+        """Store the value whose canonical bytes are ``raw`` (:func:`encode_value`)."""
         if not self._shared:
-            self._base[key] = value
+            self._base[key] = raw
             return
-        if self.get(key) is None:
+        if self.raw(key) is None:
             self._delta += 1
-        self._over[key] = value
+        self._over[key] = raw
 
     def add_listener(self, kind: str, config: Message) -> ObjKey:
         key = listener_key(kind, config)
@@ -194,70 +248,81 @@ class ConfigState(MutableMapping[ObjKey, Message]):
         self.put(key, value)
 
     def __delitem__(self, key: ObjKey) -> None:
-        if self.pop(key, _ABSENT) is _ABSENT:
+        if self.pop_raw(key) is None:
             raise KeyError(key)
+
+    def pop_raw(self, key: ObjKey) -> bytes | None:
+        """Remove ``key``; its canonical bytes (None: it was absent)."""
+        if not self._shared:
+            return self._base.pop(key, None)
+        raw = self.raw(key)
+        if raw is not None:
+            self._over[key] = None
+            self._delta -= 1
+        return raw
 
     def pop(self, key: ObjKey, default: Any = _ABSENT) -> Any:
         """Remove ``key`` and return its value (``default`` when absent; KeyError without one)."""
-        if not self._shared:
-            value = self._base.pop(key, default)
-        else:
-            value = self.get(key)
-            if value is None:
-                value = default
-            else:
-                self._over[key] = None
-                self._delta -= 1
-        if value is _ABSENT:
+        raw = self.pop_raw(key)
+        if raw is not None:
+            return decode_value(key, raw)
+        if default is _ABSENT:
             raise KeyError(key)
-        return value
+        return default
 
     # -- reading
 
-    def get(self, key: ObjKey, default: Any = None) -> Any:
+    def raw(self, key: ObjKey) -> bytes | None:
+        """The canonical bytes of ``key``'s value (None: absent)."""
         over = self._over
         if over:
-            value = over.get(key, _ABSENT)
-            if value is not _ABSENT:
-                return default if value is None else value
-        return self._base.get(key, default)
+            raw = over.get(key, _ABSENT)
+            if raw is not _ABSENT:
+                return raw  # type: ignore[no-any-return]  # bytes, or None for a removal
+        return self._base.get(key)
+
+    def get(self, key: ObjKey, default: Any = None) -> Any:
+        raw = self.raw(key)
+        return default if raw is None else decode_value(key, raw)
 
     def __getitem__(self, key: ObjKey) -> Message:
-        value = self.get(key)
-        if value is None:
+        raw = self.raw(key)
+        if raw is None:
             raise KeyError(key)
-        assert isinstance(value, Message)
-        return value
+        return decode_value(key, raw)
 
     def __len__(self) -> int:
         return len(self._base) + self._delta
 
     def __iter__(self) -> Iterator[ObjKey]:
-        return iter(self.objects)
+        return iter(self._own())
 
     def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]  # any object may be asked about
+        return self.raw(key) is not None  # type: ignore[arg-type]  # any object may be asked about
 
     def keys(self) -> KeysView[ObjKey]:
-        return self.objects.keys()
+        return self._own().keys()
 
-    def items(self) -> ItemsView[ObjKey, Message]:
-        return self.objects.items()
+    def raw_map(self) -> Mapping[ObjKey, bytes]:
+        """The whole mapping, key -> canonical bytes, for reading (folds kept changes first: O(n) then).
+        It is this state's own: it changes with the state."""
+        return self._own()
 
-    def values(self) -> ValuesView[Message]:
-        return self.objects.values()
+    def raw_items(self) -> ItemsView[ObjKey, bytes]:
+        """Every (key, canonical bytes), in the order the keys were first stored."""
+        return self._own().items()
+
+    def newest(self) -> ObjKey:
+        """The key last added to a state that was never copied (the state-file reader's record cache)."""
+        assert not self._shared, "newest() of a copied state"
+        return next(reversed(self._base))
 
     def of_kind(self, kind: Kind) -> Iterable[tuple[ObjKey, Message]]:
-        return ((k, v) for k, v in self.objects.items() if k[0] == kind)
+        return ((k, decode_value(k, v)) for k, v in self._own().items() if k[0] == kind)
 
     def same_as(self, other: ConfigState) -> bool:
-        """Semantic equality: same keys, equal messages (record ids and order do not matter)."""
-        if len(self) != len(other):
-            return False
-        mine, theirs = self.objects, other.objects
-        if mine.keys() != theirs.keys():
-            return False
-        return all(v == theirs[k] for k, v in mine.items())
+        """Semantic equality: same keys, equal values (record ids and order do not matter)."""
+        return len(self) == len(other) and self._own() == other._own()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConfigState):
@@ -270,46 +335,41 @@ class ConfigState(MutableMapping[ObjKey, Message]):
         return f"ConfigState({self.version}, {len(self)} objects)"
 
     def copy(self) -> ConfigState:
-        out = ConfigState(self.version)
-        for k, v in self.objects.items():
-            c = type(v)()
-            c.CopyFrom(v)
-            out._base[k] = c
-        return out
+        """A state with the same objects and a mapping of its own (values are immutable bytes)."""
+        return ConfigState.from_raw(self.version, dict(self._own()))
 
     def shallow_copy(self) -> ConfigState:
-        """A state with the same objects that changes apart from this one, sharing the messages (for
-        callers that add, replace or remove objects but never modify a message in place: sozud's own code
-        changes an object by storing a new message, see :func:`apply_request`). O(changes kept) (class
-        docstring); :meth:`copy` copies the messages too."""
+        """A state with the same objects that changes apart from this one. O(changes kept) (class
+        docstring); :meth:`copy` copies the whole mapping."""
         if len(self._over) > _overlay_limit(len(self)):
             self._fold()
-        out = ConfigState(self.version, self._base)
+        out = ConfigState.from_raw(self.version, self._base)
         out._over, out._delta = dict(self._over), self._delta
         out._shared = self._shared = True
         return out
 
     def digest(self) -> str:
         """A content hash independent of order and record ids (sha-256 hex)."""
-        objects = self.objects
+        objects = self._own()
         h = hashlib.sha256()
         for k in sorted(objects):
             h.update("\x1f".join(k).encode())
             h.update(b"\x1e")
-            h.update(objects[k].SerializeToString(deterministic=True))
+            h.update(objects[k])
             h.update(b"\x1d")
         return h.hexdigest()
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k in self.objects:
+        for k in self._own():
             out[k[0]] = out.get(k[0], 0) + 1
         return out
 
 
-def value_digest(value: Message) -> str:
-    """Deterministic content hash of one object's value (used by the merge's tie-break)."""
-    return hashlib.sha256(value.SerializeToString(deterministic=True)).hexdigest()
+def value_digest(value: Message | bytes) -> str:
+    """Deterministic content hash of one object's value, a message or its canonical bytes (used by the
+    merge's tie-break)."""
+    return hashlib.sha256(value if isinstance(value, bytes) else encode_value(value)).hexdigest()
 
 
 # --- listener helpers ----------------------------------------------------------------------------------
@@ -345,12 +405,42 @@ _ADD_REQUEST_OF_KIND: dict[str, str] = {
 }
 
 
-def add_request(key: ObjKey, value: Message) -> pb.Request:
-    """The request that creates the object ``key`` with ``value`` (a copy of ``value``)."""
-    field_name = LISTENER_ADD_REQUEST[key[1]] if key[0] == "listener" else _ADD_REQUEST_OF_KIND[key[0]]
+def add_request(key: ObjKey, value: Message | bytes) -> pb.Request:
+    """The request that creates the object ``key`` with ``value`` (a message, copied, or its canonical
+    bytes)."""
+    if isinstance(value, bytes):
+        return pb.Request.FromString(add_request_bytes(key, value))
     req = pb.Request()
-    getattr(req, field_name).CopyFrom(value)
+    getattr(req, add_request_field(key)).CopyFrom(value)
     return req
+
+
+def add_request_field(key: ObjKey) -> str:
+    """The field of ``Request`` that adds the object ``key``."""
+    return LISTENER_ADD_REQUEST[key[1]] if key[0] == "listener" else _ADD_REQUEST_OF_KIND[key[0]]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# The tag of each add request's field in ``Request`` (wire type 2: a message).
+_ADD_TAG: dict[str, bytes] = {
+    f.name: _varint(f.number << 3 | 2)
+    for f in pb.Request.DESCRIPTOR.fields
+    if f.name in {*LISTENER_ADD_REQUEST.values(), *_ADD_REQUEST_OF_KIND.values()}
+}
+
+
+def add_request_bytes(key: ObjKey, raw: bytes) -> bytes:
+    """The deterministic encoding of :func:`add_request` for canonical value bytes ``raw``, without
+    building a message (a request holding one message field is its tag, its length and its bytes)."""
+    return _ADD_TAG[add_request_field(key)] + _varint(len(raw)) + raw
 
 
 def object_address(key: ObjKey) -> str | None:
@@ -395,7 +485,7 @@ def copy_message(value: Message) -> Message:
 # --- sozu main-state semantics ---------------------------------------------------------------------------
 
 
-def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> None:
+def apply_request(state: ConfigState, req: pb.Request) -> None:
     """Apply one configuration request to ``state`` the way sozu's main process does (§3.3, §7.2).
 
     Raises :class:`~sozud.errors.StateError` with sozu-like text when sozu's main state would refuse it
@@ -403,32 +493,28 @@ def apply_request(state: ConfigState, req: pb.Request, *, copy: bool = True) -> 
     runtime-only requests). ``state`` is unchanged on error. Known simplifications: ``add_certificate``
     with empty ``names`` stores the names as sent (1.x/2.x derive them from the certificate in an
     unspecified order), and ``replace_certificate`` on an address that has no certificate left is
-    refused (sozu keeps an empty per-address table once an address has had one).
-
-    ``copy=False`` lets the state keep the request's messages instead of copies (the caller must not
-    use ``req`` afterwards; the state-file reader does this).
+    refused (sozu keeps an empty per-address table once an address has had one). The state stores
+    what it is given as bytes: ``req`` stays the caller's.
     """
-    own = copy_message if copy else _same
     kind = req.WhichOneof("request_type")
     if kind is None:
         raise StateError("empty request (no request_type)")
     handler = _HANDLERS.get(kind)
     if handler is None:
         raise StateError(f"{kind} is not a configuration request (sozu's state cannot hold it)")
-    handler(state, kind, getattr(req, kind), own)
+    handler(state, kind, getattr(req, kind))
 
 
 Objects: TypeAlias = ConfigState
-_Own: TypeAlias = Callable[[Message], Message]
 
 
-def _listener_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _listener_request(objects: Objects, kind: str, value: Any) -> None:
     if kind.startswith("add_"):
         lkind = kind[len("add_") : -len("_listener")]
         key = listener_key(lkind, value)
         if key in objects:
             raise StateError(f"{_LISTENER_NAME[lkind]} '{key[2]}' already exists")
-        objects[key] = own(value)
+        objects[key] = value
         return
     if kind.startswith("update_"):
         lkind = kind[len("update_") : -len("_listener")]
@@ -448,14 +534,14 @@ def _listener_request(objects: Objects, kind: str, value: Any, own: _Own) -> Non
     if kind.startswith("update_"):
         objects[key] = _patched_listener(objects[key], value)
         return
-    new = copy_message(objects[key])
+    new = objects[key]  # a message of its own (ConfigState decodes a new one per read)
     setattr(new, "active", kind == "activate_listener")  # noqa: B010 - every listener config has it
     objects[key] = new
 
 
-def _cluster_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _cluster_request(objects: Objects, kind: str, value: Any) -> None:
     if kind == "add_cluster":
-        objects[("cluster", value.cluster_id)] = own(value)
+        objects[("cluster", value.cluster_id)] = value
         return
     cid = value.cluster_id if kind == "set_health_check" else value
     ckey = ("cluster", cid)
@@ -464,7 +550,7 @@ def _cluster_request(objects: Objects, kind: str, value: Any, own: _Own) -> None
     if kind == "remove_cluster":
         del objects[ckey]
         return
-    cluster = copy_message(objects[ckey])
+    cluster = objects[ckey]
     assert isinstance(cluster, pb.Cluster)
     if kind == "set_health_check":
         cluster.health_check.CopyFrom(value.config)
@@ -473,28 +559,28 @@ def _cluster_request(objects: Objects, kind: str, value: Any, own: _Own) -> None
     objects[ckey] = cluster
 
 
-def _http_frontend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _http_frontend_request(objects: Objects, kind: str, value: Any) -> None:
     hkind = "http_frontend" if "https" not in kind else "https_frontend"
     key = (hkind, route_key(value))
     name = "HttpFrontend" if hkind == "http_frontend" else "HttpsFrontend"
     if kind.startswith("add_"):
         if key in objects:
             raise StateError(f"{name} '{key[1]}' already exists")
-        objects[key] = own(value)
+        objects[key] = value
         return
     if key not in objects:
         raise StateError(f"Did not find {name} with address or id '{key[1]}'")
     del objects[key]
 
 
-def _l4_frontend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _l4_frontend_request(objects: Objects, kind: str, value: Any) -> None:
     fkind: Kind = "tcp_frontend" if "tcp" in kind else "udp_frontend"
     name = "TcpFrontend" if fkind == "tcp_frontend" else "UdpFrontend"
     if kind.startswith("add_"):
         key = key_of(fkind, value)
         if key in objects:
             raise StateError(f"{name} already exists")
-        objects[key] = own(value)
+        objects[key] = value
         return
     addr = address_text(value.address)
     same_cluster = [k for k in objects if k[0] == fkind and k[1] == value.cluster_id]
@@ -507,10 +593,9 @@ def _l4_frontend_request(objects: Objects, kind: str, value: Any, own: _Own) -> 
         del objects[k]
 
 
-def _backend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _backend_request(objects: Objects, kind: str, value: Any) -> None:
     if kind == "add_backend":
-        new = own(value)
-        objects[key_of("backend", new)] = new
+        objects[key_of("backend", value)] = value
         return
     key = ("backend", value.cluster_id, value.backend_id, address_text(value.address))
     if key not in objects:
@@ -518,14 +603,14 @@ def _backend_request(objects: Objects, kind: str, value: Any, own: _Own) -> None
     del objects[key]
 
 
-def _certificate_request(objects: Objects, kind: str, value: Any, own: _Own) -> None:
+def _certificate_request(objects: Objects, kind: str, value: Any) -> None:
     if kind == "add_certificate":
         try:
             key = key_of("certificate", value)
         except ValueError as e:
             raise StateError(f"Could not add certificate: {e}") from None
         if key not in objects:
-            new = own(value)
+            new = copy_message(value)
             new.ClearField("expired_at")
             objects[key] = new
         return
@@ -544,7 +629,7 @@ def _certificate_request(objects: Objects, kind: str, value: Any, own: _Own) -> 
     objects[("certificate", addr, new_fp)] = pb.AddCertificate(address=value.address, certificate=value.new_certificate)
 
 
-_Handler: TypeAlias = Callable[[Objects, str, Any, _Own], None]
+_Handler: TypeAlias = Callable[[Objects, str, Any], None]
 _HANDLERS: dict[str, _Handler] = {
     **dict.fromkeys(
         ("add_http_listener", "add_https_listener", "add_tcp_listener", "add_udp_listener"), _listener_request
@@ -564,16 +649,13 @@ _HANDLERS: dict[str, _Handler] = {
 }
 
 
-def _same(value: Message) -> Message:
-    return value
-
-
 _LISTENER_NAME = {"http": "HttpListener", "https": "HttpsListener", "tcp": "TcpListener", "udp": "UdpListener"}
 
 
 def _patched_listener(current: Message, patch: Message) -> Message:
-    """sozu's in-place listener patch: every field set in ``patch`` overwrites the stored one."""
-    new = copy_message(current)
+    """sozu's in-place listener patch: every field set in ``patch`` overwrites the stored one (``current``
+    is changed and returned)."""
+    new = current
     for fd, val in patch.ListFields():
         name = fd.name
         if name == "address":

@@ -21,12 +21,11 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
-
 from sozud.errors import StateError
 from sozud.layout import SharedData
 from sozud.state.codec import MAX_STATE_BYTES, RecordCache, parse_state_file
 from sozud.state.model import ConfigState, ObjKey
+from sozud.state.records import digest16
 from sozud.versions import SozuVersion
 
 __all__ = ["PartsParse", "PartsParser"]
@@ -45,12 +44,13 @@ class PartsParse:
 class _Part:
     id: str
     keys: frozenset[ObjKey]
-    # each record's body (its bytes without the record id) -> the key of the object it adds; for a part
-    # after the first of several (where every record adds one object), else None. A later parse updates it
-    # in place (see PartsParser._incremental), once the whole parse has succeeded.
+    # the digest of each record's body (its bytes without the record id: :func:`_digest`) -> the key of the
+    # object it adds; for a part after the first of several (where every record adds one object), else
+    # None. A later parse updates it in place (see PartsParser._incremental), once the whole parse has
+    # succeeded. Digests, not bodies: the part's bytes are kept already (``raw``).
     bodies: dict[bytes, ObjKey] | None = None
     raw: bytes = b""  # the part's bytes, when ``bodies`` is kept
-    order: list[bytes] | None = None  # the bodies in record order, when ``bodies`` is kept
+    order: list[bytes] | None = None  # the bodies' digests in record order, when ``bodies`` is kept
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ class _RecordDiff:
     """What changed between two versions of a part, record by record (bodies, not record ids)."""
 
     added: list[bytes]  # the new part's bodies that the old one did not hold, in record order
-    gone: list[bytes]  # the old part's bodies that the new one does not hold
-    order: list[bytes]  # the new part's bodies in record order
+    added_ids: list[bytes]  # their digests
+    gone: list[bytes]  # the digests of the old part's bodies that the new one does not hold
+    order: list[bytes]  # the digests of the new part's bodies in record order
 
 
 # A record's id right after a NUL (records are NUL-terminated; a JSON string holds no NUL and no unescaped
@@ -78,16 +79,23 @@ def _bodies(part: bytes) -> list[bytes] | None:
     return bodies
 
 
+def _digest(body: bytes) -> bytes:
+    """What a part keeps of a record's body (128 bits: two bodies with one digest are taken as equal)."""
+    return digest16(body)
+
+
 def _diff_all(raw: bytes, old: dict[bytes, ObjKey]) -> _RecordDiff | None:
     """The new part ``raw`` against the old part's bodies, every record compared (O(part)); None when a
     record is there twice or the last one is not NUL-terminated."""
     bodies = _bodies(raw)
     if bodies is None:
         return None
-    present = set(bodies)
-    if len(present) != len(bodies):
+    ids = [_digest(b) for b in bodies]
+    present = set(ids)
+    if len(present) != len(ids):
         return None  # a record twice: only the records' order tells what the second does
-    return _RecordDiff([b for b in bodies if b not in old], [b for b in old.keys() - present], bodies)
+    added = [(b, d) for b, d in zip(bodies, ids, strict=True) if d not in old]
+    return _RecordDiff([b for b, _ in added], [d for _, d in added], [d for d in old.keys() - present], ids)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -119,8 +127,9 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
 
 
 def _record_at(raw: bytes, start: int, order: list[bytes]) -> int | None:
-    """The position in ``order`` (the bodies of ``raw``'s records, in order) of the record that starts at
-    ``start``, known from its id and checked against its body (bodies are unique); None when unsure."""
+    """The position in ``order`` (the digests of ``raw``'s record bodies, in order) of the record that starts
+    at ``start``, known from its id and checked against its body's digest (bodies are unique); None when
+    unsure."""
     if start == len(raw):
         return len(order)
     m = _SAVE_ID.match(raw, start)
@@ -128,9 +137,7 @@ def _record_at(raw: bytes, start: int, order: list[bytes]) -> int | None:
     if m is None or end < 0:
         return None
     n = int(m[1])
-    if n >= len(order) or len(order[n]) != end - m.end() + 1:
-        return None
-    if not order[n].startswith(b"{") or not raw.startswith(memoryview(order[n])[1:], m.end()):
+    if n >= len(order) or order[n] != _digest(b"{" + raw[m.end() : end]):
         return None
     return n
 
@@ -162,9 +169,10 @@ def _diff_narrow(old_raw: bytes, order: list[bytes], old: dict[bytes, ObjKey], r
     first, last = _record_at(old_raw, start, order), _record_at(old_raw, old_end, order)
     if first is None or last is None or first > last:
         return None
-    middle = _bodies(raw[start:new_end])
-    if middle is None:
+    bodies = _bodies(raw[start:new_end])
+    if bodies is None:
         return None
+    middle = [_digest(b) for b in bodies]
     # the common tail of the bodies between (every one of them, when records were renumbered)
     old_middle = order[first:last]
     same = list(map(operator.eq, reversed(old_middle), reversed(middle)))
@@ -173,11 +181,12 @@ def _diff_narrow(old_raw: bytes, order: list[bytes], old: dict[bytes, ObjKey], r
     old_set, new_set = set(old_changed), set(new_changed)
     if len(new_set) != len(new_changed):
         return None  # a record twice
-    added = [b for b in new_changed if b not in old_set]
-    if any(b in old for b in added):
+    added = [(b, d) for b, d in zip(bodies[: len(new_changed)], new_changed, strict=True) if d not in old_set]
+    if any(d in old for _, d in added):
         return None  # a record twice: also before or after the change
     new_order = order[:first] + middle + order[last:]
-    return _RecordDiff(added, [b for b in old_changed if b not in new_set], new_order)
+    gone = [d for d in old_changed if d not in new_set]
+    return _RecordDiff([b for b, _ in added], [d for _, d in added], gone, new_order)
 
 
 def _nothing() -> None:
@@ -253,7 +262,7 @@ class PartsParser:
     ) -> PartsParse | None:
         state = prev.shallow_copy()
         parsed: list[tuple[int, ConfigState]] = []
-        removed: dict[ObjKey, Message] = {}
+        removed: dict[ObjKey, bytes] = {}
         parts = list(self._parts)
         commits: list[Callable[[], None]] = []
         for i in changed:  # every part's removals first: a record may move from one part to another
@@ -264,12 +273,14 @@ class PartsParser:
             parsed.append((i, part))
             commits.append(commit)
             for k in gone:
-                removed[k] = state.pop(k)
+                raw = state.pop_raw(k)
+                assert raw is not None, k
+                removed[k] = raw
         dirty: set[ObjKey] = set()
         for i, part in parsed:
             old_keys = self._parts[i].keys
-            for k, v in part.objects.items():
-                old = state.get(k)
+            for k, v in part.raw_items():
+                old = state.raw(k)
                 if old is None:
                     old = removed.pop(k, None)
                     if old is None or (old is not v and old != v):
@@ -278,7 +289,7 @@ class PartsParser:
                     return None  # another part holds it too: the records' order decides which value stays
                 elif old is not v and old != v:
                     dirty.add(k)
-                state.put(k, v)
+                state.put_raw(k, v)
         dirty.update(removed)
         for commit in commits:
             commit()
@@ -299,7 +310,7 @@ class PartsParser:
             if part is None:
                 return None
             kept = self._kept(pid, raw, part, i, len(data.parts))
-            return part, old.keys - part.objects.keys(), kept, _nothing
+            return part, old.keys - part.keys(), kept, _nothing
         bodies = old.bodies
         diff = _diff_narrow(old.raw, old.order, bodies, raw) or _diff_all(raw, bodies)
         if diff is None:
@@ -313,41 +324,43 @@ class PartsParser:
         if len(new) != len(diff.added):
             return None
         gone = [bodies[b] for b in diff.gone]
-        keys = (old.keys - frozenset(gone)) | new.objects.keys()
+        keys = (old.keys - frozenset(gone)) | new.keys()
 
         def commit() -> None:
             for b in diff.gone:
                 del bodies[b]
-            bodies.update(zip(diff.added, new.objects, strict=True))
+            bodies.update(zip(diff.added_ids, new, strict=True))
 
         return new, gone, _Part(pid, keys, bodies, raw, diff.order), commit
 
     def _kept(self, pid: str, raw: bytes, part: ConfigState, i: int, count: int) -> _Part:
         """What to keep of part ``i``: its keys, and its records' bodies when every record adds one object."""
         if i == 0 or count == 1:
-            return _Part(pid, frozenset(part.objects))
+            return _Part(pid, frozenset(part))
         bodies = _bodies(raw)
         if bodies is None or len(bodies) != len(part):
-            return _Part(pid, frozenset(part.objects))
-        return _Part(pid, frozenset(part.objects), dict(zip(bodies, part.objects, strict=True)), raw, bodies)
+            return _Part(pid, frozenset(part))
+        ids = [_digest(b) for b in bodies]
+        return _Part(pid, frozenset(part), dict(zip(ids, part, strict=True)), raw, ids)
 
     def _full(self, data: SharedData, version: SozuVersion, source: str) -> PartsParse:
         self.full_parses += 1
         self._parts, self._state = [], None
         if len(data.parts) == 1:
             whole = parse_state_file(data.parts[0][1], version, source=source, cache=self._cache(0))
-            self._parts, self._state = [_Part(data.parts[0][0], frozenset(whole.objects))], whole
+            self._parts, self._state = [_Part(data.parts[0][0], frozenset(whole))], whole
             return PartsParse(whole, None, None)
-        state = ConfigState(version)
+        objects: dict[ObjKey, bytes] = {}
         parts: list[_Part] = []
         if sum(len(d) for _, d in data.parts) <= self.max_state_bytes:
             for i, (pid, _) in enumerate(data.parts):
                 part = self._parse_part(data, i, version, source)
-                if part is None or any(k in state.objects for k in part.objects):
+                if part is None or any(k in objects for k in part):
                     break
-                state.objects.update(part.objects)
+                objects.update(part.raw_items())
                 parts.append(self._kept(pid, data.parts[i][1], part, i, len(data.parts)))
             else:
+                state = ConfigState.from_raw(version, objects)
                 self._parts, self._state = parts, state
                 return PartsParse(state, None, None)
         # parts that cannot be taken one by one: the assembled file (errors are raised from here)

@@ -90,8 +90,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
-
 from sozud import serde
 from sozud.errors import StateError, UnsafePlanError, VersionMismatchError
 from sozud.state.model import ConfigState, ObjKey, describe
@@ -118,12 +116,12 @@ class StateDiff:
 
 
 def diff(a: ConfigState, b: ConfigState) -> StateDiff:
-    """Object-level difference between two states (values compared as messages)."""
-    ao, bo = a.objects, b.objects
+    """Object-level difference between two states (values compared by their canonical bytes)."""
+    ao, bo = a.raw_map(), b.raw_map()
     return StateDiff(
         added=sorted(k for k in bo if k not in ao),
         removed=sorted(k for k in ao if k not in bo),
-        changed=sorted(k for k, v in ao.items() if k in bo and bo[k] != v),
+        changed=sorted(k for k, v in ao.items() if bo.get(k, v) != v),
     )
 
 
@@ -176,15 +174,14 @@ def plan(
 
 def overlay(live: ConfigState, desired: ConfigState, scope: Collection[ObjKey]) -> ConfigState:
     """``desired'`` of a scoped plan: ``live`` with the keys of ``scope`` as in ``desired`` (a full copy)."""
-    objects = dict(live.objects)
-    want = desired
+    objects = dict(live.raw_items())
     for k in scope:
-        v = want.get(k)
+        v = desired.raw(k)
         if v is None:
             objects.pop(k, None)
         else:
             objects[k] = v
-    return ConfigState(desired.version, objects)
+    return ConfigState.from_raw(desired.version, objects)
 
 
 def _scoped_states(
@@ -194,13 +191,12 @@ def _scoped_states(
     planned in full (module docstring, "Scope")."""
     if len(scope) > SCOPE_MAX_SHARE * len(live):
         return None
-    have_all, want_all = live, desired  # point reads: the scope is small
-    sub_live: dict[ObjKey, Message] = {}
-    sub_desired: dict[ObjKey, Message] = {}
+    sub_live: dict[ObjKey, bytes] = {}
+    sub_desired: dict[ObjKey, bytes] = {}
     removed_backends: set[tuple[str, str]] = set()  # (cluster_id, address) of the backends removed
     for k in scope:
-        have, want = have_all.get(k), want_all.get(k)
-        if _same_value(have, want):
+        have, want = live.raw(k), desired.raw(k)  # point reads: the scope is small
+        if have == want:
             continue  # desired' holds live's value: nothing to plan (a sibling below if need be)
         if k[0] in _UNSCOPED_KINDS:
             return None
@@ -212,18 +208,11 @@ def _scoped_states(
             removed_backends.add((k[1], k[3]))
     if removed_backends:
         # workers remove backends by (cluster_id, address): the builder re-adds the ones kept there
-        for k, v in have_all.items():
+        for k, v in live.raw_items():
             if k[0] == "backend" and (k[1], k[3]) in removed_backends and k not in sub_live:
                 sub_live[k] = v
                 sub_desired[k] = v  # outside the scope: desired' keeps live's value
-    return ConfigState(live.version, sub_live), ConfigState(desired.version, sub_desired)
-
-
-def _same_value(a: Message | None, b: Message | None) -> bool:
-    """Both absent, or equal messages."""
-    if a is None or b is None:
-        return a is b
-    return a == b
+    return ConfigState.from_raw(live.version, sub_live), ConfigState.from_raw(desired.version, sub_desired)
 
 
 @dataclass(frozen=True)

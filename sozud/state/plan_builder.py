@@ -6,6 +6,7 @@ can be sent as ``update_*_listener`` instead of a rebuild).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.message import Message
@@ -21,6 +22,7 @@ from sozud.state.model import (
     ObjKey,
     add_request,
     apply_request,
+    decode_value,
     describe,
     object_address,
 )
@@ -42,8 +44,8 @@ class StepBuilder:
 
     def __init__(self, live: ConfigState, desired: ConfigState) -> None:
         self.version = live.version
-        self.work = ConfigState(live.version, dict(live.objects))
-        self.desired = desired.objects
+        self.work = ConfigState.from_raw(live.version, dict(live.raw_map()))
+        self.desired = desired.raw_map()  # key -> canonical bytes: compared as bytes, decoded to be sent
         self.steps: list[PlanStep] = []
 
     # -- emitting
@@ -57,7 +59,7 @@ class StepBuilder:
         summary = f"{kind} {describe(key)}" + (f" ({note})" if note else "")
         self.steps.append(PlanStep(request=req, action=action, key=key, summary=summary))
 
-    def keys(self, kind: str, where: dict[ObjKey, Message]) -> list[ObjKey]:
+    def keys(self, kind: str, where: Mapping[ObjKey, bytes]) -> list[ObjKey]:
         return sorted(k for k in where if k[0] == kind)
 
     # -- phases
@@ -77,20 +79,17 @@ class StepBuilder:
         self.removals(deactivate_later)
 
     def new_listeners(self) -> None:
-        items = [(k, v) for k, v in self.desired.items() if k[0] == "listener" and k not in self.work.objects]
+        items = [(k, decode_value(k, v)) for k, v in self.desired.items() if k[0] == "listener" and k not in self.work]
         for key, value in sorted(items, key=lambda kv: _listener_sort(*kv)):
             self.emit(add_request(key, value), "add", key)
             if getattr(value, "active"):  # noqa: B009
                 self.emit(_activation(key, value, True), "activate", key)
 
     def changed_listeners(self, deactivate_later: list[ObjKey]) -> None:
-        items = [
-            (k, v)
-            for k, v in self.desired.items()
-            if k[0] == "listener" and k in self.work.objects and self.work.objects[k] != v
-        ]
+        work = self.work.raw_map()
+        items = [(k, decode_value(k, v)) for k, v in self.desired.items() if k[0] == "listener" and work.get(k, v) != v]
         for key, want in sorted(items, key=lambda kv: _listener_sort(*kv)):
-            have = self.work.objects[key]
+            have = self.work[key]
             want_active = bool(getattr(want, "active"))  # noqa: B009
             have_active = bool(getattr(have, "active"))  # noqa: B009
             patch = _listener_patch(self.version, key, have, want)
@@ -112,17 +111,17 @@ class StepBuilder:
         addr = key[2]
         fkind = FRONTEND_KIND_OF_LISTENER[key[1]]
         note = "listener rebuilt"
-        fronts = [k for k in self.work.objects if k[0] == fkind and object_address(k) == addr]
+        fronts = [k for k in self.work if k[0] == fkind and object_address(k) == addr]
         if fkind in ("http_frontend", "https_frontend"):
             for k in sorted(fronts):
-                self.emit(_remove_frontend(k, self.work.objects[k]), "remove", k, note)
+                self.emit(_remove_frontend(k, self.work[k]), "remove", k, note)
         else:
             for cluster in sorted({k[1] for k in fronts}):
                 group = sorted(k for k in fronts if k[1] == cluster)
-                self.emit(_remove_frontend(group[0], self.work.objects[group[0]]), "remove", group[0], note)
+                self.emit(_remove_frontend(group[0], self.work[group[0]]), "remove", group[0], note)
         if key[1] == "https":
-            for k in sorted(k for k in self.work.objects if k[0] == "certificate" and k[1] == addr):
-                self.emit(_remove_certificate(k, self.work.objects[k]), "remove", k, note)
+            for k in sorted(k for k in self.work if k[0] == "certificate" and k[1] == addr):
+                self.emit(_remove_certificate(k, self.work[k]), "remove", k, note)
         if getattr(have, "active"):  # noqa: B009
             self.emit(_activation(key, have, False), "deactivate", key, note)
         self.emit(_remove_listener(key, have), "remove", key, note)
@@ -134,7 +133,7 @@ class StepBuilder:
         """New objects of ``kind`` are added; changed ones are sent again (an upsert) or, ``remove_first``
         (HTTP/HTTPS frontends: what changes is not part of sozu's route key), removed with their stored
         values then added."""
-        work = self.work.objects  # the working copy's own mapping (never shared): emit() writes to it
+        work = self.work.raw_map()  # the working copy's own mapping (never shared): emit() writes to it
         for key in self.keys(kind, self.desired):
             want = self.desired[key]
             have = work.get(key)
@@ -143,30 +142,32 @@ class StepBuilder:
             elif have != want and not remove_first:
                 self.emit(add_request(key, want), "update", key)
             elif have != want:
-                self.emit(_remove_frontend(key, have), "remove", key, "changed: remove then add")
+                self.emit(_remove_frontend(key, decode_value(key, have)), "remove", key, "changed: remove then add")
                 self.emit(add_request(key, want), "add", key, "changed")
 
     def certificates(self) -> None:
-        work, desired = self.work.objects, self.desired
+        work, desired = self.work.raw_map(), self.desired
         to_add = [k for k in self.keys("certificate", desired) if k not in work]
         to_remove = [k for k in self.keys("certificate", work) if k not in desired]
         # renewals: same address and names, new fingerprint -> one replace_certificate
         olds: dict[tuple[str, tuple[str, ...]], list[ObjKey]] = {}
         for k in to_remove:
-            olds.setdefault((k[1], _names(work[k])), []).append(k)
+            olds.setdefault((k[1], _names(decode_value(k, work[k]))), []).append(k)
         for k in to_add:
-            group = olds.get((k[1], _names(desired[k])))
+            want = decode_value(k, desired[k])
+            group = olds.get((k[1], _names(want)))
             if group:
                 old = group.pop(0)
-                self.emit(_replace_certificate(k, desired[k], old[2]), "replace", k, f"renews sha256:{old[2][:16]}")
+                self.emit(_replace_certificate(k, want, old[2]), "replace", k, f"renews sha256:{old[2][:16]}")
             else:
                 self.emit(add_request(k, desired[k]), "add", k)
         for k in self.keys("certificate", desired):
             if k in work and work[k] != desired[k]:
-                self.emit(_replace_certificate(k, desired[k], k[2]), "replace", k, "same fingerprint, new metadata")
+                want = decode_value(k, desired[k])
+                self.emit(_replace_certificate(k, want, k[2]), "replace", k, "same fingerprint, new metadata")
 
     def l4_frontends(self, kind: str) -> None:
-        work, desired = self.work.objects, self.desired
+        work, desired = self.work.raw_map(), self.desired
         groups: dict[tuple[str, str], tuple[list[ObjKey], list[ObjKey]]] = {}
         for k in work:
             if k[0] == kind:
@@ -178,7 +179,9 @@ class StepBuilder:
             going = [k for k in have if k not in desired]
             if going and want:
                 doomed = sorted(going)[0]
-                self.emit(_remove_frontend(doomed, work[doomed]), "remove", doomed, "clears its (cluster, address)")
+                self.emit(
+                    _remove_frontend(doomed, self.work[doomed]), "remove", doomed, "clears its (cluster, address)"
+                )
                 for k in want:  # desired insertion order
                     note = "" if k not in have else "kept: re-added after the group's removal"
                     self.emit(add_request(k, desired[k]), "add", k, note)
@@ -189,40 +192,40 @@ class StepBuilder:
             # going and not want: a pure removal, done in the removal phase
 
     def removals(self, deactivate_later: list[ObjKey]) -> None:
-        work, desired = self.work.objects, self.desired
+        work, desired = self.work.raw_map(), self.desired
         for kind in ("http_frontend", "https_frontend"):
             for k in [k for k in self.keys(kind, work) if k not in desired]:
-                self.emit(_remove_frontend(k, work[k]), "remove", k)
+                self.emit(_remove_frontend(k, self.work[k]), "remove", k)
         for kind in ("tcp_frontend", "udp_frontend"):
             seen: set[tuple[str, str]] = set()
             for k in [k for k in self.keys(kind, work) if k not in desired]:
                 if (k[1], k[2]) not in seen:
                     seen.add((k[1], k[2]))
-                    self.emit(_remove_frontend(k, work[k]), "remove", k)
+                    self.emit(_remove_frontend(k, self.work[k]), "remove", k)
         readd: set[ObjKey] = set()
         by_address: dict[tuple[str, str], list[ObjKey]] = {}
         for k in work:
             if k[0] == "backend" and k in desired:
                 by_address.setdefault((k[1], k[3]), []).append(k)
         for k in [k for k in self.keys("backend", work) if k not in desired]:
-            self.emit(_remove_backend(k, work[k]), "remove", k)
+            self.emit(_remove_backend(k, self.work[k]), "remove", k)
             readd.update(by_address.get((k[1], k[3]), ()))
         for k in sorted(readd):
-            if k in self.work.objects:
+            if k in work:
                 self.emit(add_request(k, desired[k]), "add", k, "re-added: workers remove backends by address")
         for k in [k for k in self.keys("certificate", work) if k not in desired]:
-            self.emit(_remove_certificate(k, work[k]), "remove", k)
+            self.emit(_remove_certificate(k, self.work[k]), "remove", k)
         for k in [k for k in self.keys("cluster", work) if k not in desired]:
             req = pb.Request()
             req.remove_cluster = k[1]
             self.emit(req, "remove", k)
-        gone = [(k, v) for k, v in work.items() if k[0] == "listener" and k not in desired]
+        gone = [(k, decode_value(k, v)) for k, v in work.items() if k[0] == "listener" and k not in desired]
         for k, v in sorted(gone, key=lambda kv: _listener_sort(*kv)):
             if getattr(v, "active"):  # noqa: B009
                 self.emit(_activation(k, v, False), "deactivate", k)
             self.emit(_remove_listener(k, v), "remove", k)
         for k in deactivate_later:
-            self.emit(_activation(k, self.work.objects[k], False), "deactivate", k)
+            self.emit(_activation(k, self.work[k], False), "deactivate", k)
 
 
 # --- request builders ------------------------------------------------------------------------------------

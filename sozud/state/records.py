@@ -6,22 +6,15 @@ cache=)``); one cache per source (the shared key, sozu's SaveState output, the b
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Callable
 from typing import NamedTuple
 
-from google.protobuf.message import Message
-
 from sozud.proto import command_pb2 as pb
-from sozud.state.model import ObjKey
+from sozud.state.model import ConfigState, ObjKey
 from sozud.versions import SozuVersion
 
 _RECORD_ID = re.compile(rb'^\{"id":"[^"]*",')
-
-# Set by the test suite (tests/conftest.py): every reuse of a cached message checks that nobody modified
-# it in place since it was stored (states share the cache's messages: see ConfigState.shallow_copy).
-CHECK_SHARED_MESSAGES = os.environ.get("SOZUD_CHECK_SHARED_MESSAGES") == "1"
 
 
 class RecordCache:
@@ -30,24 +23,25 @@ class RecordCache:
 
     Parsing: the digest of each record's body (its bytes after ``"id"``: sozud and sozu renumber records)
     maps to what it decoded to (:class:`Seen`); a record that added one object is added again by its key,
-    the very message the last parse stored (states never modify a message in place: see
-    :meth:`~sozud.state.model.ConfigState.shallow_copy`), so successive parses of a source, and the states
-    derived from them, share the messages of the records they have in common.
-    Writing: the digest of each request (deterministic protobuf) maps to its JSON ``content``. Only the
+    with the very bytes the last parse stored, so successive parses of a source, and the states derived
+    from them, share the keys and values of the records they have in common.
+    Writing: each request (an add request by its value's canonical bytes) maps to its JSON ``content``. Only the
     last call's records are kept, so memory follows the state's size. One cache per source: the shared
     key, sozu's SaveState output, the base file.
 
     ``peer``: another source's cache (the live reads' one, for the parts of the shared state). A record this
     cache's last parse did not see but the peer's last parse of the same version did is taken from the
-    peer, so the two sources' states share that message instead of holding one each (messages are never
-    modified in place). The sources' bytes need not match: only records with the same body are shared.
+    peer, so the two sources' states share that key and value instead of holding one each. The sources'
+    bytes need not match: only records with the same body are shared.
     """
 
     def __init__(self, peer: RecordCache | None = None) -> None:
         self.peer = peer
         self.version: SozuVersion | None = None
         self._parsed: dict[bytes, Seen] = {}
-        self._written: dict[bytes, bytes] = {}
+        # add requests by their field then their value's canonical bytes (the states' own objects, whose
+        # hash Python keeps: no key to build), other requests by their encoding (field ""), -> JSON content
+        self._written: dict[str, dict[bytes, bytes]] = {}
         self.decoded = 0  # records decoded from JSON (the others were reused), for tests and benchmarks
         self.encoded = 0
 
@@ -75,19 +69,11 @@ class RecordCache:
 
 class Seen(NamedTuple):
     """A record parsed before: for a record that added one object (every ``add_*``), that object's key and
-    the message the state stored; for any other record, its request (serialized)."""
+    the canonical bytes the state stored; for any other record, its request (serialized)."""
 
     request: bytes = b""
     key: ObjKey | None = None
-    value: Message | None = None
-    wire: bytes = b""  # ``value`` serialized when stored (only with CHECK_SHARED_MESSAGES)
-
-    def reused(self) -> Message:
-        """The stored message, checked unchanged when the test suite asks for it."""
-        assert self.value is not None
-        if CHECK_SHARED_MESSAGES and self.value.SerializeToString(deterministic=True) != self.wire:
-            raise AssertionError(f"a message shared by parsed states was modified in place: {self.key}")
-        return self.value
+    raw: bytes | None = None
 
 
 def digest16(data: bytes) -> bytes:
@@ -99,12 +85,9 @@ def body_digest(raw: bytes) -> bytes:
     return digest16(raw[m.end() :] if m else raw)
 
 
-def seen_after(req: pb.Request, kind: str, objects: dict[ObjKey, Message], *, added: bool) -> Seen:
-    """What the cache keeps of a record just applied to ``objects``."""
-    if not (added and kind.startswith("add_")):
+def seen_after(req: pb.Request, kind: str, state: ConfigState, *, added: ObjKey | None) -> Seen:
+    """What the cache keeps of a record just applied to ``state``: ``added`` is the one object it added,
+    if it added one."""
+    if added is None or not kind.startswith("add_"):
         return Seen(req.SerializeToString(deterministic=True))
-    key = next(reversed(objects))  # the object the request added (dicts keep insertion order)
-    value = objects[key]
-    return Seen(
-        key=key, value=value, wire=value.SerializeToString(deterministic=True) if CHECK_SHARED_MESSAGES else b""
-    )
+    return Seen(key=added, raw=state.raw(added))

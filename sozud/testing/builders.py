@@ -81,7 +81,7 @@ def fleet_state(
 
     state = ConfigState(version or SozuVersion(2, 1, 0))
     lst = http_listener(listener, version=version)
-    state.objects[listener_key("http", lst)] = lst
+    state[listener_key("http", lst)] = lst
     for i in range(clusters):
         cid = f"app-{i:06d}"
         state.add("cluster", cluster(cid))

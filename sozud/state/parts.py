@@ -197,11 +197,11 @@ class PartsParser:
     """Parses parted states from one source, reusing what it made of the parts it saw last time.
 
     The states it returns are never modified afterwards (a new parse builds a new state that shares the
-    unchanged messages): callers may keep them.
+    unchanged values): callers may keep them.
     """
 
     def __init__(self, *, max_state_bytes: int = MAX_STATE_BYTES, peer: RecordCache | None = None) -> None:
-        """``peer``: the live reads' record cache, whose messages the parts' states take for the records it
+        """``peer``: the live reads' record cache, whose values the parts' states take for the records it
         holds (:class:`~sozud.state.records.RecordCache`)."""
         self.max_state_bytes = max_state_bytes
         self.peer = peer

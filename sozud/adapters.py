@@ -115,6 +115,11 @@ class SozuAdapter:
         """The SaveState records of the last live read (:attr:`sozud.sync_model.SozuPort.records`)."""
         return self._records
 
+    @property
+    def sees_all(self) -> bool:
+        """The last live read saw everything (:attr:`sozud.sync_model.SozuPort.sees_all`)."""
+        return self._last_read is None or self._last_read.exact
+
     def hides(self, key: ObjKey, value: Message | bytes) -> bool:
         """Whether the last live read could not have seen ``key`` even if sozu holds it."""
         return self._last_read is not None and self._last_read.hides(key, value)

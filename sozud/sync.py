@@ -317,6 +317,8 @@ class SyncEngine:
     def _with_hidden(self, live: ConfigState, source: ConfigState, keys: Collection[ObjKey] | None) -> ConfigState:
         """``live`` with the objects of ``source`` (among ``keys``; None: all) that the last live read could
         not have seen. A copy when there are any: ``live`` may be the port's cached read, never modified."""
+        if self.sozu.sees_all:
+            return live  # an exact read (SaveState): nothing to look for, whatever the number of keys
         hidden: dict[ObjKey, bytes] = {}
         for k in source if keys is None else keys:
             v = source.raw(k)

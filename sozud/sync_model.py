@@ -58,6 +58,11 @@ class SozuPort(Protocol):
         ...
 
     @property
+    def sees_all(self) -> bool:
+        """True when :meth:`hides` is False for every object (the last live read saw everything)."""
+        ...
+
+    @property
     def records(self) -> RecordCache | None:
         """The record cache of its live reads, if it keeps one: the engine's parses of the shared state take
         the messages of the records it holds from it, so live and shared states share them."""

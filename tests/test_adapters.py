@@ -263,3 +263,17 @@ async def test_a_fresh_read_queries_every_cluster_again_and_a_normal_one_only_wh
     n = len(fake.requests)
     assert await adapter.read_live(fresh=True) == live  # anti-entropy: trusts no hash
     assert cluster_queries(n) == 5
+
+
+async def test_only_an_exact_read_sees_all() -> None:
+    """The engine skips its search for what a read cannot see when the port says it sees all: only a
+    SaveState read may say so; a read by queries cannot see the backends of a removed cluster."""
+    for exact in (True, False):
+        async with _simulated(exact=exact) as (_fake, adapter):
+            await adapter.channel.request(pb.Request(add_backend=build.backend("gone", "b0", "10.0.0.1:80")))
+            live = await adapter.read_live()
+            orphan = ("backend", "gone", "b0", "10.0.0.1:80")
+            assert adapter.sees_all is exact
+            assert (orphan in live) is exact and adapter.hides(
+                orphan, build.backend("gone", "b0", "10.0.0.1:80")
+            ) is not exact

@@ -55,6 +55,10 @@ class MemSozu:
     def hides(self, key: object, value: object) -> bool:
         return False
 
+    @property
+    def sees_all(self) -> bool:
+        return True
+
     async def apply(
         self, desired: ConfigState, *, force: bool, desired_is_complete: bool, scope: object = None
     ) -> ApplyOutcome:
@@ -553,6 +557,10 @@ class SharingSozu(MemSozu):
 
     def hides(self, key: object, value: object) -> bool:
         return isinstance(key, tuple) and key[0] == "cluster" and key[1] in self.hidden
+
+    @property
+    def sees_all(self) -> bool:
+        return not self.hidden
 
 
 async def test_what_a_read_cannot_see_is_added_to_a_copy_of_it_not_to_the_ports_read(tmp_path: Path) -> None:

@@ -169,22 +169,23 @@ def _diff_narrow(old_raw: bytes, order: list[bytes], old: dict[bytes, ObjKey], r
     first, last = _record_at(old_raw, start, order), _record_at(old_raw, old_end, order)
     if first is None or last is None or first > last:
         return None
-    bodies = _bodies(raw[start:new_end])
-    if bodies is None:
+    bodies, old_bodies = _bodies(raw[start:new_end]), _bodies(old_raw[start:old_end])
+    if bodies is None or old_bodies is None or len(old_bodies) != last - first:
         return None
-    middle = [_digest(b) for b in bodies]
-    # the common tail of the bodies between (every one of them, when records were renumbered)
-    old_middle = order[first:last]
-    same = list(map(operator.eq, reversed(old_middle), reversed(middle)))
+    # the common tail of the bodies between (every one of them, when records were renumbered), compared as
+    # bytes: only the bodies before it are digested
+    same = list(map(operator.eq, reversed(old_bodies), reversed(bodies)))
     common = same.index(False) if False in same else len(same)
-    old_changed, new_changed = old_middle[: len(old_middle) - common], middle[: len(middle) - common]
+    old_changed = order[first : last - common]
+    new_bodies = bodies[: len(bodies) - common]
+    new_changed = [_digest(b) for b in new_bodies]
     old_set, new_set = set(old_changed), set(new_changed)
     if len(new_set) != len(new_changed):
         return None  # a record twice
-    added = [(b, d) for b, d in zip(bodies[: len(new_changed)], new_changed, strict=True) if d not in old_set]
+    added = [(b, d) for b, d in zip(new_bodies, new_changed, strict=True) if d not in old_set]
     if any(d in old for _, d in added):
         return None  # a record twice: also before or after the change
-    new_order = order[:first] + middle + order[last:]
+    new_order = order[:first] + new_changed + order[last - common :]
     gone = [d for d in old_changed if d not in new_set]
     return _RecordDiff([b for b, _ in added], [d for _, d in added], gone, new_order)
 

@@ -113,3 +113,17 @@ def test_a_copy_shares_the_mapping_until_a_whole_state_read() -> None:
         assert sorted(copy) == sorted(KEYS[:1] + KEYS[2:])
         assert folds == [len(KEYS) - 1]
         assert copy.digest() == copy.digest() and len(folds) == 1
+
+
+def test_states_with_the_same_keys_and_one_value_apart_differ() -> None:
+    """Equality compares values, not only keys: one weight apart is another state (and another digest)."""
+    state = ConfigState(V2)
+    state.add("backend", build.backend("c", "b0", "10.0.0.1:80"))
+    other = state.shallow_copy()
+    value = other[("backend", "c", "b0", "10.0.0.1:80")]
+    assert isinstance(value, pb.AddBackend)
+    value.load_balancing_parameters.weight = 42
+    assert state == other, "a message read from a state is the reader's copy"
+    other.put(("backend", "c", "b0", "10.0.0.1:80"), value)
+    assert state != other and not state.same_as(other) and state.digest() != other.digest()
+    assert sorted(state) == sorted(other)

@@ -142,6 +142,10 @@ def assemble(shard_files: list[bytes]) -> bytes:
     return _renumber(records)
 
 
+def _file_id(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def encode_shard(data: bytes) -> bytes:
     text = base64.b64encode(zlib.compress(data, 6))
     return b"\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + b"\n"
@@ -221,6 +225,9 @@ class OpenSVCShared:
         self.caveat = ""
         self._shards: dict[str, bytes] = {}  # digest of a fetched, checked stored value -> its shard file
         self._stored: dict[str, str] = {}  # shard key -> digest of the value stored, as last read or written
+        # shard key -> (digest of a shard file, digest of its encoded value) for the files this port last
+        # encoded or decoded: a write whose shard file is that one, while that value is stored, encodes nothing
+        self._encoded: dict[str, tuple[bytes, str]] = {}
         self._plain_meta_digest = ""  # digest of the plain metadata value as last read
         self._last_layout = ""  # "sharded" or "plain": which layout the last read took the state from
         self._torn: tuple[tuple[str, ...], float] | None = None
@@ -287,6 +294,7 @@ class OpenSVCShared:
                     source = f"{self._source(self.key)} ({ref.key})"
                     cached = decode_shard(value, source=source, max_bytes=self.max_state_bytes)
                     self._shards[actual] = cached
+                    self._encoded[ref.key] = (_file_id(cached), actual)
                 if actual != ref.digest:
                     torn.append(ref.key)
             stored[ref.key] = actual
@@ -329,8 +337,15 @@ class OpenSVCShared:
         previous = len(self._stored)  # 0 after a plain read or before any
         count = shard_count(state.count(b"\0"), previous)
         for i, data in enumerate(iter_shards(state, count)):
+            key, file_id = f"{self.key}.s{i:02d}", _file_id(data)
+            known = self._encoded.get(key)
+            if known is not None and known[0] == file_id and self._stored.get(key) == known[1]:
+                # the very file whose encoding is stored: nothing to compress, nothing to send
+                refs.append(ShardRef(key=key, digest=known[1], records=data.count(b"\0")))
+                continue
             value = encode_shard(data)
-            ref = ShardRef(key=f"{self.key}.s{i:02d}", digest=digest(value), records=data.count(b"\0"))
+            ref = ShardRef(key=key, digest=digest(value), records=data.count(b"\0"))
+            self._encoded[key] = (file_id, ref.digest)
             if self._stored.get(ref.key) != ref.digest:
                 await self.client.put_key(self.obj, ref.key, value)
                 self.bytes_written += len(value)
@@ -352,6 +367,7 @@ class OpenSVCShared:
                 await self.client.put_key(self.obj, key, empty)
                 self.bytes_written += len(empty)
                 del self._stored[key]
+                self._encoded.pop(key, None)
         if previous and previous != count:
             self.log.info("shared.resharded", shards=count, previous_shards=previous, blanked=len(stale))
         if self._last_layout == "plain":

@@ -105,6 +105,42 @@ async def test_write_then_read_and_only_changed_shards_are_rewritten() -> None:
     assert len(gets) <= 4
 
 
+async def test_a_write_compresses_only_the_shards_that_are_not_stored_as_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A push after a small change compresses the changed shards, not all of them; a shard whose stored
+    value another writer replaced is compressed and sent again, whatever this port wrote before."""
+    transport = MemoryTransport(carries_text=True)
+    transport.create_object(OBJ)
+    port, other = _port(transport), _port(transport)
+    encoded: list[bytes] = []
+    real = sozud.layout.encode_shard
+
+    def counting(data: bytes) -> bytes:
+        encoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(sozud.layout, "encode_shard", counting)
+    one, two = _generated(300), _generated(300, weight=7)
+    await port.write(one, b'{"generation":1}\n')
+    assert len(encoded) == SHARDS
+    await _read(port)  # the port now holds the stored shards it fetched
+    encoded.clear()
+    await port.write(two, b'{"generation":2}\n')
+    assert 1 <= len(encoded) <= 2, "the shards left as they were are not compressed again"
+    changed = len(encoded)
+    # another node writes the first state back; this port reads it (from the shards it holds, fetching
+    # nothing), then writes its own state again: the shards it last encoded are no longer the stored ones
+    await other.write(one, b'{"generation":3}\n')
+    await _read(port)
+    encoded.clear()
+    first = len(transport.writes)
+    await port.write(two, b'{"generation":4}\n')
+    assert len(encoded) == changed and len(transport.writes) - first == changed + 1
+    state, _ = await _read(_port(transport))
+    assert parse_state_file(state or b"", source="read") == parse_state_file(two, source="written")
+
+
 def test_the_shard_count_keeps_shards_small_and_does_not_flap_at_a_boundary() -> None:
     for records in [0, 1, 1000, 40_000, 200_001, 3_000_000, 10**9]:
         count = shard_count(records)

@@ -52,9 +52,9 @@ MAX_SHARDS = 1024
 RECORDS_PER_SHARD = 2048
 LAYOUT_FORMAT = 2
 _ID = re.compile(rb'^\{"id":"[^"]*",')
-# matched at a record's offset in a whole file (``^`` would match at the file's start only)
-_ID_AT = re.compile(rb'\{"id":"[^"]*",')
-_LISTENER_AT = re.compile(rb'\{"id":"[^"]*","content":\{"request_type":\{"[A-Z_]*LISTENER"')
+# One record of a whole file, up to its NUL: group 1 its id, when it starts with one (then group 2 tells a
+# listener record); an id never runs past the record's NUL.
+_RECORD_AT = re.compile(rb'(?:(\{"id":"[^"\0]*",)("content":\{"request_type":\{"[A-Z_]*LISTENER")?)?[^\0]*\0')
 
 
 class KeyStore(Protocol):
@@ -100,27 +100,23 @@ def iter_shards(data: bytes, shards: int = SHARDS) -> Iterator[bytes]:
     """:func:`split_state` one shard at a time: records are placed by their offsets in ``data``, and a
     shard's file is built when its turn comes, so that one shard's bytes are alive at a time beside
     ``data`` (not a second copy of the whole state)."""
-    places = [array("q") for _ in range(shards)]  # (start, end) of each record, per shard
+    places = [array("q") for _ in range(shards)]  # per shard: (start, body start, end) of each record
     view = memoryview(data)
-    start = 0
-    while (end := data.find(b"\0", start)) >= 0:
-        if _LISTENER_AT.match(data, start, end):
-            index = 0
+    for m in _RECORD_AT.finditer(data, 0, data.rfind(b"\0") + 1):  # bytes after the last NUL: no record
+        start, end = m.start(), m.end() - 1  # end: the record's NUL
+        body = m.end(1) if m.start(1) >= 0 else start
+        if m.start(2) >= 0:
+            index = 0  # a listener record
         else:
-            m = _ID_AT.match(data, start, end)
-            body = view[m.end() if m else start : end]
-            index = int.from_bytes(hashlib.blake2b(body, digest_size=4).digest(), "big") % shards
-        places[index].extend((start, end))
-        start = end + 1
+            index = int.from_bytes(hashlib.blake2b(view[body:end], digest_size=4).digest(), "big") % shards
+        places[index].extend((start, body, end))
     for offsets in places:
         pieces: list[bytes | memoryview] = []
-        for n in range(0, len(offsets), 2):
-            start, end = offsets[n], offsets[n + 1]
-            m = _ID_AT.match(data, start, end)
-            if m:
-                pieces.append(b'{"id":"SAVE-%d",' % (n // 2))
-                start = m.end()
-            pieces.append(view[start:end])
+        for n in range(0, len(offsets), 3):
+            start, body, end = offsets[n], offsets[n + 1], offsets[n + 2]
+            if body > start:  # the record had an id: renumbered
+                pieces.append(b'{"id":"SAVE-%d",' % (n // 3))
+            pieces.append(view[body:end])
             pieces.append(b"\0")
         yield b"".join(pieces)
 

@@ -407,40 +407,20 @@ _ADD_REQUEST_OF_KIND: dict[str, str] = {
 
 def add_request(key: ObjKey, value: Message | bytes) -> pb.Request:
     """The request that creates the object ``key`` with ``value`` (a message, copied, or its canonical
-    bytes)."""
-    if isinstance(value, bytes):
-        return pb.Request.FromString(add_request_bytes(key, value))
+    bytes, parsed into the request's field)."""
     req = pb.Request()
-    getattr(req, add_request_field(key)).CopyFrom(value)
+    field = getattr(req, add_request_field(key))
+    if isinstance(value, bytes):
+        field.SetInParent()  # the field is set even when every value of the object is a default
+        field.MergeFromString(value)
+    else:
+        field.CopyFrom(value)
     return req
 
 
 def add_request_field(key: ObjKey) -> str:
     """The field of ``Request`` that adds the object ``key``."""
     return LISTENER_ADD_REQUEST[key[1]] if key[0] == "listener" else _ADD_REQUEST_OF_KIND[key[0]]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# The tag of each add request's field in ``Request`` (wire type 2: a message).
-_ADD_TAG: dict[str, bytes] = {
-    f.name: _varint(f.number << 3 | 2)
-    for f in pb.Request.DESCRIPTOR.fields
-    if f.name in {*LISTENER_ADD_REQUEST.values(), *_ADD_REQUEST_OF_KIND.values()}
-}
-
-
-def add_request_bytes(key: ObjKey, raw: bytes) -> bytes:
-    """The deterministic encoding of :func:`add_request` for canonical value bytes ``raw``, without
-    building a message (a request holding one message field is its tag, its length and its bytes)."""
-    return _ADD_TAG[add_request_field(key)] + _varint(len(raw)) + raw
 
 
 def object_address(key: ObjKey) -> str | None:
